@@ -1,0 +1,51 @@
+"""funmatch: function-matching knowledge distillation for vision models in JAX/Flax."""
+from setuptools import setup
+
+setup(
+    name="funmatch",
+    version="0.1.0",
+    description="Knowledge distillation of vision models by function matching (JAX/Flax).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "funmatch",
+        "funmatch.models",
+        "funmatch.data",
+        "funmatch.distill",
+        "funmatch.distill.objectives",
+        "funmatch.optim",
+        "funmatch.train",
+        # The recipe files in configs/ ship inside the package too, so the demo
+        # (and any installed copy) can find them; users still pass file paths.
+        "funmatch.configs",
+    ],
+    package_dir={"funmatch.configs": "configs"},
+    install_requires=[
+        "jax>=0.4.30",
+        "flax>=0.8",
+        "optax>=0.2.2",
+        "orbax-checkpoint>=0.6",
+        "ml-collections>=0.1.1",
+        "clu>=0.0.10",
+        "tensorflow-cpu>=2.15; platform_machine=='x86_64'",
+        "tensorflow>=2.15; platform_machine!='x86_64'",
+        "tensorflow-datasets>=4.9",
+        "scikit-learn>=1.2",
+        "numpy",
+        "pillow",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "matplotlib"],
+        "plot": ["matplotlib"],
+    },
+    entry_points={
+        "console_scripts": [
+            "funmatch-distill=funmatch.train.cli:distill_main",
+            "funmatch-train=funmatch.train.cli:train_main",
+            "funmatch-eval=funmatch.train.cli:eval_main",
+            "funmatch-export=funmatch.train.cli:export_main",
+            "funmatch-demo=funmatch.train.demo:main",
+        ]
+    },
+)
