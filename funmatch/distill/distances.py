@@ -1,0 +1,57 @@
+"""Distances between student and teacher logits, each averaged over the batch.
+
+Every function takes `(student_logits, teacher_logits)` of shape [B, C] and
+returns a scalar. The teacher side is treated as a constant (stop_gradient).
+"""
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def kl(student_logits, teacher_logits, temperature: float = 1.0):
+  """`T^2 * KL(softmax(t/T) || softmax(s/T))`, averaged over the batch.
+
+  The T^2 factor keeps gradient magnitudes comparable across temperatures
+  (Hinton et al.), as in the paper.
+  """
+  t = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature
+  s = student_logits.astype(jnp.float32) / temperature
+  log_p_teacher = jax.nn.log_softmax(t)
+  log_p_student = jax.nn.log_softmax(s)
+  per_example = jnp.sum(jnp.exp(log_p_teacher) * (log_p_teacher - log_p_student), -1)
+  return temperature**2 * jnp.mean(per_example)
+
+
+def hard(student_logits, teacher_logits, label_smoothing: float = 0.0):
+  """Cross-entropy to the teacher's argmax, optionally label-smoothed."""
+  num_classes = teacher_logits.shape[-1]
+  targets = jax.nn.one_hot(jnp.argmax(teacher_logits, -1), num_classes)
+  targets = optax.smooth_labels(targets, label_smoothing) if label_smoothing else targets
+  return jnp.mean(optax.softmax_cross_entropy(student_logits.astype(jnp.float32), targets))
+
+
+def l2(student_logits, teacher_logits):
+  """Mean over the batch of the squared Euclidean distance between logits."""
+  diff = student_logits.astype(jnp.float32) - jax.lax.stop_gradient(teacher_logits)
+  return jnp.mean(jnp.sum(diff**2, -1))
+
+
+def euclidean(student_logits, teacher_logits):
+  """Mean over the batch of the (unsquared) Euclidean distance between logits."""
+  diff = student_logits.astype(jnp.float32) - jax.lax.stop_gradient(teacher_logits)
+  return jnp.mean(jnp.sqrt(jnp.sum(diff**2, -1) + 1e-12))
+
+
+def logsoftmax_euclidean(student_logits, teacher_logits):
+  """Euclidean distance between log-probabilities (shift-invariant logits)."""
+  return euclidean(jax.nn.log_softmax(student_logits.astype(jnp.float32)),
+                   jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits)))
+
+
+DISTANCES = {
+    "kl": kl,
+    "hard": hard,
+    "l2": l2,
+    "euclidean": euclidean,
+    "logsoftmax_euclidean": logsoftmax_euclidean,
+}
