@@ -1,0 +1,40 @@
+"""The paper's ImageNet recipe: BiT-M-R152x2 (224px) -> BiT-R50x1 by function matching.
+
+Batch 4096, Adam lr 0.03 (decoupled wd 3e-4), warmup 5000 steps then cosine, global-norm
+clipping at 1.0, temperature 1, 1200 epochs (82.31% top-1 at the paper's longest Adam run;
+use :epochs=9600 for the longest schedule).
+
+  funmatch-distill --config configs/bit_i1k.py:teacher=/models/BiT-M-R152x2-i1k \
+      --workdir gs://bucket/fm_i1k --config.input.data_dir=/data/tfds
+`teacher` must be an ImageNet-1k fine-tuned R152x2 (an .npz with a 1000-class head, or a
+funmatch-train workdir).
+"""
+from funmatch import config_util as cu
+
+
+def get_config(arg=None):
+  args = cu.parse_arg(arg, teacher="", epochs=1200.0, batch_size=4096, res=224,
+                      teacher_res=224, data_dir="")
+  c = cu.base_config()
+  c.input = cu.data_config("tfds", name="imagenet2012", split="train",
+                           data_dir=args.data_dir, batch_size=args.batch_size,
+                           crop="inception", crop_area_min=0.05, flip=True,
+                           shuffle_buffer=250_000)
+  c.evals.val = cu.eval_config("tfds", "validation", 1024, name="imagenet2012",
+                               data_dir=args.data_dir)
+  c.teacher = cu.model_config("bit", res=args.teacher_res, init=args.teacher,
+                              depth=152, width=2.0)
+  c.student = cu.model_config("bit", res=args.res, depth=50, width=1.0)
+  c.total_epochs = args.epochs
+  c.optax_name = "adam"
+  c.lr = 0.03
+  c.wd = 3e-4
+  c.grad_clip_norm = 1.0
+  c.schedule.warmup_steps = 5000
+  c.schedule.decay_type = "cosine"
+  c.temperature = 1.0
+  c.log_every_steps = 100
+  c.eval_every_steps = 5000
+  c.checkpoint_every_steps = 1000
+  c.keep_every_steps = 50_000
+  return c

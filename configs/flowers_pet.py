@@ -1,0 +1,56 @@
+"""The paper's Flowers102 and Pets recipes (128px, batch 512, warmup 1500 steps).
+
+  funmatch-distill --config configs/flowers_pet.py:data=flowers,variant=fast,teacher=PATH \
+      --workdir /tmp/fm_flowers --config.input.data_dir=/data/tfds
+
+variant   Flowers102 epochs / T / lr / wd       Pets epochs / T / lr / wd
+fast      10k  / 10 / 3e-3 / 3e-4                1k  / 5  / 1e-2 / 1e-3
+medium    100k / 1  / 1e-3 / 1e-4                3k  / 10 / 3e-3 / 3e-4
+long      1M   / 1  / 3e-4 / 1e-5                30k / 2  / 3e-3 / 1e-5
+`teacher` is a BiT-M-R152x2 fine-tuned on the dataset (.npz or funmatch-train workdir);
+the student is a BiT-R50x1.
+"""
+from funmatch import config_util as cu
+from funmatch.errors import UserError
+
+# data -> (TFDS name, train split, test split, {variant: (epochs, T, lr, wd)})
+RECIPES = {
+    "flowers": ("oxford_flowers102", "train", "test", {
+        "fast": (10_000, 10.0, 3e-3, 3e-4),
+        "medium": (100_000, 1.0, 1e-3, 1e-4),
+        "long": (1_000_000, 1.0, 3e-4, 1e-5)}),
+    "pet": ("oxford_iiit_pet", "train", "test", {
+        "fast": (1_000, 5.0, 1e-2, 1e-3),
+        "medium": (3_000, 10.0, 3e-3, 3e-4),
+        "long": (30_000, 2.0, 3e-3, 1e-5)}),
+}
+
+
+def get_config(arg=None):
+  args = cu.parse_arg(arg, data="flowers", variant="fast", teacher="", res=128,
+                      data_dir="")
+  if args.data not in RECIPES:
+    raise UserError(f"flowers_pet.py: data='{args.data}' must be one of {sorted(RECIPES)}")
+  name, train_split, test_split, variants = RECIPES[args.data]
+  if args.variant not in variants:
+    raise UserError(f"flowers_pet.py: variant='{args.variant}' must be one of "
+                    f"{sorted(variants)}")
+  epochs, temperature, lr, wd = variants[args.variant]
+  c = cu.base_config()
+  c.input = cu.data_config("tfds", name=name, split=train_split, data_dir=args.data_dir,
+                           batch_size=512, cache_raw=True, crop="inception",
+                           crop_area_min=0.05, flip=True)
+  c.evals.test = cu.eval_config("tfds", test_split, 512, name=name, data_dir=args.data_dir,
+                                cache_raw=True)
+  c.teacher = cu.model_config("bit", res=args.res, init=args.teacher, depth=152, width=2.0)
+  c.student = cu.model_config("bit", res=args.res, depth=50, width=1.0)
+  c.total_epochs = float(epochs)
+  c.temperature = temperature
+  c.lr = lr
+  c.wd = wd
+  c.grad_clip_norm = 1.0
+  c.schedule.warmup_steps = 1500
+  c.log_every_steps = 100
+  c.eval_every_steps = 5000
+  c.checkpoint_every_steps = 2000
+  return c

@@ -1,0 +1,103 @@
+"""Orbax checkpoints of the train state in WORKDIR/checkpoints.
+
+Saves are asynchronous (training continues while arrays are written); the
+manager keeps the last `keep` checkpoints plus every `keep_every`-th step.
+Only the train state is saved: teachers are reloaded from their init each run.
+"""
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from funmatch.errors import UserError
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """Steps with a finished checkpoint in `workdir`, without creating anything."""
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    return []
+  steps = []
+  for name in os.listdir(directory):
+    # Orbax writes into a temporary name and renames when done, so a bare
+    # integer directory is a finished save.
+    if name.isdigit() and os.path.isdir(os.path.join(directory, name)):
+      steps.append(int(name))
+  return sorted(steps)
+
+
+class Checkpointer:
+  """A thin wrapper over `ocp.CheckpointManager` for the train state."""
+
+  def __init__(self, workdir: str, *, save_every: int, keep: int = 3,
+               keep_every: int | None = None, asynchronous: bool = True):
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=max(int(save_every), 1),
+        max_to_keep=max(int(keep), 1),
+        keep_period=int(keep_every) if keep_every else None,
+        enable_async_checkpointing=asynchronous,
+        create=True)
+    self._manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, force: bool = False) -> bool:
+    """Starts saving `state` at `step` if the interval says so (or `force`)."""
+    return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+  def restore(self, step: int, abstract_state: Any) -> Any:
+    """Restores into the structure, dtypes and shardings of `abstract_state`."""
+    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def restore_params(workdir: str, step: int | None = None) -> tuple[int, Any]:
+  """The student params of a finished checkpoint in `workdir` (read-only).
+
+  Used to take a teacher from a `funmatch-train` workdir and by eval/export.
+  Returns `(step, params)` with params as host numpy arrays.
+  """
+  steps = saved_steps(workdir)
+  if not steps:
+    raise UserError(f"no checkpoint found in {checkpoint_dir(workdir)}; "
+                    "train there first or point to another workdir")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise UserError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; "
+                    f"available steps: {steps}")
+  item_dir = os.path.join(checkpoint_dir(workdir), str(step), "default")
+  try:
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      params_meta = checkpointer.metadata(item_dir).item_metadata.tree["params"]
+      abstract = {"params": jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), params_meta)}
+      # Only the params subtree, as host numpy arrays: works on any device count.
+      restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+          item=abstract,
+          restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                    abstract),
+          partial_restore=True))
+  except Exception as e:  # pylint: disable=broad-except  (corrupt or foreign files)
+    reason = str(e).splitlines()[0] if str(e) else ""
+    raise UserError(f"cannot read the checkpoint at step {step} in "
+                    f"{checkpoint_dir(workdir)} ({type(e).__name__}: {reason}); "
+                    "restore another --step or re-run training") from None
+  logging.info("restored params of step %d from %s", step, workdir)
+  return step, restored["params"]

@@ -1,0 +1,123 @@
+"""Helpers for recipe files: `get_config(arg)` arguments and model sub-configs.
+
+Recipes are big_vision-style `get_config(arg)` files; `arg` is the text after the
+colon in `--config configs/digits.py:teacher=/path,variant=fast`.
+"""
+import ast
+from typing import Any
+
+import ml_collections
+
+from funmatch.errors import UserError
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses 'key=value,key2=value2' into a ConfigDict over `defaults`.
+
+  Values are typed like their default (an int default makes '3' an int). Unknown
+  keys are refused so a typo never silently falls back to a default.
+  """
+  result = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return result
+  for item in arg.split(","):
+    if not item:
+      continue
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise UserError(
+          f"unknown config argument '{key}' in ':{arg}'; "
+          f"valid arguments: {', '.join(sorted(defaults)) or 'none'}")
+    if not sep:  # a bare key is a boolean flag
+      text = "True"
+    result[key] = _convert(key, text, defaults[key])
+  return result
+
+
+def _convert(key: str, text: str, default: Any) -> Any:
+  if isinstance(default, bool):
+    lowered = text.strip().lower()
+    if lowered not in ("true", "false", "1", "0", "yes", "no"):
+      raise UserError(f"config argument '{key}={text}' must be true or false")
+    return lowered in ("true", "1", "yes")
+  if isinstance(default, (int, float)):
+    try:
+      return type(default)(ast.literal_eval(text.strip()))
+    except (ValueError, SyntaxError):
+      raise UserError(f"config argument '{key}={text}' must be a "
+                      f"{type(default).__name__}") from None
+  return text
+
+
+# Keys of a model sub-config that the trainer reads itself; every other key is
+# passed to the model constructor (e.g. depth, width).
+MODEL_META_KEYS = ("model", "res", "init", "dont_load", "dtype")
+
+
+def model_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The constructor arguments of a model sub-config (all but the meta keys)."""
+  return {k: v for k, v in model_config.items() if k not in MODEL_META_KEYS}
+
+
+def model_config(model: str, res: int, init: str = "", dtype: str = "float32",
+                 **kwargs: Any) -> ml_collections.ConfigDict:
+  """A model sub-config: registry name, input resolution, init source, kwargs."""
+  return ml_collections.ConfigDict(
+      dict(model=model, res=res, init=init, dont_load=(), dtype=dtype, **kwargs))
+
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key the trainer reads, with its default; recipes override values."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.objective = "function_matching"
+  c.teaching = "function_matching"   # fixed | independent | consistent | function_matching
+  c.num_classes = 0                  # 0: take it from the training data
+  c.total_epochs = 0.0
+  c.total_steps = 0                  # > 0 wins over total_epochs
+  c.log_every_steps = 100
+  c.eval_every_steps = 0             # 0: only at the end
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3             # keep the last N ...
+  c.keep_every_steps = 0             # ... plus every K-th step (0: none)
+  c.mesh = (("data", -1),)
+
+  c.input = data_config()
+  c.evals = ml_collections.ConfigDict()
+
+  c.student = model_config("bit", res=224, depth=50, width=1)
+  c.teachers = ("teacher",)
+  c.teacher = model_config("bit", res=224, depth=152, width=2)
+
+  # Function matching: distance between student and teacher logits.
+  c.distance = "kl"                  # kl | hard | l2 | euclidean | logsoftmax_euclidean
+  c.temperature = 1.0
+  c.ensemble = "sum_kl"              # sum_kl | mean_logits (several teachers)
+  c.label_smoothing = 0.0            # for distance='hard' and supervised training
+  c.mixup = ml_collections.ConfigDict(dict(p=1.0, per_example=False))
+
+  c.optax_name = "adam"              # adam | sgd | shampoo
+  c.optax = ml_collections.ConfigDict()
+  c.lr = 0.03
+  c.wd = 3e-4
+  c.grad_clip_norm = 1.0
+  c.schedule = ml_collections.ConfigDict(dict(warmup_steps=5000, decay_type="cosine"))
+  return c
+
+
+def data_config(source: str = "digits", **kwargs) -> ml_collections.ConfigDict:
+  """A data config with every key the pipeline reads."""
+  d = ml_collections.ConfigDict(dict(
+      source=source, name="", split="train", data_dir="", root="", image_size=32,
+      batch_size=512, cache_raw=False, shuffle_buffer=50_000, crop="inception",
+      crop_area_min=0.05, crop_area_max=1.0, random_crop_pad=0, flip=True,
+      eval_crop="resize_small_central", eval_resize_ratio=1.143))
+  d.update(kwargs)
+  return d
+
+
+def eval_config(source: str, split: str, batch_size: int, **kwargs):
+  """An eval set: the same keys as the training data (crops are unused)."""
+  return data_config(source, split=split, batch_size=batch_size, **kwargs)

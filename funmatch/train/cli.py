@@ -1,0 +1,190 @@
+"""Console entry points: funmatch-distill, -train, -eval and -export.
+
+Each takes `--config FILE.py[:key=value,...]`, `--workdir DIR` and any number of
+`--config.a.b=value` overrides (ml_collections config_flags; the config is
+locked, so a mistyped key is an error, not a new key). User mistakes end in one
+line on stderr and exit code 2.
+"""
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+USAGE = ("usage: {prog} --config FILE.py[:key=value,...] --workdir DIR "
+         "[--config.key=value ...]{extra}")
+
+
+def _quiet_libraries() -> None:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                      datefmt="%H:%M:%S", stream=sys.stderr)
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  for name in ("absl", "orbax", "jax", "tensorflow"):
+    logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def fail(message: str, code: int = 2) -> None:
+  print(f"funmatch: error: {message}", file=sys.stderr, flush=True)
+  raise SystemExit(code)
+
+
+def parse(argv: Sequence[str], prog: str, extra_flags: dict[str, str]):
+  """Parses argv into (config, workdir, extras); user errors exit 2 in one line."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
+
+  flag_values = flags.FlagValues()
+  config_flag = config_flags.DEFINE_config_file(
+      "config", None, "recipe file", flag_values=flag_values, lock_config=True,
+      sys_argv=list(argv))
+  flags.DEFINE_string("workdir", None, "run directory", flag_values=flag_values)
+  for name, help_text in extra_flags.items():
+    flags.DEFINE_string(name, None, help_text, flag_values=flag_values)
+  usage = USAGE.format(prog=prog, extra="".join(f" [--{n} ...]" for n in extra_flags))
+  if any(a in ("-h", "--help", "-help") for a in argv[1:]):
+    print(usage + "\n\n" + __doc__)
+    raise SystemExit(0)
+  try:
+    flag_values(list(argv))
+    config = config_flag.value
+  except UserError as e:
+    fail(str(e))
+  except flags.Error as e:
+    fail(f"{_first_line(e)}\n{usage}")
+  except (AttributeError, KeyError) as e:
+    key = str(e).strip("'\"")
+    bad = [a for a in argv if a.startswith("--config.") and key in a]
+    fail(f"unknown config key '{key}'" + (f" in {bad[0].split('=')[0]}" if bad else "") +
+         "; check the spelling against the recipe file (the config is locked)")
+  except (OSError, IOError) as e:
+    fail(f"cannot load --config: {_first_line(e)}")
+  except Exception as e:  # pylint: disable=broad-except
+    fail(f"cannot load --config ({type(e).__name__}: {_first_line(e)}); "
+         "check the file and its :arguments")
+  if config is None:
+    fail(f"--config is required\n{usage}")
+  if not flag_values.workdir:
+    fail(f"--workdir is required\n{usage}")
+  extras = {name: flag_values[name].value for name in extra_flags}
+  return config, flag_values.workdir, extras
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
+def guarded(main: Callable[[], int | None]) -> int:
+  """Runs `main`, turning user errors into one line and exit code 2 (or theirs)."""
+  from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
+  try:
+    return main() or 0
+  except UserError as e:
+    fail(str(e), getattr(e, "exit_code", 2))
+  except KeyboardInterrupt:
+    fail("interrupted", 130)
+  return 0
+
+
+def _train_like(mode: str, prog: str, argv) -> int:
+  _quiet_libraries()
+  config, workdir, _ = parse(argv, prog, {})
+
+  def main():
+    from funmatch.train import evaluate, loop  # pylint: disable=import-outside-toplevel
+    results = loop.train_and_evaluate(config, workdir, mode)
+    if results:
+      print(evaluate.format_table(results), flush=True)
+
+  return guarded(main)
+
+
+def distill_main(argv=None) -> int:
+  """funmatch-distill: distil the configured teacher(s) into the student."""
+  return _train_like("distill", "funmatch-distill", argv or sys.argv)
+
+
+def train_main(argv=None) -> int:
+  """funmatch-train: supervised training on labels (teachers, baselines)."""
+  return _train_like("train", "funmatch-train", argv or sys.argv)
+
+
+def _mode_of(workdir: str) -> str:
+  from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
+  from funmatch.train import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  stored = workdir_lib.read_config(workdir)
+  if stored is None:
+    raise UserError(f"--workdir {workdir} holds no funmatch run (no "
+                    f"{workdir_lib.CONFIG_FILE}); point it to a training workdir")
+  return stored["mode"]
+
+
+def _parse_step(text):
+  from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
+  if text is None:
+    return None
+  try:
+    return int(text)
+  except ValueError:
+    raise UserError(f"--step must be an integer, got '{text}'") from None
+
+
+def eval_main(argv=None) -> int:
+  """funmatch-eval: evaluate a checkpoint on the config's eval sets."""
+  _quiet_libraries()
+  config, workdir, extras = parse(argv or sys.argv, "funmatch-eval",
+                                  {"step": "checkpoint step (default: latest)",
+                                   "output": "JSON file (default WORKDIR/eval_STEP.json)"})
+
+  def main():
+    import jax  # pylint: disable=import-outside-toplevel
+    from funmatch import checkpoint, parallel  # pylint: disable=import-outside-toplevel
+    from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
+    from funmatch.train import build, evaluate  # pylint: disable=import-outside-toplevel
+    step = _parse_step(extras["step"])
+    run = build.build(config, _mode_of(workdir), restore_only=True)
+    if not config.get("evals"):
+      raise UserError("the config has no config.evals to evaluate on")
+    step, params = checkpoint.restore_params(workdir, step)
+    params = jax.device_put(params, parallel.replicated(run.mesh))
+    results = evaluate.evaluate(evaluate.make_eval_fn(run), params, run.teacher_params,
+                                evaluate.make_eval_sets(run))
+    results = {"step": step, **results}
+    output = extras["output"] or os.path.join(workdir, f"eval_{step}.json")
+    if jax.process_index() == 0:
+      print(evaluate.format_table(results), flush=True)
+      evaluate.write_json(output, results)
+      print(f"wrote {output}", flush=True)
+
+  return guarded(main)
+
+
+def export_main(argv=None) -> int:
+  """funmatch-export: write the student's params (no teachers, no aux) as .npz."""
+  _quiet_libraries()
+  config, workdir, extras = parse(argv or sys.argv, "funmatch-export",
+                                  {"step": "checkpoint step (default: latest)",
+                                   "output": "the .npz file to write"})
+
+  def main():
+    from funmatch import checkpoint  # pylint: disable=import-outside-toplevel
+    from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
+    from funmatch.train import build, params_io  # pylint: disable=import-outside-toplevel
+    output = extras["output"]
+    if not output:
+      raise UserError("--output FILE.npz is required")
+    if not output.endswith(".npz"):
+      raise UserError(f"--output {output} must end in .npz")
+    if os.path.exists(output):
+      raise UserError(f"--output {output} already exists; choose another path or "
+                      "remove it first (funmatch never overwrites an export)")
+    step = _parse_step(extras["step"])
+    build.validate_top_level(config, _mode_of(workdir))
+    step, params = checkpoint.restore_params(workdir, step)
+    params_io.save_params(output, config.student.model, params)
+    print(f"wrote the student of step {step} to {output}", flush=True)
+
+  return guarded(main)

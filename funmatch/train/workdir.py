@@ -1,0 +1,89 @@
+"""The workdir: which run it holds (config.json) and whether a config may resume it.
+
+Layout: WORKDIR/config.json (the run's config), WORKDIR/checkpoints/ (Orbax),
+WORKDIR/metrics.jsonl, TensorBoard event files, eval_STEP.json files.
+"""
+import json
+import logging
+import os
+from typing import Any
+
+import ml_collections
+
+from funmatch.errors import UserError
+
+CONFIG_FILE = "config.json"
+
+# Keys a user may change when resuming: schedule length, logging, evaluation,
+# checkpoint cadence, data locations. Anything else would change the run itself.
+RESUMABLE_PREFIXES = (
+    "total_epochs", "total_steps", "log_every_steps", "eval_every_steps",
+    "checkpoint_every_steps", "keep_checkpoints", "keep_every_steps", "evals",
+    "input.data_dir", "input.root", "input.cache_raw", "input.shuffle_buffer",
+    "input.prefetch", "progress_every_seconds",
+)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    flat = {}
+    for key, value in tree.items():
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+  if isinstance(tree, (list, tuple)):
+    tree = [list(t) if isinstance(t, tuple) else t for t in tree]
+  return {prefix[:-1]: tree}
+
+
+def config_to_json(config: ml_collections.ConfigDict, mode: str) -> dict[str, Any]:
+  """A JSON-able view of the config plus the mode (distill/train)."""
+  return {"mode": mode, "config": json.loads(config.to_json_best_effort())}
+
+
+def read_config(workdir: str) -> dict[str, Any] | None:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"cannot read {path} ({e}); it is not a funmatch workdir or it is "
+                    "damaged: use another --workdir") from None
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """Flat keys whose values differ between two `config_to_json` results."""
+  old_flat, new_flat = _flatten(old), _flatten(new)
+  keys = sorted(set(old_flat) | set(new_flat))
+  return [k for k in keys if old_flat.get(k, "<absent>") != new_flat.get(k, "<absent>")]
+
+
+def check_resumable(workdir: str, config: ml_collections.ConfigDict, mode: str) -> None:
+  """Refuses a workdir that holds a different run; logs harmless changes."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir {workdir} is a file, not a directory")
+  old = read_config(workdir)
+  if old is None:
+    return
+  new = config_to_json(config, mode)
+  differences = config_differences(old, new)
+  fatal = [k for k in differences
+           if not any(k.removeprefix("config.").startswith(p) for p in RESUMABLE_PREFIXES)]
+  if fatal:
+    shown = ", ".join(f"{k}: {_flatten(old).get(k, '<absent>')!r} -> "
+                      f"{_flatten(new).get(k, '<absent>')!r}" for k in fatal[:3])
+    more = f" (+{len(fatal) - 3} more)" if len(fatal) > 3 else ""
+    raise UserError(f"--workdir {workdir} holds another run ({shown}{more}); use a new "
+                    "--workdir, or the original config to resume it")
+  for key in differences:
+    logging.info("resuming with a changed %s", key)
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict, mode: str) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(config_to_json(config, mode), f, indent=2, sort_keys=True)
+  os.replace(tmp, path)

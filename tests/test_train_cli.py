@@ -1,0 +1,153 @@
+"""End to end through the console entry points on tiny digits runs."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import TINY_OVERRIDES, TINY_STUDENT_ARG, repo_path, run_cli
+from funmatch import checkpoint
+from funmatch.train import cli, metrics_io
+
+
+def distill_args(teacher_workdir, workdir, *extra, steps=None):
+  arg = TINY_STUDENT_ARG + f",teacher={teacher_workdir}"
+  if steps:
+    arg = arg.replace("steps=30", f"steps={steps}")
+  return ["--config", repo_path("configs", "digits.py") + ":" + arg,
+          "--workdir", workdir, "--config.teacher.width=0.5", *TINY_OVERRIDES, *extra]
+
+
+@pytest.fixture(scope="module")
+def student_workdir(teacher_workdir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("student") / "run")
+  assert cli.distill_main(["funmatch-distill", *distill_args(teacher_workdir, workdir)]) == 0
+  return workdir
+
+
+def test_teacher_learns_digits(teacher_workdir):
+  rows = metrics_io.read_metrics(teacher_workdir)
+  losses = [r["train/loss"] for r in rows if "train/loss" in r]
+  assert losses[-1] < 0.5 * losses[0]
+  final = [r for r in rows if "test/student_top1" in r][-1]
+  assert final["test/student_top1"] > 0.7
+  assert final["test/examples"] == 445
+
+
+def test_distill_lowers_loss_and_writes_checkpoints(student_workdir):
+  rows = metrics_io.read_metrics(student_workdir)
+  train_rows = [r for r in rows if "train/loss" in r]
+  assert [r["step"] for r in train_rows] == [5, 10, 15, 20, 25, 30]
+  assert np.mean([r["train/loss"] for r in train_rows[-2:]]) < train_rows[0]["train/loss"]
+  for key in ("train/grad_norm", "train/param_norm", "train/update_norm", "train/lr",
+              "train/student_entropy", "train/teacher_entropy", "epoch", "img_per_sec"):
+    assert key in train_rows[-1]
+  assert checkpoint.saved_steps(student_workdir) == [10, 20, 30]
+  final = rows[-1]
+  for key in ("test/student_top1", "test/teacher_top1", "test/agreement_top1",
+              "test/agreement_top5", "test/kl"):
+    assert 0.0 <= final[key] <= (1.0 if "top" in key else 50.0)
+  assert os.path.exists(os.path.join(student_workdir, "config.json"))
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(student_workdir))
+
+
+def test_resume_continues_from_saved_step(teacher_workdir, tmp_path, capsys):
+  workdir = str(tmp_path / "resume")
+  code, _, _ = run_cli(cli.distill_main, distill_args(teacher_workdir, workdir, steps=20),
+                       capsys)
+  assert code == 0 and checkpoint.saved_steps(workdir) == [10, 20]
+  # A longer schedule is a change users make on purpose: the run continues.
+  code, out, _ = run_cli(cli.distill_main, distill_args(
+      teacher_workdir, workdir, "--config.total_steps=30"), capsys)
+  assert code == 0
+  steps = [r["step"] for r in metrics_io.read_metrics(workdir) if "train/loss" in r]
+  assert steps == [5, 10, 15, 20, 25, 30]  # 25 and 30 come from the resumed run
+  assert "step 25/30" in out and "step 5/30" not in out
+  assert checkpoint.saved_steps(workdir) == [10, 20, 30]
+
+
+def test_eval_prints_table_and_writes_json(teacher_workdir, student_workdir, tmp_path, capsys):
+  config = repo_path("configs", "digits.py") + ":" + TINY_STUDENT_ARG + \
+      f",teacher={teacher_workdir}"
+  width = "--config.teacher.width=0.5"
+  code, out, _ = run_cli(cli.eval_main, ["--config", config, "--workdir", student_workdir, width],
+                         capsys)
+  assert code == 0
+  default_path = os.path.join(student_workdir, "eval_30.json")
+  with open(default_path) as f:
+    results = json.load(f)
+  assert results["step"] == 30 and results["test/examples"] == 445
+  assert set(results) >= {"test/student_top1", "test/student_top5", "test/teacher_top1",
+                          "test/agreement_top1", "test/agreement_top5", "test/kl"}
+  assert "test/student_top1" in out
+  # The final eval of the training run saw the same checkpoint: same numbers.
+  final = metrics_io.read_metrics(student_workdir)[-1]
+  assert results["test/student_top1"] == pytest.approx(final["test/student_top1"])
+  output = str(tmp_path / "e.json")
+  code, _, _ = run_cli(cli.eval_main, ["--config", config, "--workdir", student_workdir, width,
+                                       "--step=20", f"--output={output}"], capsys)
+  assert code == 0
+  with open(output) as f:
+    assert json.load(f)["step"] == 20
+
+
+def test_export_writes_official_bit_names_without_teacher(teacher_workdir, student_workdir,
+                                                          tmp_path, capsys):
+  import jax
+  import jax.numpy as jnp
+  from funmatch.models import bit
+  config = repo_path("configs", "digits.py") + ":" + TINY_STUDENT_ARG + \
+      f",teacher={teacher_workdir}"
+  width = "--config.teacher.width=0.5"
+  output = str(tmp_path / "student.npz")
+  code, _, _ = run_cli(cli.export_main, ["--config", config, "--workdir", student_workdir, width,
+                                         f"--output={output}"], capsys)
+  assert code == 0
+  with np.load(output) as data:
+    names = set(data.files)
+  assert "resnet/root_block/standardized_conv2d/kernel" in names
+  assert "resnet/head/conv2d/bias" in names
+  model = bit.Model(num_classes=10, depth=[1, 1, 1, 1], width=0.5)  # the tiny student
+  init = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)))["params"]
+  loaded = bit.load_npz(output, init)
+  _, stored = checkpoint.restore_params(student_workdir)
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(stored)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Never overwrites: a second export to the same path is refused.
+  code, _, err = run_cli(cli.export_main, ["--config", config, "--workdir", student_workdir, width,
+                                           f"--output={output}"], capsys)
+  assert code == 2 and "already exists" in err
+
+
+def test_student_init_from_teacher_export(teacher_workdir, tmp_path, capsys):
+  """A funmatch-export file works as a teacher init too."""
+  from conftest import TINY_TEACHER_ARG
+  export = str(tmp_path / "teacher.npz")
+  teacher_config = repo_path("configs", "digits_teacher.py") + ":" + TINY_TEACHER_ARG
+  code, _, _ = run_cli(cli.export_main, ["--config", teacher_config, "--workdir",
+                                         teacher_workdir, "--config.student.width=0.5",
+                                         f"--output={export}"], capsys)
+  assert code == 0
+  workdir = str(tmp_path / "from_export")
+  code, _, _ = run_cli(cli.distill_main, distill_args(export, workdir, steps=10), capsys)
+  assert code == 0
+  final = metrics_io.read_metrics(workdir)[-1]
+  # Same teacher weights as the workdir teacher: same teacher accuracy.
+  teacher_rows = [r for r in metrics_io.read_metrics(teacher_workdir) if "test/student_top1" in r]
+  assert final["test/teacher_top1"] == pytest.approx(teacher_rows[-1]["test/student_top1"])
+
+
+def test_nonfinite_loss_stops_with_step_and_keeps_good_checkpoint(teacher_workdir, tmp_path,
+                                                                  capsys):
+  workdir = str(tmp_path / "nan")
+  code, _, err = run_cli(cli.distill_main, distill_args(
+      teacher_workdir, workdir, "--config.lr=1e38", "--config.grad_clip_norm=0.0",
+      "--config.schedule.warmup_steps=0"), capsys)
+  assert code == 3
+  lines = [l for l in err.splitlines() if l.startswith("funmatch: error:")]
+  assert len(lines) == 1 and "non-finite at step" in lines[0]
+  # Whatever was saved before the blow-up holds finite params only.
+  for step in checkpoint.saved_steps(workdir):
+    _, params = checkpoint.restore_params(workdir, step)
+    import jax
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
