@@ -7,8 +7,8 @@ from funmatch import config_util as common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, teacher="", steps=1500, batch_size=128, res=32,
-                          teacher_res=32)
+  args = common.parse_arg(arg, teacher="", steps=1000, batch_size=128, res=16,
+                          teacher_res=16)
   c = common.base_config()
   c.input = common.data_config("digits", split="train", image_size=args.teacher_res,
                                batch_size=args.batch_size, crop="inception",
@@ -16,7 +16,7 @@ def get_config(arg=None):
   c.evals.test = common.eval_config("digits", "test", 256, image_size=args.teacher_res,
                                     eval_crop="resize")
   c.teacher = common.model_config("bit", res=args.teacher_res, init=args.teacher,
-                                  depth=[1, 1, 1, 1], width=1.0)
+                                  depth=[1, 1, 2, 2], width=1.0)
   c.student = common.model_config("bit", res=args.res, depth=[1, 1, 1, 1], width=0.5)
   c.total_steps = args.steps
   c.lr = 3e-3

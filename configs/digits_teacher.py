@@ -6,7 +6,7 @@ from funmatch import config_util as common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, steps=600, batch_size=128, res=32)
+  args = common.parse_arg(arg, steps=300, batch_size=128, res=16)
   c = common.base_config()
   c.objective = "supervised"
   c.teachers = ()
@@ -15,7 +15,7 @@ def get_config(arg=None):
                                crop_area_min=0.5, flip=False)
   c.evals.test = common.eval_config("digits", "test", 256, image_size=args.res,
                                     eval_crop="resize")
-  c.student = common.model_config("bit", res=args.res, depth=[1, 1, 1, 1], width=1.0)
+  c.student = common.model_config("bit", res=args.res, depth=[1, 1, 2, 2], width=1.0)
   c.mixup.p = 0.0
   c.total_steps = args.steps
   c.lr = 1e-3

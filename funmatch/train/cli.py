@@ -20,9 +20,11 @@ def _quiet_libraries() -> None:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                       datefmt="%H:%M:%S", stream=sys.stderr)
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-  absl_logging.set_verbosity(absl_logging.WARNING)
+  # Orbax and TF log routine events as warnings through absl; keep the console
+  # for funmatch's own progress and for real errors.
+  absl_logging.set_verbosity(absl_logging.ERROR)
   for name in ("absl", "orbax", "jax", "tensorflow"):
-    logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -47,9 +49,14 @@ def parse(argv: Sequence[str], prog: str, extra_flags: dict[str, str]):
   if any(a in ("-h", "--help", "-help") for a in argv[1:]):
     print(usage + "\n\n" + __doc__)
     raise SystemExit(0)
+  config_path = _config_path(argv)
+  if config_path and not os.path.isfile(config_path):
+    fail(f"config file not found: {config_path}")
   try:
     flag_values(list(argv))
     config = config_flag.value
+    if config is not None:
+      config.get("seed")  # a config that failed to load raises here
   except UserError as e:
     fail(str(e))
   except flags.Error as e:
@@ -70,6 +77,19 @@ def parse(argv: Sequence[str], prog: str, extra_flags: dict[str, str]):
     fail(f"--workdir is required\n{usage}")
   extras = {name: flag_values[name].value for name in extra_flags}
   return config, flag_values.workdir, extras
+
+
+def _config_path(argv: Sequence[str]) -> str | None:
+  """The FILE.py of `--config FILE.py[:args]` or `--config=FILE.py[:args]`."""
+  for i, arg in enumerate(argv):
+    value = None
+    if arg == "--config" and i + 1 < len(argv):
+      value = argv[i + 1]
+    elif arg.startswith("--config="):
+      value = arg.split("=", 1)[1]
+    if value is not None:
+      return value.split(":", 1)[0]
+  return None
 
 
 def _first_line(e: BaseException) -> str:
