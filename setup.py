@@ -28,6 +28,8 @@ setup(
         "orbax-checkpoint>=0.6",
         "ml-collections>=0.1.1",
         "clu>=0.0.10",
+        # clu's SummaryWriter writes TensorBoard event files through it.
+        "tensorboard",
         "tensorflow-cpu>=2.15; platform_machine=='x86_64'",
         "tensorflow>=2.15; platform_machine!='x86_64'",
         "tensorflow-datasets>=4.9",
@@ -36,7 +38,7 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest>=7", "matplotlib"],
+        "test": ["pytest>=7", "matplotlib", "precondition-opt==0.3.0"],
         "plot": ["matplotlib"],
     },
     entry_points={

@@ -32,6 +32,7 @@ def teacher_workdir(tmp_path_factory):
   code = cli.train_main(["funmatch-train", "--config",
                          repo_path("configs", "digits_teacher.py") + ":" + TINY_TEACHER_ARG,
                          "--workdir", workdir, "--config.student.width=0.5",
-                         "--config.lr=0.003", *TINY_OVERRIDES])
+                         "--config.lr=0.003",
+                         "--config.schedule.warmup_steps=10", *TINY_OVERRIDES])
   assert code == 0
   return workdir

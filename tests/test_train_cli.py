@@ -28,7 +28,8 @@ def student_workdir(teacher_workdir, tmp_path_factory):
 def test_teacher_learns_digits(teacher_workdir):
   rows = metrics_io.read_metrics(teacher_workdir)
   losses = [r["train/loss"] for r in rows if "train/loss" in r]
-  assert losses[-1] < 0.5 * losses[0]
+  # Single-batch losses are noisy: compare the last two logs with the first.
+  assert np.mean(losses[-2:]) < 0.5 * losses[0]
   final = [r for r in rows if "test/student_top1" in r][-1]
   assert final["test/student_top1"] > 0.7
   assert final["test/examples"] == 445
