@@ -2,7 +2,8 @@
 
 Batch 4096, Adam lr 0.03 (decoupled wd 3e-4), warmup 5000 steps then cosine, global-norm
 clipping at 1.0, temperature 1, 1200 epochs (82.31% top-1 at the paper's longest Adam run;
-use :epochs=9600 for the longest schedule).
+use :epochs=9600 for the longest schedule; :optimizer=shampoo,epochs=1200 for the
+paper's Shampoo run, which matched Adam's 4800-epoch student).
 
   funmatch-distill --config configs/bit_i1k.py:teacher=/models/BiT-M-R152x2-i1k \
       --workdir gs://bucket/fm_i1k --config.input.data_dir=/data/tfds
@@ -14,7 +15,7 @@ from funmatch import config_util as cu
 
 def get_config(arg=None):
   args = cu.parse_arg(arg, teacher="", epochs=1200.0, batch_size=4096, res=224,
-                      teacher_res=224, data_dir="")
+                      teacher_res=224, data_dir="", optimizer="adam")
   c = cu.base_config()
   c.input = cu.data_config("tfds", name="imagenet2012", split="train",
                            data_dir=args.data_dir, batch_size=args.batch_size,
@@ -26,7 +27,7 @@ def get_config(arg=None):
                               depth=152, width=2.0)
   c.student = cu.model_config("bit", res=args.res, depth=50, width=1.0)
   c.total_epochs = args.epochs
-  c.optax_name = "adam"
+  cu.set_optimizer(c, args.optimizer)
   c.lr = 0.03
   c.wd = 3e-4
   c.grad_clip_norm = 1.0

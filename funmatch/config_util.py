@@ -121,3 +121,30 @@ def data_config(source: str = "digits", **kwargs) -> ml_collections.ConfigDict:
 def eval_config(source: str, split: str, batch_size: int, **kwargs):
   """An eval set: the same keys as the training data (crops are unused)."""
   return data_config(source, split=split, batch_size=batch_size, **kwargs)
+
+
+OPTIMIZER_CHOICES = ("adam", "sgd", "shampoo")
+
+
+def set_optimizer(c: ml_collections.ConfigDict, name: str) -> None:
+  """Sets config.optax_name and fills config.optax with that optimizer's keys.
+
+  Filling every key (with its default) lets users override any of them from the
+  command line (`--config.optax.block_size=256`) although the config is locked.
+  """
+  if name not in OPTIMIZER_CHOICES:
+    raise UserError(f"unknown optimizer '{name}'; choose one of: "
+                    f"{', '.join(OPTIMIZER_CHOICES)}")
+  c.optax_name = name
+  if name == "shampoo":
+    import inspect  # pylint: disable=import-outside-toplevel
+    from funmatch.optim import shampoo  # pylint: disable=import-outside-toplevel
+    # The trainer owns the learning rate and the decoupled weight decay.
+    owned = {"learning_rate", "weight_decay", "weight_decay_mask"}
+    defaults = {name: p.default for name, p in
+                inspect.signature(shampoo.shampoo).parameters.items() if name not in owned}
+    c.optax = ml_collections.ConfigDict(defaults)
+  elif name == "adam":
+    c.optax = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8, mu_dtype=""))
+  else:
+    c.optax = ml_collections.ConfigDict(dict(momentum=0.9, nesterov=False))

@@ -77,6 +77,22 @@ CASES = {
     "zero steps": (["--config.total_steps=0", "--config.total_epochs=0"], "total_"),
 }
 
+# Shampoo's settings, reachable once the recipe's optimizer=shampoo fills config.optax.
+SHAMPOO_CASES = {
+    "shampoo block size 0": (["--config.optax.block_size=0"], "block_size=0"),
+    "shampoo negative epsilon": (["--config.optax.matrix_epsilon=-1e-6"], "matrix_epsilon"),
+    "shampoo unknown graft": (["--config.optax.graft_type=lion"], "graft_type='lion'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHAMPOO_CASES))
+def test_bad_shampoo_settings(name, good_teacher, tmp_path, capsys):
+  overrides, match = SHAMPOO_CASES[name]
+  workdir = str(tmp_path / "run")
+  args = distill(good_teacher, workdir, *overrides)
+  args[1] += ",optimizer=shampoo"
+  assert_clean_failure(cli.distill_main, args, workdir, capsys, match)
+
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_config_values(name, good_teacher, tmp_path, capsys):

@@ -107,3 +107,36 @@ def test_cosine_schedule_reaches_zero_at_end():
   for step in (0, 10, 20, 30):
     expected = 0.5 * 0.5 * (1 + math.cos(math.pi * step / 40))
     assert float(schedule(step)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_factory_shampoo_equals_the_transformation_itself():
+  """Through the factory (recipe keys from set_optimizer) Shampoo is unchanged."""
+  from funmatch import config_util
+  from funmatch.optim import shampoo
+  c = _config()
+  config_util.set_optimizer(c, "shampoo")
+  c.optax.start_preconditioning_step = 2
+  c.optax.preconditioning_compute_steps = 2
+  params = {"w": jnp.arange(12.0).reshape(3, 4) / 10, "b": jnp.ones(4)}
+  factory = make_optimizer(c, total_steps=10)[0]
+  direct = shampoo.shampoo(0.1, start_preconditioning_step=2, preconditioning_compute_steps=2)
+  s1, s2 = factory.init(params), direct.init(params)
+  for i in range(5):
+    grads = jax.tree.map(lambda p: jnp.sin(p * (i + 1)) + 0.1 * i, params)
+    u1, s1 = factory.update(grads, s1, params)
+    u2, s2 = direct.update(grads, s2, params)
+    for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_set_optimizer_fills_every_key_of_the_optimizer():
+  from funmatch import config_util
+  c = _config()
+  config_util.set_optimizer(c, "shampoo")
+  assert c.optax_name == "shampoo"
+  assert c.optax.block_size == 128 and c.optax.graft_type == "adam"
+  assert "learning_rate" not in c.optax and "weight_decay" not in c.optax
+  config_util.set_optimizer(c, "adam")
+  assert set(c.optax) == {"b1", "b2", "eps", "mu_dtype"}
+  with pytest.raises(UserError, match="optimizer 'lion'"):
+    config_util.set_optimizer(c, "lion")

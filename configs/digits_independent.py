@@ -1,0 +1,10 @@
+"""configs/digits.py with the 'independent' teaching mode (paper section 3.2).
+
+  funmatch-distill --config configs/digits_independent.py:teacher=/tmp/digits_teacher --workdir /tmp/d
+Takes the same arguments as configs/digits.py.
+"""
+from funmatch.configs import digits
+
+
+def get_config(arg=None):
+  return digits.get_config(",".join(a for a in ("teaching=independent", arg) if a))

@@ -1,0 +1,58 @@
+"""Every recipe in configs/ loads, uses only known keys, and holds the paper's values."""
+import glob
+import importlib
+import os
+
+import pytest
+
+from conftest import repo_path
+from funmatch import config_util
+from funmatch.data import pipeline
+from funmatch.train import build
+
+RECIPES = sorted(os.path.basename(p)[:-3] for p in glob.glob(repo_path("configs", "*.py"))
+                 if not p.endswith("__init__.py"))
+
+
+def load(name, arg=None):
+  return importlib.import_module(f"funmatch.configs.{name}").get_config(arg)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_is_valid(name):
+  config = load(name)
+  base = config_util.base_config()
+  teachers = build.teacher_names(config)
+  unknown = set(config) - set(base) - set(teachers)
+  assert not unknown, f"{name} sets keys the trainer does not read: {unknown}"
+  assert set(config.input) == set(base.input)  # built by config_util.data_config
+  mode = "train" if config.objective == "supervised" else "distill"
+  build.validate_top_level(config, mode)
+  views = {"student": config.student.res, **{t: config[t].res for t in teachers}}
+  pipeline.check_teaching(config.teaching, views)
+  assert config.total_steps > 0 or config.total_epochs > 0
+
+
+def test_imagenet_recipes_hold_the_papers_values():
+  c = load("bit_i1k")
+  assert (c.input.batch_size, c.lr, c.wd, c.schedule.warmup_steps, c.total_epochs,
+          c.grad_clip_norm, c.temperature) == (4096, 0.03, 3e-4, 5000, 1200.0, 1.0, 1.0)
+  assert (c.teacher.depth, c.teacher.width, c.student.depth, c.student.width) == (152, 2, 50, 1)
+  assert load("bit_i1k_160").student.res == 160 and load("bit_i1k_160").teacher.res == 224
+  ens = load("bit_i1k_ensemble", "teacher=a.npz,teacher384=b.npz")
+  assert ens.teachers == ("teacher", "teacher384") and ens.ensemble == "mean_logits"
+  assert (ens.teacher.res, ens.teacher384.res, ens.total_epochs) == (224, 384, 9600.0)
+  assert (ens.teacher.init, ens.teacher384.init) == ("a.npz", "b.npz")
+  assert load("mobilenet_i1k").student.model == "mobilenet_v3"
+  shampoo = load("bit_i1k", "optimizer=shampoo")
+  assert shampoo.optax_name == "shampoo" and shampoo.optax.block_size == 128
+
+
+def test_out_of_domain_recipe_distills_on_food_and_evaluates_on_pets():
+  c = load("food_sun", "target=pet,source=food")
+  assert (c.input.name, c.evals.test.name, c.num_classes) == ("food101", "oxford_iiit_pet", 37)
+  # Pets 'fast': 1000 epochs of 3680 images at batch 512.
+  assert c.total_steps == 7188
+  sun = load("food_sun", "target=flowers,source=sun")
+  assert (sun.input.name, sun.evals.test.name, sun.num_classes) == (
+      "sun397", "oxford_flowers102", 102)
