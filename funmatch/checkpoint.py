@@ -3,9 +3,13 @@
 Saves are asynchronous (training continues while arrays are written); the
 manager keeps the last `keep` checkpoints plus every `keep_every`-th step.
 Only the train state is saved: teachers are reloaded from their init each run.
+A latest checkpoint that does not restore (a save cut short, damaged files) is
+moved aside to `checkpoints/corrupt-<step>-<time>` (never deleted) and the run
+falls back to the newest one that restores.
 """
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -59,12 +63,54 @@ class Checkpointer:
     """Restores into the structure, dtypes and shardings of `abstract_state`."""
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
+  def restore_latest(self, abstract_state: Any) -> tuple[int, Any]:
+    """(step, state) of the newest checkpoint that restores; (0, None) if none exist.
+
+    Newer checkpoints that fail to restore are moved aside with a warning, so
+    later saves at their step numbers do not collide with them.
+    """
+    directory = self._manager.directory
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    skipped = []
+    for step in steps:
+      try:
+        state = self.restore(step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except  (damaged files)
+        skipped.append((step, f"{type(e).__name__}: {_first_line(e)}"))
+        continue
+      if skipped:
+        moved = [_move_aside(os.fspath(directory), s) for s, _ in skipped]
+        logging.warning(
+            "funmatch: checkpoint(s) at step(s) %s in %s do not restore (%s); moved "
+            "aside to %s; resuming from step %d", [s for s, _ in skipped], directory,
+            skipped[0][1], ", ".join(moved), step)
+        self._manager.reload()
+      return step, state
+    if skipped:
+      raise UserError(f"no checkpoint in {directory} restores (steps {steps}; "
+                      f"step {skipped[0][0]}: {skipped[0][1]}); move the checkpoints "
+                      "directory aside to start over, or use another --workdir")
+    return 0, None
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:200] if text else ""
+
+
+def _move_aside(directory: str, step: int) -> str:
+  """Renames checkpoints/<step> to checkpoints/corrupt-<step>-<time> (process 0)."""
+  target = os.path.join(directory, f"corrupt-{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+  if jax.process_index() == 0:
+    os.rename(os.path.join(directory, str(step)), target)
+  return target
 
 
 def restore_params(workdir: str, step: int | None = None) -> tuple[int, Any]:

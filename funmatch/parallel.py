@@ -55,7 +55,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch_size(batch_size: int, mesh: Mesh, key: str = "input.batch_size") -> None:
   """The global batch must split evenly over devices and hosts."""
   devices = mesh.devices.size
-  if batch_size <= 0 or batch_size % devices:
+  if batch_size <= 0:
+    raise UserError(f"config.{key}={batch_size} must be a positive multiple of the "
+                    f"{devices} devices")
+  if batch_size % devices:
     raise UserError(f"config.{key}={batch_size} is not divisible by the {devices} "
                     f"devices; use a multiple of {devices}")
   if batch_size % jax.process_count():

@@ -35,6 +35,8 @@ def parse_args(argv):
 
 
 def configure(c, steps: int, evals_per_run: int):
+  # The recipe's 100 warmup steps would outlast a short run: cap warmup at 20%.
+  c.schedule.warmup_steps = min(c.schedule.warmup_steps, steps // 5)
   c.eval_every_steps = max(steps // evals_per_run, 1)
   c.log_every_steps = max(steps // 20, 1)
   c.checkpoint_every_steps = steps

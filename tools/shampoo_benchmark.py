@@ -36,6 +36,8 @@ def parse_args(argv):
                  help="Shampoo's preconditioning_compute_steps")
   p.add_argument("--timing_periods", type=int, default=5,
                  help="recompute periods timed per optimizer")
+  p.add_argument("--timing_only", action="store_true",
+                 help="skip the grid; time both optimizers at the first lr of their grids")
   p.add_argument("--output", default="", help="write the results as JSON here")
   p.add_argument("--plot", default="", help="write test top-1 vs steps as a PNG here")
   return p.parse_args(argv)
@@ -161,6 +163,16 @@ def main(argv=None):
   from funmatch.train import cli  # pylint: disable=import-outside-toplevel
   cli._quiet_libraries()  # pylint: disable=protected-access
   teacher = ensure_teacher(args.workdir, args.teacher)
+  if args.timing_only:
+    lrs = {"adam": float(args.adam_lrs.split(",")[0]),
+           "shampoo": float(args.shampoo_lrs.split(",")[0])}
+    timing = {name: time_steps(teacher, name, lr, args.compute_steps, args.timing_periods)
+              for name, lr in lrs.items()}
+    for name, t in timing.items():
+      print(f"{name:8s} {1000 * t['seconds_per_step']:.1f} ms/step over {t['timed_steps']} steps")
+    ratio = timing["shampoo"]["seconds_per_step"] / timing["adam"]["seconds_per_step"]
+    print(f"step-time ratio Shampoo/Adam (recompute every {args.compute_steps}): {ratio:.2f}x")
+    return 0
   runs = run_grid(args, teacher)
   best = {name: best_run(runs, name) for name in ("adam", "shampoo")}
   target = best["adam"]["final_top1"]

@@ -25,6 +25,20 @@ def _quiet_libraries() -> None:
   absl_logging.set_verbosity(absl_logging.ERROR)
   for name in ("absl", "orbax", "jax", "tensorflow"):
     logging.getLogger(name).setLevel(logging.ERROR)
+  if not getattr(sys.unraisablehook, "funmatch", False):
+    sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
+
+
+def _drop_closed_loop_noise(previous):
+  """Reads still in flight when an Orbax restore fails report to an asyncio loop
+  that is already closed; harmless, but their tracebacks would follow the one-line
+  error. Everything else goes to the previous hook."""
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and "Event loop is closed" in str(unraisable.exc_value)):
+      previous(unraisable)
+  hook.funmatch = True
+  return hook
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -62,10 +76,15 @@ def parse(argv: Sequence[str], prog: str, extra_flags: dict[str, str]):
   except flags.Error as e:
     fail(f"{_first_line(e)}\n{usage}")
   except (AttributeError, KeyError) as e:
-    key = str(e).strip("'\"")
+    # ml_collections puts the key on the first line and a suggestion on the next.
+    while e.args and isinstance(e.args[0], BaseException):
+      e = e.args[0]
+    lines = str(e.args[0] if e.args else e).strip().splitlines() or [""]
+    key = lines[0].strip("'\"")
+    hint = f" ({lines[1].strip()})" if len(lines) > 1 else ""
     bad = [a for a in argv if a.startswith("--config.") and key in a]
     fail(f"unknown config key '{key}'" + (f" in {bad[0].split('=')[0]}" if bad else "") +
-         "; check the spelling against the recipe file (the config is locked)")
+         hint + "; check the spelling against the recipe file (the config is locked)")
   except (OSError, IOError) as e:
     fail(f"cannot load --config: {_first_line(e)}")
   except Exception as e:  # pylint: disable=broad-except

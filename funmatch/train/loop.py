@@ -3,6 +3,7 @@
 The loop reads device values only at logging, eval and checkpoint steps, so the
 host keeps dispatching steps ahead of the device.
 """
+import contextlib
 import logging
 import signal
 import time
@@ -115,20 +116,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains (distills) until the configured number of steps; returns final evals."""
   run = build_lib.build(config, mode)
   workdir_lib.check_resumable(workdir, config, mode)
-  # ---- from here on the workdir is written ----
-  if jax.process_index() == 0:
-    workdir_lib.write_config(workdir, config, mode)
+  # ---- from here on the workdir is written, by one run at a time ----
+  writer_lock = (workdir_lib.lock(workdir) if jax.process_index() == 0
+                 else contextlib.nullcontext())
+  with writer_lock:
+    return _train(run, config, workdir, mode)
+
+
+def _train(run: build_lib.Run, config: ml_collections.ConfigDict, workdir: str,
+           mode: str) -> dict[str, Any]:
+  """The loop itself, once the workdir is locked."""
   checkpoint_every = int(config.get("checkpoint_every_steps", 1000))
   ckpt = checkpoint.Checkpointer(
       workdir, save_every=checkpoint_every,
       keep=int(config.get("keep_checkpoints", 3)),
       keep_every=config.get("keep_every_steps", None))
   state = init_state(run)
-  start_step = ckpt.latest_step() or 0
+  start_step, restored = ckpt.restore_latest(jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
   if start_step:
-    state = ckpt.restore(start_step, jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+    state = restored
     log.info("resumed from the checkpoint at step %d", start_step)
+  if jax.process_index() == 0:
+    workdir_lib.write_config(workdir, config, mode)
 
   from funmatch.data import pipeline  # pylint: disable=import-outside-toplevel
   train_batches = pipeline.make_train_iterator(

@@ -28,7 +28,12 @@ class MetricsWriter:
     self._tensorboard = None
     if not self._enabled:
       return
-    self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", buffering=1)
+    path = os.path.join(workdir, METRICS_FILE)
+    # A run killed mid-write may leave a partial last line: start on a new one.
+    torn = os.path.exists(path) and os.path.getsize(path) > 0 and _last_byte(path) != b"\n"
+    self._jsonl = open(path, "a", buffering=1)
+    if torn:
+      self._jsonl.write("\n")
     try:
       from clu import metric_writers  # pylint: disable=import-outside-toplevel
       self._tensorboard = metric_writers.SummaryWriter(workdir)
@@ -57,8 +62,20 @@ class MetricsWriter:
       self._jsonl.close()
 
 
+def _last_byte(path: str) -> bytes:
+  with open(path, "rb") as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1)
+
+
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """All rows of WORKDIR/metrics.jsonl (for plots and tests)."""
+  """All rows of WORKDIR/metrics.jsonl (for plots and tests); skips torn lines."""
   path = os.path.join(workdir, METRICS_FILE)
+  rows = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except ValueError:
+        continue  # blank, or cut short by a killed run
+  return rows

@@ -1,18 +1,23 @@
 """The workdir: which run it holds (config.json) and whether a config may resume it.
 
 Layout: WORKDIR/config.json (the run's config), WORKDIR/checkpoints/ (Orbax),
-WORKDIR/metrics.jsonl, TensorBoard event files, eval_STEP.json files.
+WORKDIR/metrics.jsonl, TensorBoard event files, eval_STEP.json files, and
+WORKDIR/.lock (host and pid of the run writing there).
 """
+import contextlib
+import fcntl
 import json
 import logging
 import os
-from typing import Any
+import socket
+from typing import Any, Iterator
 
 import ml_collections
 
 from funmatch.errors import UserError
 
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
 
 # Keys a user may change when resuming: schedule length, logging, evaluation,
 # checkpoint cadence, data locations. Anything else would change the run itself.
@@ -76,12 +81,58 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict, mode: str) 
     more = f" (+{len(fatal) - 3} more)" if len(fatal) > 3 else ""
     raise UserError(f"--workdir {workdir} holds another run ({shown}{more}); use a new "
                     "--workdir, or the original config to resume it")
+  old_flat, new_flat = _flatten(old), _flatten(new)
   for key in differences:
-    logging.info("resuming with a changed %s", key)
+    logging.info("resuming with changed %s: %r -> %r", key.removeprefix("config."),
+                 old_flat.get(key, "<absent>"), new_flat.get(key, "<absent>"))
+
+
+def _make_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create --workdir {workdir} ({e.strerror or e}); choose a "
+                    "writable path") from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise UserError(f"--workdir {workdir} is not writable; choose a writable path")
+
+
+@contextlib.contextmanager
+def lock(workdir: str) -> Iterator[None]:
+  """Holds WORKDIR/.lock for one writer; the kernel frees it when the process dies.
+
+  flock (not a pid file) so a run killed with -9 never blocks the next one.
+  Remote paths (gs://...) are not locked.
+  """
+  if "://" in workdir:
+    yield
+    return
+  _make_workdir(workdir)
+  path = os.path.join(workdir, LOCK_FILE)
+  try:
+    handle = open(path, "a+")  # pylint: disable=consider-using-with
+  except OSError as e:
+    raise UserError(f"cannot write {path} ({e.strerror or e}); choose a writable "
+                    "--workdir") from None
+  try:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      handle.seek(0)
+      holder = handle.read().strip() or "another process"
+      raise UserError(f"--workdir {workdir} is in use by another run ({holder}); wait "
+                      "for it to finish or stop it, or use another --workdir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
+    handle.flush()
+    yield
+  finally:
+    handle.close()  # releases the flock
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict, mode: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
+  _make_workdir(workdir)
   path = os.path.join(workdir, CONFIG_FILE)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:

@@ -1,0 +1,211 @@
+"""Never lose a day of training: kill -9 and resume, SIGTERM, corrupt checkpoints, locks.
+
+One tiny label-training run (configs/digits_labels.py at 16px) is interrupted at
+several points, each time resumed with the same command, and must end bit-identical
+(params and optimizer state) to an uninterrupted run.
+"""
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import repo_path, run_cli
+from funmatch import checkpoint
+from funmatch.train import cli, metrics_io
+from funmatch.train import workdir as workdir_lib
+
+STEPS = 40
+CHECKPOINT_EVERY = 4
+
+
+def train_args(workdir, *extra):
+  return ["--config", repo_path("configs", "digits_labels.py") +
+          f":steps={STEPS},batch_size=32,res=16", "--workdir", workdir,
+          "--config.log_every_steps=1", "--config.eval_every_steps=0",
+          f"--config.checkpoint_every_steps={CHECKPOINT_EVERY}", *extra]
+
+
+def start(workdir):
+  """funmatch-train in its own process, as a user (or a scheduler) would start it."""
+  code = ("import sys; from funmatch.train import cli; "
+          "sys.exit(cli.train_main(['funmatch-train', *sys.argv[1:]]))")
+  return subprocess.Popen([sys.executable, "-c", code, *train_args(workdir)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def logged_steps(workdir):
+  try:
+    return [r["step"] for r in metrics_io.read_metrics(workdir) if "train/loss" in r]
+  except FileNotFoundError:
+    return []
+
+
+def tmp_checkpoints(workdir):
+  directory = checkpoint.checkpoint_dir(workdir)
+  return [n for n in os.listdir(directory) if "tmp" in n] if os.path.isdir(directory) else []
+
+
+def kill_when(process, condition, sig=signal.SIGKILL, timeout=240):
+  """Sends `sig` as soon as `condition()` holds (polled every few ms)."""
+  deadline = time.monotonic() + timeout
+  while not condition():
+    assert process.poll() is None, f"finished before the kill point:\n{process.stdout.read()}"
+    assert time.monotonic() < deadline, "kill point never reached"
+    time.sleep(0.003)
+  process.send_signal(sig)
+  output, _ = process.communicate(timeout=120)
+  return process.returncode, output
+
+
+def full_state(workdir, step=STEPS):
+  """Every array of the train state saved at `step`, keyed by its path."""
+  path = os.path.join(checkpoint.checkpoint_dir(workdir), str(step), "default")
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(path)
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+
+def assert_same_state(workdir, reference):
+  want, got = full_state(reference), full_state(workdir)
+  assert sorted(got) == sorted(want)
+  assert any("opt_state" in key for key in want)
+  for key, value in want.items():
+    np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """The uninterrupted run."""
+  workdir = str(tmp_path_factory.mktemp("reference") / "run")
+  assert cli.train_main(["funmatch-train", *train_args(workdir)]) == 0
+  return workdir
+
+
+def test_killed_and_preempted_runs_resume_bit_identically(reference, tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  # 1. kill -9 before the first checkpoint: the next run starts from scratch.
+  code, out = kill_when(start(workdir), lambda: logged_steps(workdir))
+  assert code == -signal.SIGKILL, out
+  before_checkpoints = checkpoint.saved_steps(workdir)
+  # 2. kill -9 while a checkpoint is being written (Orbax's temporary directory).
+  leftovers = set(tmp_checkpoints(workdir))
+  code, out = kill_when(start(workdir), lambda: set(tmp_checkpoints(workdir)) - leftovers)
+  assert code == -signal.SIGKILL, out
+  # 3. kill -9 between checkpoints: two steps after the next finished one.
+  last = max(checkpoint.saved_steps(workdir), default=0)
+  seen = len(logged_steps(workdir))
+
+  def past_a_new_checkpoint():
+    new = [s for s in checkpoint.saved_steps(workdir) if s > last]
+    return new and max(logged_steps(workdir)[seen:] or [0]) >= max(new) + 2
+
+  code, out = kill_when(start(workdir), past_a_new_checkpoint)
+  assert code == -signal.SIGKILL, out
+  assert last < max(checkpoint.saved_steps(workdir)) < STEPS
+  # 4. SIGTERM (preemption) in this process: checkpoint at the current step, exit 0.
+  previous = signal.signal(signal.SIGTERM, lambda *_: None)  # if it lands after the run
+  seen = len(logged_steps(workdir))
+  sender = threading.Thread(target=_send_sigterm_after_next_log, args=(workdir, seen))
+  sender.start()
+  try:
+    code, out, err = run_cli(cli.train_main, train_args(workdir), capsys)
+  finally:
+    sender.join()
+    signal.signal(signal.SIGTERM, previous)
+  assert code == 0, err
+  assert "SIGTERM received: saved a checkpoint at step" in out
+  stopped = int(out.split("saved a checkpoint at step ")[1].split(";")[0])
+  assert stopped < STEPS and max(checkpoint.saved_steps(workdir)) == stopped
+  # 5. The same command once more finishes the run.
+  code, out, err = run_cli(cli.train_main, train_args(workdir), capsys)
+  assert code == 0, err
+  assert before_checkpoints == []  # run 1 died before its first checkpoint
+  assert_same_state(workdir, reference)
+
+
+def _send_sigterm_after_next_log(workdir, seen, timeout=240):
+  deadline = time.monotonic() + timeout
+  while len(logged_steps(workdir)) <= seen and time.monotonic() < deadline:
+    time.sleep(0.003)
+  os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _truncate_arrays(step_dir):
+  for dirpath, _, files in os.walk(step_dir):
+    if os.path.basename(dirpath) == "d":
+      for name in files:
+        os.truncate(os.path.join(dirpath, name), 10)
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_is_kept(reference, tmp_path, capsys,
+                                                         caplog):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  latest = os.path.join(checkpoint.checkpoint_dir(workdir), str(STEPS))
+  _truncate_arrays(latest)
+  with caplog.at_level(logging.WARNING):
+    code, _, err = run_cli(cli.train_main, train_args(workdir), capsys)
+  assert code == 0, err
+  previous = STEPS - CHECKPOINT_EVERY
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert any(f"[{STEPS}]" in w and f"resuming from step {previous}" in w
+             for w in warnings), warnings
+  # Kept (moved aside, not deleted), and the run redid the lost steps exactly.
+  aside = [n for n in os.listdir(checkpoint.checkpoint_dir(workdir))
+           if n.startswith(f"corrupt-{STEPS}-")]
+  assert len(aside) == 1
+  assert checkpoint.saved_steps(workdir)[-1] == STEPS
+  assert_same_state(workdir, reference)
+
+
+def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(reference, tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference, workdir)
+  _truncate_arrays(checkpoint.checkpoint_dir(workdir))
+  code, _, err = run_cli(cli.train_main, train_args(workdir), capsys)
+  errors = [line for line in err.splitlines() if line.startswith("funmatch: error:")]
+  assert code == 2 and len(errors) == 1, err
+  assert "no checkpoint in" in errors[0] and checkpoint.checkpoint_dir(workdir) in errors[0]
+  assert checkpoint.saved_steps(workdir) == checkpoint.saved_steps(reference)
+
+
+def test_second_run_on_a_workdir_in_use_refuses(tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from funmatch.train import workdir; "
+       "lock = workdir.lock(sys.argv[1]); lock.__enter__(); print('held', flush=True); "
+       "time.sleep(600)", workdir], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    code, _, err = run_cli(cli.train_main, train_args(workdir), capsys)
+    errors = [line for line in err.splitlines() if line.startswith("funmatch: error:")]
+    assert code == 2 and len(errors) == 1, err
+    assert "in use by another run" in errors[0] and f"pid {holder.pid}" in errors[0]
+    assert workdir in errors[0]
+  finally:
+    holder.kill()  # like kill -9: the kernel drops the lock with the process
+    holder.wait()
+  with workdir_lib.lock(workdir):  # a dead holder never blocks the next run
+    pass
+
+
+def test_resume_logs_the_changed_keys(tmp_path, caplog):
+  from funmatch import config_util  # pylint: disable=import-outside-toplevel
+  config = config_util.base_config()
+  config.total_steps = 20
+  workdir = str(tmp_path)
+  workdir_lib.write_config(workdir, config, "train")
+  config.total_steps = 30
+  with caplog.at_level(logging.INFO):
+    workdir_lib.check_resumable(workdir, config, "train")
+  assert "resuming with changed total_steps: 20 -> 30" in caplog.text
