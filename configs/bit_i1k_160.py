@@ -8,7 +8,9 @@ the student cost of 224px.
       --workdir gs://bucket/fm_i1k_160 --config.input.data_dir=/data/tfds
 Takes configs/bit_i1k.py's arguments (res defaults to 160 here).
 """
-from funmatch.configs import bit_i1k
+from funmatch import config_util
+
+bit_i1k = config_util.load_recipe(__file__, "bit_i1k")
 
 
 def get_config(arg=None):

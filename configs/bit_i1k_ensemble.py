@@ -9,7 +9,8 @@ the paper). Evaluation reports each teacher, the ensemble and the agreement.
 `ensemble=sum_kl` sums the per-teacher KLs instead of averaging logits.
 """
 from funmatch import config_util as cu
-from funmatch.configs import bit_i1k
+
+bit_i1k = cu.load_recipe(__file__, "bit_i1k")
 
 
 def get_config(arg=None):

@@ -3,7 +3,9 @@
   funmatch-distill --config configs/digits_independent.py:teacher=/tmp/digits_teacher --workdir /tmp/d
 Takes the same arguments as configs/digits.py.
 """
-from funmatch.configs import digits
+from funmatch import config_util
+
+digits = config_util.load_recipe(__file__, "digits")
 
 
 def get_config(arg=None):

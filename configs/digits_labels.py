@@ -7,7 +7,8 @@ cross-entropy on the labels instead of matching a teacher (no mixup):
 Takes digits.py's arguments except `teacher` and `teaching`.
 """
 from funmatch import config_util as common
-from funmatch.configs import digits
+
+digits = common.load_recipe(__file__, "digits")
 
 
 def get_config(arg=None):

@@ -11,8 +11,9 @@ size, so in-domain and out-of-domain runs take the same number of steps.
 import math
 
 from funmatch import config_util as cu
-from funmatch.configs import flowers_pet
 from funmatch.errors import UserError
+
+flowers_pet = cu.load_recipe(__file__, "flowers_pet")
 
 SOURCES = {"food": ("food101", "train"), "sun": ("sun397", "train")}
 TARGET_TRAIN_EXAMPLES = {"flowers": 1020, "pet": 3680}

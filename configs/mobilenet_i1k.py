@@ -7,7 +7,8 @@ otherwise the recipe of configs/bit_i1k.py.
       --workdir gs://bucket/fm_mnv3 --config.input.data_dir=/data/tfds
 """
 from funmatch import config_util as cu
-from funmatch.configs import bit_i1k
+
+bit_i1k = cu.load_recipe(__file__, "bit_i1k")
 
 
 def get_config(arg=None):

@@ -4,6 +4,8 @@ Recipes are big_vision-style `get_config(arg)` files; `arg` is the text after th
 colon in `--config configs/digits.py:teacher=/path,variant=fast`.
 """
 import ast
+import importlib.util
+import os
 from typing import Any
 
 import ml_collections
@@ -148,3 +150,16 @@ def set_optimizer(c: ml_collections.ConfigDict, name: str) -> None:
     c.optax = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8, mu_dtype=""))
   else:
     c.optax = ml_collections.ConfigDict(dict(momentum=0.9, nesterov=False))
+
+
+def load_recipe(beside: str, name: str):
+  """The recipe module `name`.py from the folder of the file `beside` (a recipe's __file__).
+
+  Recipes build on each other by file path, not by package import, so a recipe
+  works the same from a source checkout, an installed copy or a user's folder.
+  """
+  path = os.path.join(os.path.dirname(os.path.abspath(beside)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"funmatch_recipe_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

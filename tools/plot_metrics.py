@@ -11,7 +11,6 @@ import argparse
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv):
@@ -81,7 +80,6 @@ def plot(curves: dict[str, dict], output: str, title: str = "") -> None:
 
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  sys.path.insert(0, REPO)
   from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
   labels = args.labels.split(",") if args.labels else [
       os.path.basename(os.path.normpath(w)) for w in args.workdirs]

@@ -17,7 +17,6 @@ import os
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("fixed", "independent", "consistent", "function_matching")
 
 
@@ -45,7 +44,6 @@ def configure(c, steps: int, evals_per_run: int):
 
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  sys.path.insert(0, REPO)
   from funmatch.configs import digits, digits_labels, digits_teacher  # pylint: disable=import-outside-toplevel
   from funmatch.train import cli, loop, metrics_io  # pylint: disable=import-outside-toplevel
   cli._quiet_libraries()  # pylint: disable=protected-access

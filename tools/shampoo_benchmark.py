@@ -21,7 +21,6 @@ import os
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv):
@@ -159,7 +158,6 @@ def plot(runs, best, path):
 
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  sys.path.insert(0, REPO)
   from funmatch.train import cli  # pylint: disable=import-outside-toplevel
   cli._quiet_libraries()  # pylint: disable=protected-access
   teacher = ensure_teacher(args.workdir, args.teacher)
