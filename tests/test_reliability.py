@@ -23,6 +23,9 @@ from funmatch import checkpoint
 from funmatch.train import cli, metrics_io
 from funmatch.train import workdir as workdir_lib
 
+sys.path.insert(0, repo_path("tools"))
+import badinput_sweep as sweep  # pylint: disable=wrong-import-position
+
 STEPS = 40
 CHECKPOINT_EVERY = 4
 
@@ -140,19 +143,12 @@ def _send_sigterm_after_next_log(workdir, seen, timeout=240):
   os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _truncate_arrays(step_dir):
-  for dirpath, _, files in os.walk(step_dir):
-    if os.path.basename(dirpath) == "d":
-      for name in files:
-        os.truncate(os.path.join(dirpath, name), 10)
-
-
 def test_corrupt_latest_checkpoint_falls_back_and_is_kept(reference, tmp_path, capsys,
                                                          caplog):
   workdir = str(tmp_path / "run")
   shutil.copytree(reference, workdir)
   latest = os.path.join(checkpoint.checkpoint_dir(workdir), str(STEPS))
-  _truncate_arrays(latest)
+  sweep.truncate_checkpoint_arrays(latest)
   with caplog.at_level(logging.WARNING):
     code, _, err = run_cli(cli.train_main, train_args(workdir), capsys)
   assert code == 0, err
@@ -171,7 +167,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(reference, tmp_path, c
 def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(reference, tmp_path, capsys):
   workdir = str(tmp_path / "run")
   shutil.copytree(reference, workdir)
-  _truncate_arrays(checkpoint.checkpoint_dir(workdir))
+  sweep.truncate_checkpoint_arrays(checkpoint.checkpoint_dir(workdir))
   code, _, err = run_cli(cli.train_main, train_args(workdir), capsys)
   errors = [line for line in err.splitlines() if line.startswith("funmatch: error:")]
   assert code == 2 and len(errors) == 1, err

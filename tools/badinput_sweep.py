@@ -82,6 +82,12 @@ class Bench:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     return path
 
+  def _text_file(self, name: str, text: str) -> str:
+    path = self._path(name)
+    with open(path, "w") as f:
+      f.write(text)
+    return path
+
   def _folder(self, name: str, files: dict[str, bytes]) -> str:
     """An image-folder root with `files` ("class/file.png": bytes; "class/" = empty)."""
     root = self._path(name)
@@ -149,18 +155,12 @@ class Bench:
   # ---- configs ----
   @functools.cached_property
   def broken_config(self) -> str:
-    path = self._path("broken_config.py")
-    with open(path, "w") as f:
-      f.write("def get_config(:\n  return None\n")
-    return path
+    return self._text_file("broken_config.py", "def get_config(:\n  return None\n")
 
   # ---- workdirs ----
   @functools.cached_property
   def regular_file(self) -> str:
-    path = self._path("a_file")
-    with open(path, "w") as f:
-      f.write("not a directory\n")
-    return path
+    return self._text_file("a_file", "not a directory\n")
 
   @functools.cached_property
   def readonly_parent(self) -> str:
@@ -187,11 +187,7 @@ class Bench:
     """A copy of `trained` whose every checkpoint has cut-short array files."""
     workdir = self._path("corrupt_trained")
     shutil.copytree(self.trained, workdir)
-    checkpoints = os.path.join(workdir, "checkpoints")
-    for dirpath, _, files in os.walk(checkpoints):
-      if os.path.basename(dirpath) == "d":  # Orbax/OCDBT data files
-        for name in files:
-          os.truncate(os.path.join(dirpath, name), 10)
+    truncate_checkpoint_arrays(os.path.join(workdir, "checkpoints"))
     return workdir
 
   @functools.cached_property
@@ -222,6 +218,14 @@ class Case:
 
 def _d(*extra, recipe=""):
   return lambda b, run: distill(b.teacher, run, *extra, recipe=recipe)
+
+
+def truncate_checkpoint_arrays(directory: str) -> None:
+  """Cuts every Orbax array file under `directory` to 10 bytes (a damaged save)."""
+  for dirpath, _, files in os.walk(directory):
+    if os.path.basename(dirpath) == "d":  # Orbax/OCDBT data files
+      for name in files:
+        os.truncate(os.path.join(dirpath, name), 10)
 
 
 def _folder(attr):

@@ -132,6 +132,17 @@ def time_steps(teacher: str, optimizer: str, lr: float, compute_steps: int, peri
               compile_and_warmup_seconds=round(compile_and_warmup, 1))
 
 
+def step_time_ratio(timing) -> float:
+  return timing["shampoo"]["seconds_per_step"] / timing["adam"]["seconds_per_step"]
+
+
+def report_timing(timing, compute_steps: int) -> None:
+  for name, t in timing.items():
+    print(f"{name:8s} {1000 * t['seconds_per_step']:.1f} ms/step over {t['timed_steps']} steps")
+  print(f"step-time ratio Shampoo/Adam (recompute every {compute_steps}): "
+        f"{step_time_ratio(timing):.2f}x")
+
+
 def plot(runs, best, path):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -164,12 +175,9 @@ def main(argv=None):
   if args.timing_only:
     lrs = {"adam": float(args.adam_lrs.split(",")[0]),
            "shampoo": float(args.shampoo_lrs.split(",")[0])}
-    timing = {name: time_steps(teacher, name, lr, args.compute_steps, args.timing_periods)
-              for name, lr in lrs.items()}
-    for name, t in timing.items():
-      print(f"{name:8s} {1000 * t['seconds_per_step']:.1f} ms/step over {t['timed_steps']} steps")
-    ratio = timing["shampoo"]["seconds_per_step"] / timing["adam"]["seconds_per_step"]
-    print(f"step-time ratio Shampoo/Adam (recompute every {args.compute_steps}): {ratio:.2f}x")
+    report_timing({name: time_steps(teacher, name, lr, args.compute_steps,
+                                    args.timing_periods) for name, lr in lrs.items()},
+                  args.compute_steps)
     return 0
   runs = run_grid(args, teacher)
   best = {name: best_run(runs, name) for name in ("adam", "shampoo")}
@@ -177,7 +185,7 @@ def main(argv=None):
   reach = first_step_reaching(best["shampoo"]["curve"], target)
   timing = {name: time_steps(teacher, name, best[name]["lr"], args.compute_steps,
                              args.timing_periods) for name in ("adam", "shampoo")}
-  ratio = timing["shampoo"]["seconds_per_step"] / timing["adam"]["seconds_per_step"]
+  ratio = step_time_ratio(timing)
   result = dict(
       steps=args.steps, eval_every=args.eval_every, compute_steps=args.compute_steps,
       runs=runs, best_lr={k: v["lr"] for k, v in best.items()},
@@ -193,9 +201,7 @@ def main(argv=None):
   print(f"best Adam: lr {best['adam']['lr']:g}, final {100 * target:.2f}% at step {args.steps}")
   print(f"best Shampoo: lr {best['shampoo']['lr']:g}, reaches it at step {reach} "
         f"(final {100 * best['shampoo']['final_top1']:.2f}%)")
-  for name, t in timing.items():
-    print(f"{name:8s} {1000 * t['seconds_per_step']:.1f} ms/step over {t['timed_steps']} steps")
-  print(f"step-time ratio Shampoo/Adam (recompute every {args.compute_steps}): {ratio:.2f}x")
+  report_timing(timing, args.compute_steps)
   if args.output:
     with open(args.output, "w") as f:
       json.dump(result, f, indent=1)
