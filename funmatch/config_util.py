@@ -74,7 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
   """Every key the trainer reads, with its default; recipes override values."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.objective = "function_matching"
+  c.objective = "function_matching"  # see funmatch.distill.objectives.OBJECTIVES
+  c.objective_args = ml_collections.ConfigDict()  # set_objective() fills it
   c.teaching = "function_matching"   # fixed | independent | consistent | function_matching
   c.num_classes = 0                  # 0: take it from the training data
   c.total_epochs = 0.0
@@ -150,6 +151,22 @@ def set_optimizer(c: ml_collections.ConfigDict, name: str) -> None:
     c.optax = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8, mu_dtype=""))
   else:
     c.optax = ml_collections.ConfigDict(dict(momentum=0.9, nesterov=False))
+
+
+def set_objective(c: ml_collections.ConfigDict, name: str, **overrides: Any) -> None:
+  """Sets config.objective and fills config.objective_args with its settings.
+
+  As with set_optimizer, every setting is written out so the command line can
+  override it (`--config.objective_args.alpha=1e-4`) although the config is locked.
+  """
+  from funmatch.distill import objectives  # pylint: disable=import-outside-toplevel
+  args = objectives.default_args(name)
+  unknown = sorted(set(overrides) - set(args))
+  if unknown:
+    raise UserError(f"objective '{name}' has no setting(s) {', '.join(unknown)}")
+  args.update(overrides)
+  c.objective = name
+  c.objective_args = ml_collections.ConfigDict(args)
 
 
 def load_recipe(beside: str, name: str):

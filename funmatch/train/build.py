@@ -41,6 +41,7 @@ class Run:
   teachers: dict[str, nn.Module]
   teacher_params: dict[str, Any]         # frozen, on device, replicated
   objective: Any
+  output_shapes: Any                     # (student_out, {teacher: out}) as shapes
   optimizer: Any
   schedule: Any
   mixup: dict[str, Any] | None
@@ -103,6 +104,18 @@ def _load_teacher(config, name, num_classes) -> tuple[nn.Module, Any]:
     kwargs["dtype"] = _dtype(teacher_config, name)
     module = models.get_model("bit", num_classes, standardize_weights=False, **kwargs)
   return module, params
+
+
+def abstract_outputs(student, student_params, teachers, teacher_params, views,
+                     batch_size: int = 2):
+  """The shapes of the student's and each teacher's `(logits, taps)`; computes nothing."""
+  def shapes(module, params, res):
+    images = jax.ShapeDtypeStruct((batch_size, res, res, 3), jnp.float32)
+    return jax.eval_shape(lambda p, x: module.apply({"params": p}, x, train=False),
+                          params, images)
+  return (shapes(student, student_params, views["student"]),
+          {name: shapes(module, teacher_params[name], views[name])
+           for name, module in teachers.items()})
 
 
 def total_steps_of(config, train_examples: int) -> tuple[int, float]:
@@ -205,6 +218,9 @@ def build(config: ml_collections.ConfigDict, mode: str,
 
   views = {"student": int(config.student.res)}
   views.update({name: int(config[name].res) for name in teachers})
+  output_shapes = abstract_outputs(student, student_params, teachers, teacher_params, views)
+  if hasattr(objective, "check_models"):
+    objective.check_models(*output_shapes)
   from funmatch.data import pipeline  # pylint: disable=import-outside-toplevel
   pipeline.check_teaching(config.get("teaching", "function_matching"), views)
   optimizer, schedule = make_optimizer(config, total_steps)
@@ -214,5 +230,6 @@ def build(config: ml_collections.ConfigDict, mode: str,
              train_examples=train_info.num_examples, steps_per_epoch=steps_per_epoch,
              total_steps=total_steps, views=views, student=student,
              student_params=student_params, teachers=teachers,
-             teacher_params=teacher_params, objective=objective, optimizer=optimizer,
+             teacher_params=teacher_params, objective=objective,
+             output_shapes=output_shapes, optimizer=optimizer,
              schedule=schedule, mixup=_mixup(config, mode))

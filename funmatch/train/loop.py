@@ -58,14 +58,30 @@ def init_state(run: build_lib.Run) -> state_lib.TrainState:
   config = run.config
   rng = jax.random.PRNGKey(int(config.seed))
   init_rng, state_rng = jax.random.split(rng)
-  aux_params = {}
-  if hasattr(run.objective, "init_aux"):
-    aux_params = run.objective.init_aux(init_rng, None, None)
+  student_out, teacher_outs = run.output_shapes
 
   def create():
-    return state_lib.create(run.student_params, aux_params, run.optimizer, state_rng)
+    aux_params = run.objective.init_aux(init_rng, student_out, teacher_outs)
+    objective_state = (run.objective.init_state(student_out, teacher_outs)
+                       if hasattr(run.objective, "init_state") else {})
+    return state_lib.create(run.student_params, aux_params, objective_state,
+                            run.optimizer, state_rng)
 
   return jax.jit(create, out_shardings=parallel.replicated(run.mesh))()
+
+
+def jit_train_step(run: build_lib.Run, state: state_lib.TrainState):
+  """The jitted `train_step(state, batch, teacher_params) -> (state, metrics)`.
+
+  The state is donated (updated in place) and keeps its shardings; metrics are
+  replicated. Benchmarks use this same function, so they time what runs.
+  """
+  return jax.jit(
+      step_lib.make_train_step(run.student, run.teachers, run.objective, run.optimizer,
+                               run.schedule, run.num_classes, run.mixup),
+      donate_argnums=(0,),
+      out_shardings=(jax.tree.map(lambda x: x.sharding, state),
+                     parallel.replicated(run.mesh)))
 
 
 def _every(step: int, every: int, total: int) -> bool:
@@ -148,12 +164,7 @@ def _train(run: build_lib.Run, config: ml_collections.ConfigDict, workdir: str,
       else "consistent")
   eval_sets = evaluate_lib.make_eval_sets(run)
   eval_fn = evaluate_lib.make_eval_fn(run)
-  replicated = parallel.replicated(run.mesh)
-  train_step = jax.jit(
-      step_lib.make_train_step(run.student, run.teachers, run.objective, run.optimizer,
-                               run.schedule, run.num_classes, run.mixup),
-      donate_argnums=(0,),
-      out_shardings=(jax.tree.map(lambda x: x.sharding, state), replicated))
+  train_step = jit_train_step(run, state)
 
   writer = metrics_io.MetricsWriter(workdir)
   progress = Progress(run, start_step)

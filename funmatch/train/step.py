@@ -46,7 +46,8 @@ def make_train_step(student: nn.Module, teachers: Mapping[str, nn.Module], objec
       label_probs = mixup_lib.mix(label_probs, coefficients)
       metrics["mixup_coefficient"] = jnp.mean(coefficients)
     teacher_outs = teacher_outputs(teachers, teacher_params, images)
-    objective_batch = {**batch, "images": images, "label_probs": label_probs}
+    objective_batch = {**batch, "images": images, "label_probs": label_probs,
+                       "objective_state": state.objective_state}
 
     def loss_fn(trainable):
       params, aux_params = trainable
@@ -64,11 +65,15 @@ def make_train_step(student: nn.Module, teachers: Mapping[str, nn.Module], objec
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    objective_state = state.objective_state
+    if hasattr(objective, "next_state"):
+      objective_state = objective.next_state(objective_state, teacher_outs)
     new_state = state.replace(
         step=state.step + 1,
         params=keep(new_params, state.params),
         aux_params=keep(new_aux, state.aux_params),
         opt_state=keep(opt_state, state.opt_state),
+        objective_state=keep(objective_state, state.objective_state),
         nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~finite,
                                  state.step, state.nonfinite_step))
     metrics.update({f"train/{k}": v for k, v in objective_metrics.items()})
