@@ -17,11 +17,11 @@ import numpy as np
 
 from funmatch.errors import UserError
 
-# name -> module path holding a `Model` class. When the ViT lands, add
-# `"vit": "funmatch.models.vit"`.
+# name -> module path holding a `Model` class.
 _REGISTRY = {
     "bit": "funmatch.models.bit",
     "mobilenet_v3": "funmatch.models.mobilenet_v3",
+    "vit": "funmatch.models.vit",
 }
 
 
