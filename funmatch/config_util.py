@@ -85,7 +85,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3             # keep the last N ...
   c.keep_every_steps = 0             # ... plus every K-th step (0: none)
-  c.mesh = (("data", -1),)
+  c.mesh = (("data", -1),)            # e.g. (("data", -1), ("fsdp", 8))
+  # Per group: replicate | fsdp (needs an 'fsdp' mesh axis); see funmatch/parallel.py.
+  # A teacher may get its own key (config.sharding.<teacher name>) in a recipe.
+  c.sharding = ml_collections.ConfigDict(dict(
+      student="replicate", aux="replicate", teachers="replicate", fsdp_min_size=2 ** 14))
 
   c.input = data_config()
   c.evals = ml_collections.ConfigDict()

@@ -39,7 +39,7 @@ class Run:
   student: nn.Module
   student_params: Any                    # initial student params (host or device)
   teachers: dict[str, nn.Module]
-  teacher_params: dict[str, Any]         # frozen, on device, replicated
+  teacher_params: dict[str, Any]         # frozen, on device (config.sharding)
   objective: Any
   output_shapes: Any                     # (student_out, {teacher: out}) as shapes
   optimizer: Any
@@ -213,8 +213,12 @@ def build(config: ml_collections.ConfigDict, mode: str,
   if mode == "distill":
     for name in names:
       teachers[name], teacher_params[name] = _load_teacher(config, name, num_classes)
-  replicated = parallel.replicated(mesh)
-  teacher_params = jax.device_put(teacher_params, replicated)
+  for group in ("student", "aux"):
+    parallel.strategy(config, group, mesh)  # a bad value fails before any write
+  parallel.fsdp_min_size(config)
+  teacher_params = {name: jax.device_put(params, parallel.group_shardings(
+                        config, name, params, mesh))
+                    for name, params in teacher_params.items()}
 
   views = {"student": int(config.student.res)}
   views.update({name: int(config[name].res) for name in teachers})

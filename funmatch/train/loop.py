@@ -54,7 +54,7 @@ class StopSignal:
 
 
 def init_state(run: build_lib.Run) -> state_lib.TrainState:
-  """The initial train state, replicated over the mesh."""
+  """The initial train state, placed on the mesh as config.sharding says."""
   config = run.config
   rng = jax.random.PRNGKey(int(config.seed))
   init_rng, state_rng = jax.random.split(rng)
@@ -67,7 +67,9 @@ def init_state(run: build_lib.Run) -> state_lib.TrainState:
     return state_lib.create(run.student_params, aux_params, objective_state,
                             run.optimizer, state_rng)
 
-  return jax.jit(create, out_shardings=parallel.replicated(run.mesh))()
+  abstract_state = jax.eval_shape(create)
+  return jax.jit(create, out_shardings=state_lib.shardings(
+      run.config, abstract_state, run.mesh))()
 
 
 def jit_train_step(run: build_lib.Run, state: state_lib.TrainState):

@@ -7,6 +7,9 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+from funmatch import parallel
 
 
 @flax.struct.dataclass
@@ -25,3 +28,20 @@ def create(params, aux_params, objective_state, optimizer, rng: jax.Array) -> Tr
                     opt_state=optimizer.init((params, aux_params)),
                     objective_state=objective_state, rng=rng,
                     nonfinite_step=jnp.full([], -1, jnp.int32))
+
+
+def shardings(config: ml_collections.ConfigDict, abstract_state: TrainState,
+              mesh) -> TrainState:
+  """Where each part of the state lives, as config.sharding says.
+
+  The optimizer state follows the student's strategy (it is mostly per-param
+  moments of the student); the objective's params and state follow `aux`.
+  """
+  replicated = parallel.replicated(mesh)
+  student = lambda tree: parallel.group_shardings(config, "student", tree, mesh)
+  aux = lambda tree: parallel.group_shardings(config, "aux", tree, mesh)
+  return TrainState(step=replicated, params=student(abstract_state.params),
+                    aux_params=aux(abstract_state.aux_params),
+                    opt_state=student(abstract_state.opt_state),
+                    objective_state=aux(abstract_state.objective_state),
+                    rng=replicated, nonfinite_step=replicated)
