@@ -4,7 +4,8 @@ Started by tests/test_sharding.py with XLA_FLAGS giving N CPU devices:
   python tests/mesh_worker.py TEACHER_WORKDIR OUT_DIR VARIANT...
 where VARIANT is NAME=MESH_AXES/STRATEGY, e.g. `fsdp=data:2,fsdp:4/fsdp`. Each
 variant distils 5 steps into OUT_DIR/NAME; OUT_DIR/NAME.json gets the
-shardings of the initial train state's arrays.
+shardings of the initial train state's arrays and OUT_DIR/NAME_params.npz the
+params of the final checkpoint as restored onto this variant's mesh.
 """
 import json
 import os
@@ -40,6 +41,21 @@ def shardings_of(args: list[str]) -> dict:
           for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def save_restored_params(args: list[str], workdir: str, path: str) -> None:
+  """Restores the run's latest checkpoint onto this mesh and saves its params."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from funmatch import checkpoint  # pylint: disable=import-outside-toplevel
+  from funmatch.train import build, cli, loop, params_io  # pylint: disable=import-outside-toplevel
+  config, _, _ = cli.parse(["prog", *args], "mesh_worker", {})
+  state = loop.init_state(build.build(config, "distill"))
+  ckpt = checkpoint.Checkpointer(workdir, save_every=1)
+  _, restored = ckpt.restore_latest(jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+  ckpt.close()
+  np.savez(path, **params_io.flatten(jax.device_get(restored.params)))
+
+
 def main(teacher: str, out_dir: str, *variants: str) -> int:
   from funmatch.train import cli  # pylint: disable=import-outside-toplevel
   for variant in variants:
@@ -51,6 +67,8 @@ def main(teacher: str, out_dir: str, *variants: str) -> int:
     code = cli.distill_main(["funmatch-distill", *args])
     if code:
       return code
+    save_restored_params(args, os.path.join(out_dir, name),
+                         os.path.join(out_dir, f"{name}_params.npz"))
   return 0
 
 

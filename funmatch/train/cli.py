@@ -57,6 +57,7 @@ def parse(argv: Sequence[str], prog: str, extra_flags: dict[str, str]):
       "config", None, "recipe file", flag_values=flag_values, lock_config=True,
       sys_argv=list(argv))
   flags.DEFINE_string("workdir", None, "run directory", flag_values=flag_values)
+  extra_flags = {**extra_flags, **_distributed_flags()}  # every CLI can run multi-host
   for name, help_text in extra_flags.items():
     flags.DEFINE_string(name, None, help_text, flag_values=flag_values)
   usage = USAGE.format(prog=prog, extra="".join(f" [--{n} ...]" for n in extra_flags))
@@ -94,6 +95,7 @@ def parse(argv: Sequence[str], prog: str, extra_flags: dict[str, str]):
     fail(f"--config is required\n{usage}")
   if not flag_values.workdir:
     fail(f"--workdir is required\n{usage}")
+  _check_workdir_is_a_path(flag_values.workdir)
   extras = {name: flag_values[name].value for name in extra_flags}
   return config, flag_values.workdir, extras
 
@@ -116,6 +118,35 @@ def _first_line(e: BaseException) -> str:
   return text.splitlines()[0] if text else type(e).__name__
 
 
+def _distributed_flags() -> dict[str, str]:
+  from funmatch import distributed  # pylint: disable=import-outside-toplevel
+  return distributed.FLAGS
+
+
+def start_processes(extras: dict[str, str | None]) -> int:
+  """Joins the other processes of a multi-host run before any device use.
+
+  Returns this process's id; logs and console output come from process 0, the
+  others report only warnings and errors.
+  """
+  from funmatch import distributed  # pylint: disable=import-outside-toplevel
+  process_id, _ = distributed.initialize(extras.get("coordinator_address"),
+                                         extras.get("num_processes"),
+                                         extras.get("process_id"))
+  if process_id != 0:
+    logging.getLogger().setLevel(logging.WARNING)
+  return process_id
+
+
+def _check_workdir_is_a_path(workdir: str) -> None:
+  """URL workdirs (gs://...) would silently become local folders named 'gs:'
+  (the workdir, metrics and checkpoint code use os paths): refuse them."""
+  if "://" in workdir:
+    fail(f"--workdir {workdir}: URL workdirs are not supported yet; use a path every "
+         "host sees (a shared filesystem, or the bucket mounted with Cloud Storage FUSE, "
+         "e.g. /mnt/gcs/BUCKET/run)")
+
+
 def guarded(main: Callable[[], int | None]) -> int:
   """Runs `main`, turning user errors into one line and exit code 2 (or theirs)."""
   from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
@@ -130,12 +161,13 @@ def guarded(main: Callable[[], int | None]) -> int:
 
 def _train_like(mode: str, prog: str, argv) -> int:
   _quiet_libraries()
-  config, workdir, _ = parse(argv, prog, {})
+  config, workdir, extras = parse(argv, prog, {})
 
   def main():
+    process_id = start_processes(extras)
     from funmatch.train import evaluate, loop  # pylint: disable=import-outside-toplevel
     results = loop.train_and_evaluate(config, workdir, mode)
-    if results:
+    if results and process_id == 0:
       print(evaluate.format_table(results), flush=True)
 
   return guarded(main)
@@ -179,6 +211,7 @@ def eval_main(argv=None) -> int:
                                    "output": "JSON file (default WORKDIR/eval_STEP.json)"})
 
   def main():
+    start_processes(extras)
     import jax  # pylint: disable=import-outside-toplevel
     from funmatch import checkpoint, parallel  # pylint: disable=import-outside-toplevel
     from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
@@ -217,13 +250,16 @@ def export_main(argv=None) -> int:
       raise UserError("--output FILE.npz is required")
     if not output.endswith(".npz"):
       raise UserError(f"--output {output} must end in .npz")
+    process_id = start_processes(extras)
     if os.path.exists(output):
       raise UserError(f"--output {output} already exists; choose another path or "
                       "remove it first (funmatch never overwrites an export)")
     step = _parse_step(extras["step"])
     build.validate_top_level(config, _mode_of(workdir))
+    # Orbax reads collectively: every process restores, process 0 alone writes.
     step, params = checkpoint.restore_params(workdir, step)
-    params_io.save_params(output, config.student.model, params)
-    print(f"wrote the student of step {step} to {output}", flush=True)
+    if process_id == 0:
+      params_io.save_params(output, config.student.model, params)
+      print(f"wrote the student of step {step} to {output}", flush=True)
 
   return guarded(main)

@@ -1,0 +1,272 @@
+"""Multi-host runs: two processes on localhost equal one process, bad settings fail
+in one line, and tools/launch_tpu.sh builds the right commands.
+
+The two processes (2 simulated CPU devices each, gloo collectives) share one
+workdir, as the hosts of a pod share a filesystem; the reference is one process
+with 4 devices. All three run at the same time, in subprocesses (a few minutes
+on 2 CPU cores).
+"""
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import TINY_STUDENT_ARG, repo_path, run_cli
+from funmatch import checkpoint
+from funmatch.train import cli, metrics_io
+
+LAUNCH_TPU = repo_path("tools", "launch_tpu.sh")
+DISTILL = ("import sys; from funmatch.train import cli; "
+           "sys.exit(cli.distill_main(['funmatch-distill', *sys.argv[1:]]))")
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def distill_args(teacher_workdir: str, workdir: str) -> list[str]:
+  arg = TINY_STUDENT_ARG.replace("steps=30", "steps=5") + f",teacher={teacher_workdir}"
+  # Adam's first steps move a weight by about +-lr whatever the size of its
+  # gradient, so float noise around a zero gradient (1e-9 vs -1e-9) would differ
+  # by 2*lr; a larger eps keeps updates proportional to gradients and the
+  # parameter comparison tight (with eps=1e-8 params differ by up to 1.3e-4).
+  return ["--config", repo_path("configs", "digits.py") + ":" + arg, "--workdir", workdir,
+          "--config.teacher.width=0.5", "--config.log_every_steps=1",
+          "--config.eval_every_steps=0", "--config.checkpoint_every_steps=5",
+          "--config.optax.eps=1e-3"]
+
+
+# The two processes also shard the student (params + Adam state) over an fsdp
+# axis spanning both, and keep the teacher replicated: both placements cross
+# hosts in one run. The reference keeps the default (all replicated).
+TWO_PROCESS_SHARDING = ["--config.mesh=(('data', -1), ('fsdp', 4))",
+                        "--config.sharding.student=fsdp",
+                        "--config.sharding.teachers=replicate",
+                        "--config.sharding.fsdp_min_size=64"]
+
+
+def start(args: list[str], devices: int, log_path: str) -> tuple[subprocess.Popen, object]:
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("FUNMATCH_", "SLURM_", "OMPI_"))}  # no real cluster
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu", FUNMATCH_INITIALIZATION_TIMEOUT="600")
+  log = open(log_path, "w")  # pylint: disable=consider-using-with
+  process = subprocess.Popen([sys.executable, "-c", DISTILL, *args], env=env,
+                             stdout=log, stderr=subprocess.STDOUT, text=True)
+  return process, log
+
+
+@pytest.fixture(scope="module")
+def runs(teacher_workdir, tmp_path_factory):
+  """{'one': workdir of 1 process x 4 devices, 'two': of 2 processes x 2, 'logs': ...}."""
+  root = tmp_path_factory.mktemp("multihost")
+  one, two = str(root / "one"), str(root / "two")
+  address = f"localhost:{free_port()}"
+  started = [start(distill_args(teacher_workdir, one), 4, str(root / "one.log"))]
+  for process_id in (0, 1):
+    started.append(start(
+        distill_args(teacher_workdir, two) + TWO_PROCESS_SHARDING + [
+            "--coordinator_address", address, "--num_processes=2",
+            f"--process_id={process_id}"], 2, str(root / f"two{process_id}.log")))
+  deadline = time.monotonic() + 1200
+  codes = []
+  for process, log in started:
+    try:
+      codes.append(process.wait(timeout=max(deadline - time.monotonic(), 1)))
+    except subprocess.TimeoutExpired:
+      process.kill()
+      codes.append(process.wait())
+    log.close()
+  logs = {name: (root / f"{name}.log").read_text() for name in ("one", "two0", "two1")}
+  assert codes == [0, 0, 0], "\n\n".join(f"== {k}\n{v[-3000:]}" for k, v in logs.items())
+  return {"one": one, "two": two, "logs": logs}
+
+
+def _train_rows(workdir):
+  return [r for r in metrics_io.read_metrics(workdir) if "train/loss" in r]
+
+
+def test_two_processes_match_one_process_with_as_many_devices(runs):
+  one, two = _train_rows(runs["one"]), _train_rows(runs["two"])
+  assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4, 5]
+  for key in ("train/loss", "train/grad_norm", "train/update_norm"):
+    np.testing.assert_allclose([r[key] for r in two], [r[key] for r in one],
+                               rtol=1e-5, atol=1e-6, err_msg=key)
+  # The final eval reads its split on both hosts and reduces over all devices.
+  final_one, final_two = metrics_io.read_metrics(runs["one"])[-1], \
+      metrics_io.read_metrics(runs["two"])[-1]
+  evals = sorted(k for k in final_one if k.startswith("test/"))
+  assert evals and evals == sorted(k for k in final_two if k.startswith("test/"))
+  np.testing.assert_allclose([final_two[k] for k in evals], [final_one[k] for k in evals],
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_write_the_same_checkpoint_and_layout(runs):
+  assert checkpoint.saved_steps(runs["one"]) == checkpoint.saved_steps(runs["two"]) == [5]
+  step_one, params_one = checkpoint.restore_params(runs["one"])
+  step_two, params_two = checkpoint.restore_params(runs["two"])
+  assert step_one == step_two == 5
+  assert jax.tree.structure(params_one) == jax.tree.structure(params_two)
+  for a, b in zip(jax.tree.leaves(params_one), jax.tree.leaves(params_two)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+  def layout(workdir):
+    return sorted("events.out.tfevents" if n.startswith("events.out.tfevents") else n
+                  for n in os.listdir(workdir))
+  assert layout(runs["one"]) == layout(runs["two"])
+  assert "metrics.jsonl" in layout(runs["two"]) and "config.json" in layout(runs["two"])
+
+
+def test_only_process_0_prints_progress_and_the_table(runs):
+  zero, other = runs["logs"]["two0"], runs["logs"]["two1"]
+  assert "step 5/5" in zero and "test/student_top1" in zero
+  assert "step 1/5" not in other and "test/student_top1" not in other
+
+
+# ---------------------------------------------------------------------------
+# Bad settings: one line, exit 2, before anything touches JAX or the workdir.
+
+
+def _bad(tmp_path, capsys, monkeypatch, flags, env=None):
+  for key in list(os.environ):
+    if key.startswith(("FUNMATCH_", "SLURM_", "OMPI_")):  # no real cluster here
+      monkeypatch.delenv(key)
+  for key, value in (env or {}).items():
+    monkeypatch.setenv(key, value)
+  workdir = str(tmp_path / "run")
+  # The teacher is never loaded: the settings are checked first.
+  args = distill_args(str(tmp_path / "no_teacher"), workdir) + flags
+  code, _, err = run_cli(cli.distill_main, args, capsys)
+  lines = [l for l in err.splitlines() if l.startswith("funmatch: error:")]
+  assert code == 2, err
+  assert len(lines) == 1 and "Traceback" not in err, err
+  assert not os.path.exists(workdir)
+  return lines[0]
+
+
+@pytest.mark.parametrize("flags, env, expected", [
+    (["--num_processes=2", "--process_id=0"], None, "needs --coordinator_address"),
+    ([], {"FUNMATCH_NUM_PROCESSES": "2", "FUNMATCH_PROCESS_ID": "1"},
+     "needs --coordinator_address"),
+    (["--coordinator_address=localhost:1234", "--num_processes=2"], None,
+     "needs --process_id"),
+    (["--coordinator_address=localhost:1234", "--num_processes=2", "--process_id=2"],
+     None, "--process_id=2 is outside [0, 2)"),
+    (["--coordinator_address=localhost:1234", "--num_processes=2", "--process_id=-1"],
+     None, "outside [0, 2)"),
+    (["--coordinator_address=localhost", "--num_processes=2", "--process_id=1"], None,
+     "is not HOST:PORT"),
+    (["--coordinator_address=localhost:http", "--num_processes=2", "--process_id=1"],
+     None, "no valid port"),
+    (["--coordinator_address=localhost:1234", "--num_processes=two", "--process_id=1"],
+     None, "--num_processes='two' must be an integer"),
+    (["--coordinator_address=localhost:1234", "--process_id=1"], None,
+     "--num_processes is required"),
+    ([], {"FUNMATCH_DISTRIBUTED": "yes"}, "must be 'auto' or 'off'"),
+    ([], {"FUNMATCH_DISTRIBUTED": "auto"}, "jax.distributed failed"),
+], ids=["no-coordinator", "env-no-coordinator", "no-process-id", "id-too-big",
+        "id-negative", "no-port", "bad-port", "count-not-int", "no-count", "bad-mode",
+        "auto-without-cluster"])
+def test_bad_distributed_settings(tmp_path, capsys, monkeypatch,
+                                  flags, env, expected):
+  line = _bad(tmp_path, capsys, monkeypatch, flags, env)
+  assert expected in line, line
+
+
+def test_unreachable_coordinator_is_one_line(tmp_path, capsys, monkeypatch):
+  address = f"localhost:{free_port()}"  # nobody listens there
+  line = _bad(tmp_path, capsys, monkeypatch,
+              [f"--coordinator_address={address}", "--num_processes=2",
+               "--process_id=1"], {"FUNMATCH_INITIALIZATION_TIMEOUT": "2"})
+  assert f"cannot reach the coordinator at {address} within 2 s" in line, line
+
+
+def test_coordinator_port_in_use_is_one_line(tmp_path, capsys, monkeypatch):
+  with socket.socket() as busy:
+    busy.bind(("", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    line = _bad(tmp_path, capsys, monkeypatch,
+                [f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                 "--process_id=0"])
+  assert f"port {port} is already in use" in line, line
+
+
+def test_coordinator_on_another_machine_is_one_line(tmp_path, capsys, monkeypatch):
+  # 192.0.2.1 (TEST-NET-1) is never an address of this machine.
+  line = _bad(tmp_path, capsys, monkeypatch,
+              ["--coordinator_address=192.0.2.1:1234", "--num_processes=2",
+               "--process_id=0"])
+  assert "does not name this machine" in line, line
+
+
+# ---------------------------------------------------------------------------
+# tools/launch_tpu.sh (bash only: --dry_run prints the gcloud commands).
+
+
+def launch(*args, env=None):
+  return subprocess.run(["bash", LAUNCH_TPU, *args], capture_output=True, text=True,
+                        timeout=60, check=False, env=env)
+
+
+def test_launch_tpu_dry_run_prints_the_commands():
+  result = launch("my-pod", "us-central2-b", "--project", "proj", "--setup", "jax[tpu]",
+                  "--name", "run1", "--dry_run", "--", "funmatch-distill", "--config",
+                  "configs/bit_i1k.py:teacher=/mnt/gcs/b/t", "--workdir", "/mnt/gcs/b/run1")
+  assert result.returncode == 0, result.stderr
+  lines = [shlex.split(line) for line in result.stdout.splitlines()]
+  assert len(lines) == 2  # setup, then start
+  for words in lines:
+    assert words[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-pod"]
+    assert {"--zone=us-central2-b", "--worker=all", "--project=proj"} <= set(words)
+  setup = lines[0][lines[0].index("--command") + 1]
+  assert "pip install -U jax\\[tpu\\]" in setup
+  command = lines[1][lines[1].index("--command") + 1]
+  assert "nohup" in command and "FUNMATCH_DISTRIBUTED=auto" in command
+  assert "funmatch-distill --config configs/bit_i1k.py:teacher=/mnt/gcs/b/t" in command
+  assert "$HOME/funmatch_logs/run1-$(hostname).log" in command
+
+
+def test_launch_tpu_remote_command_runs_the_exact_arguments(tmp_path):
+  """What each worker runs, run here: arguments arrive unchanged, output in the log."""
+  tricky = ["a b", "c'd", "$HOME", "e\"f"]
+  result = launch("pod", "zone", "--name", "t", "--dry_run", "--", "sh", "-c",
+                  'printf "%s|" "$FUNMATCH_DISTRIBUTED" "$@"', "sh", *tricky)
+  assert result.returncode == 0, result.stderr
+  words = shlex.split(result.stdout.splitlines()[-1])
+  remote = words[words.index("--command") + 1]
+  home = tmp_path / "home"
+  home.mkdir()
+  started = subprocess.run(["bash", "-c", remote], capture_output=True, text=True,
+                           timeout=60, check=False,
+                           env={"HOME": str(home), "PATH": os.environ["PATH"]})
+  assert started.returncode == 0 and "started on" in started.stdout, started
+  log = home / "funmatch_logs" / f"t-{socket.gethostname()}.log"
+  for _ in range(100):  # the command runs in the background
+    if log.exists() and log.read_text():
+      break
+    time.sleep(0.1)
+  assert log.read_text() == "auto|" + "|".join(tricky) + "|"
+
+
+@pytest.mark.parametrize("args, expected", [
+    ([], "TPU_NAME and ZONE are required"),
+    (["my-pod"], "TPU_NAME and ZONE are required"),
+    (["my-pod", "zone", "--dry_run"], "no command to run"),
+    (["my-pod", "zone", "--bogus", "--", "x"], "unknown option '--bogus'"),
+    (["my-pod", "--dry_run", "--", "x"], "ZONE is missing"),
+    (["my-pod", "zone", "--project"], "--project needs a value"),
+])
+def test_launch_tpu_missing_arguments_exit_2_with_usage(args, expected):
+  result = launch(*args)
+  assert result.returncode == 2
+  assert expected in result.stderr and "usage:" in result.stderr
+  assert result.stdout == ""
