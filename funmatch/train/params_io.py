@@ -155,5 +155,12 @@ def _head_leaf(params: Any, model_name: str):
   return None
 
 
+# Model options that change neither the param names nor their shapes (ViT's
+# stochastic depth and tapped block/heads): a TinyMIM student trained with
+# drop-path and relation heads may serve as the next run's teacher without them.
+_PARAM_FREE_OPTIONS = ("drop_path", "qkv_block", "relation_heads")
+
+
 def _normalise(d: dict) -> dict:
-  return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in d.items()}
+  return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in d.items()
+          if k not in _PARAM_FREE_OPTIONS}
