@@ -1,4 +1,11 @@
-"""Evaluation: accuracy, teacher agreement and KL over whole eval splits."""
+"""Evaluation: accuracy, teacher agreement and KL over whole eval splits.
+
+An objective whose `evaluation` attribute is 'linear_probe' (SEED) also gets the
+linear probe of the frozen student features (funmatch/train/probe.py) in every
+evaluation: `<eval>/linear_probe_top1` at the end of training, at periodic evals
+and in funmatch-eval. The probe rides on the eval function, so the loop and the
+CLI call `evaluate(make_eval_fn(run), ...)` as for any objective.
+"""
 import json
 import logging
 import os
@@ -10,9 +17,26 @@ import numpy as np
 from funmatch.train import step as step_lib
 
 
-def make_eval_fn(run) -> Callable:
-  """A jitted eval step for the run's student and teachers."""
-  return jax.jit(step_lib.make_eval_step(run.student, run.teachers))
+class EvalFn:
+  """The jitted eval step of a run, plus its linear probe when the objective asks."""
+
+  def __init__(self, step: Callable, probe: Callable | None = None):
+    self.step = step
+    self.probe = probe
+
+  def __call__(self, params, teacher_params, batch):
+    return self.step(params, teacher_params, batch)
+
+
+def make_eval_fn(run) -> EvalFn:
+  """A jitted eval step for the run's student and teachers (and the probe, if any)."""
+  probe = None
+  if getattr(run.objective, "evaluation", None) == "linear_probe":
+    from funmatch.train import probe as probe_lib  # pylint: disable=import-outside-toplevel
+    probe = probe_lib.LinearProbe(run.student, run.config, run.views["student"], run.mesh,
+                                  run.num_classes,
+                                  tap=getattr(run.objective, "probe_tap", "pre_logits"))
+  return EvalFn(jax.jit(step_lib.make_eval_step(run.student, run.teachers)), probe)
 
 
 def make_eval_sets(run) -> dict[str, Any]:
@@ -46,6 +70,9 @@ def evaluate(eval_fn: Callable, params, teacher_params,
     for metric, value in totals.items():
       results[f"{name}/{metric}"] = float(value) / max(count, 1.0)
     results[f"{name}/examples"] = int(count)
+  probe = getattr(eval_fn, "probe", None)
+  if probe is not None and eval_sets:
+    results.update(probe(params, eval_sets))
   return results
 
 
