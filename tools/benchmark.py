@@ -1,0 +1,759 @@
+"""Where the milliseconds of a distillation step go: teacher, student, data, host.
+
+For one recipe (its models, resolutions and batch) measures, each after a
+warm-up (compile) call, `--repeats` times `--steps` calls with a
+block_until_ready at the end of each repeat, and reports the median per call:
+
+  teacher_forward     every teacher's forward on a synthetic on-device batch
+  student_step        student forward + backward + optimizer update, the
+                      teachers' outputs given as fixed inputs (no teacher)
+  full_step           the trainer's own jitted step (loop.jit_train_step) on a
+                      synthetic on-device batch
+  full_step_real_data the same step fed by the real tf.data pipeline (skipped,
+                      with a note, when the dataset is not prepared)
+  host                per-step host overhead: the step on a tiny batch (one
+                      example per device, views at most --host_res px),
+                      --host_steps dispatched back to back, against the same
+                      steps run inside one XLA loop (pure device time)
+
+plus FLOPs from XLA's cost analysis of each compiled function (achieved
+FLOP/s = FLOPs / median time), XLA's memory analysis of the compiled step and
+the peak memory (device memory_stats() where the backend has them, else the
+process's peak RSS). With --bf16_teacher, also the teacher forward in float32
+vs bfloat16 and the top-1 agreement of the two on the first eval set.
+
+  python tools/benchmark.py --config configs/digits.py:teacher=/tmp/demo/teacher \
+      --steps 20 --bf16_teacher --output /tmp/bench_digits.json
+  python tools/benchmark.py --config configs/bit_i1k.py:batch_size=2 --random_teachers \
+      --steps 2 --repeats 3 --host_steps 20 --output /tmp/bench_i1k.json
+
+--random_teachers builds each teacher with random weights (written to a
+temporary .npz the normal loader reads), for recipes whose teacher weights are
+not at hand. A recipe whose training data is not prepared runs on synthetic data
+only (num_classes from the config, else --num_classes). `--set key=value`
+overrides a config value (e.g. `--set input.batch_size=8 --set teacher.dtype=bfloat16`).
+Timings are never asserted anywhere; they depend on the machine and its load.
+"""
+import argparse
+import ast
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+TARGETS = {"full_over_parts": "<= 1.05", "real_over_synthetic_throughput": ">= 0.95",
+           "host_overhead_ms": "well under 1", "bf16_top1_agreement": ">= 0.995",
+           "bf16_speedup": ">= 1.5 on GPU"}
+
+
+class _Parser(argparse.ArgumentParser):
+  """Argument mistakes end in one line and exit code 2, like every funmatch tool."""
+
+  def error(self, message):
+    print(f"funmatch: error: {message} (see tools/benchmark.py --help)", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def parse_args(argv):
+  p = _Parser(description=__doc__.splitlines()[0])
+  p.add_argument("--config", required=True, help="recipe FILE.py[:key=value,...]")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config value, e.g. input.batch_size=8 (repeatable)")
+  p.add_argument("--steps", type=int, default=10, help="calls per timed repeat")
+  p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+  p.add_argument("--host_steps", type=int, default=100,
+                 help="steps dispatched back to back for the host-overhead measurement")
+  p.add_argument("--host_res", type=int, default=32,
+                 help="largest view resolution of the host-overhead batch (0: the config's)")
+  p.add_argument("--host_batch", type=int, default=-1,
+                 help="batch of the host-overhead measurement (-1: one example per device; "
+                      "0: the config's, which with --host_res 0 reuses the compiled step)")
+  p.add_argument("--random_teachers", action="store_true",
+                 help="random teacher weights instead of config.<teacher>.init")
+  p.add_argument("--num_classes", type=int, default=1000,
+                 help="classes when the dataset is not prepared and config.num_classes=0")
+  p.add_argument("--bf16_teacher", action="store_true",
+                 help="also time the teacher in bfloat16 and measure its top-1 agreement")
+  p.add_argument("--agreement_batches", type=int, default=0,
+                 help="eval batches for the bf16 agreement (0: the whole eval split)")
+  p.add_argument("--skip", default="",
+                 help="comma-separated sections to skip: real_data, host")
+  p.add_argument("--output", default="", help="write the results as JSON here")
+  return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------
+# Config: the recipe file, its :arguments and --set overrides.
+
+
+def load_config(spec: str, overrides):
+  """The recipe's config with `key=value` overrides applied; UserError on mistakes."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise UserError(f"config file not found: {path}")
+  module_spec = importlib.util.spec_from_file_location("funmatch_benchmark_recipe", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f"cannot load --config {path} ({type(e).__name__}: "
+                    f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+  if not hasattr(module, "get_config"):
+    raise UserError(f"--config {path} has no get_config(arg); is it a funmatch recipe?")
+  config = module.get_config(arg or None)
+  for item in overrides:
+    set_value(config, item)
+  return config
+
+
+def set_value(config, item: str) -> None:
+  """Applies one `a.b.c=value` override; the value is typed like the current one."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
+  key, sep, text = item.partition("=")
+  key = key.strip()
+  if not sep or not key:
+    raise UserError(f"--set {item}: expected KEY=VALUE, e.g. --set input.batch_size=8")
+  *parents, leaf = key.split(".")
+  node = config
+  for i, part in enumerate(parents):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise UserError(f"--set {key}: the config has no key '{'.'.join(parents[:i + 1])}'; "
+                      "check the spelling against the recipe file")
+    node = node[part]
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    raise UserError(f"--set {key}: the config has no key '{key}'; check the spelling "
+                    "against the recipe file")
+  current = node[leaf]
+  if isinstance(current, ml_collections.ConfigDict):
+    raise UserError(f"--set {key}: '{key}' is a group of settings; set one of its keys "
+                    f"({', '.join(sorted(current.keys()))})")
+  with node.ignore_type():
+    node[leaf] = _typed(key, text, current)
+
+
+def _typed(key: str, text: str, current):
+  from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
+  if isinstance(current, str):
+    return text
+  if isinstance(current, bool):
+    if text.strip().lower() not in ("true", "false", "1", "0"):
+      raise UserError(f"--set {key}={text}: expected true or false")
+    return text.strip().lower() in ("true", "1")
+  try:
+    value = ast.literal_eval(text.strip())
+  except (ValueError, SyntaxError):
+    if current is None:
+      return text
+    raise UserError(f"--set {key}={text}: expected a {type(current).__name__} "
+                    f"like the current value {current!r}") from None
+  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if isinstance(current, int) and isinstance(value, float):
+    raise UserError(f"--set {key}={text}: expected an integer like the current value "
+                    f"{current!r}")
+  return value  # other types pass (depth=50 -> depth=[1, 1, 1, 1]); build checks them
+
+
+# ---------------------------------------------------------------------------
+# The run: build.build as the trainer does, with stand-ins for what is missing.
+
+
+def _random_like(shapes, seed: int = 0):
+  """Random params of the given shapes: fan-in scaled kernels, GN scale 1, biases 0.
+
+  Nothing is zero-initialised (unlike a fresh head), so the logits, and so the
+  bf16 agreement, are not trivially constant.
+  """
+  import flax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  flat = flax.traverse_util.flatten_dict(shapes)
+  out = {}
+  for path, leaf in flat.items():
+    shape = tuple(leaf.shape)
+    if len(shape) >= 2:
+      fan_in = int(np.prod(shape[:-1]))
+      out[path] = rng.standard_normal(shape, np.float32) * np.float32(fan_in ** -0.5)
+    elif path[-1] == "scale":
+      out[path] = np.ones(shape, np.float32)
+    else:
+      out[path] = np.zeros(shape, np.float32)
+  return flax.traverse_util.unflatten_dict(out)
+
+
+def _write_random_teachers(config, num_classes: int, directory: str) -> None:
+  """Points each teacher's init at a random-weights .npz written in `directory`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from funmatch import config_util, models  # pylint: disable=import-outside-toplevel
+  from funmatch.train import build, params_io  # pylint: disable=import-outside-toplevel
+  for name in build.teacher_names(config):
+    if name not in config:
+      continue  # build.build names the mistake
+    teacher = config[name]
+    module = models.get_model(teacher.model, num_classes, **config_util.model_kwargs(teacher))
+    dummy = jax.ShapeDtypeStruct((1, int(teacher.res), int(teacher.res), 3), jnp.float32)
+    shapes = jax.eval_shape(lambda x, m=module: m.init(jax.random.PRNGKey(0), x,
+                                                       train=False)["params"], dummy)
+    path = os.path.join(directory, f"{name}.npz")
+    params_io.save_params(path, teacher.model, _random_like(shapes))
+    teacher.init = path
+
+
+def make_run(config, args, notes):
+  """(run, config actually built, data_available)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from funmatch.data import sources  # pylint: disable=import-outside-toplevel
+  from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
+  from funmatch.train import build  # pylint: disable=import-outside-toplevel
+  config = config.copy_and_resolve_references()
+  data_available = True
+  num_classes = int(config.get("num_classes", 0) or 0)
+  try:
+    info = sources.source_info(config.input, "input")
+    num_classes = num_classes or info.num_classes
+  except UserError as e:
+    data_available = False
+    num_classes = num_classes or args.num_classes
+    notes.append(f"training data not available ({e}); synthetic data only, "
+                 f"{num_classes} classes")
+    # build.build reads the data description; a stand-in source with the same batch
+    # size lets it build the same models, optimizer and step.
+    from funmatch import config_util  # pylint: disable=import-outside-toplevel
+    batch_size = int(config.input.batch_size)
+    config.input = config_util.data_config("digits", batch_size=batch_size)
+    config.num_classes = num_classes
+  for name in list(config.get("evals", {}).keys()):
+    try:
+      sources.source_info(config.evals[name], f"evals.{name}")
+    except UserError as e:
+      notes.append(f"eval set '{name}' not available ({e}); dropped")
+      config.evals = ml_collections.ConfigDict(
+          {k: v for k, v in config.evals.items() if k != name})
+  if not args.random_teachers:
+    for name in build.teacher_names(config):
+      if name in config and not config[name].get("init"):
+        raise UserError(f"config.{name}.init is empty: give the recipe its teacher (e.g. "
+                        f"--config {args.config.split(':')[0]}:teacher=PATH) or pass "
+                        "--random_teachers to time random weights")
+  temp = None
+  try:
+    if args.random_teachers:
+      temp = tempfile.mkdtemp(prefix="funmatch_bench_")
+      _write_random_teachers(config, num_classes, temp)
+      notes.append("teachers have random weights (--random_teachers)")
+    run = build.build(config, "distill")
+  finally:
+    if temp:
+      shutil.rmtree(temp, ignore_errors=True)
+  return run, config, data_available
+
+
+# ---------------------------------------------------------------------------
+# Measuring.
+
+
+class _GivenOutputs:
+  """Stands in for a teacher in make_train_step: its 'params' are its outputs.
+
+  So the student step runs exactly the trainer's code with the teacher's
+  `(logits, taps)` passed in as fixed inputs instead of computed.
+  """
+
+  def apply(self, variables, images, train=False, rngs=None):
+    del images, train, rngs
+    return variables["params"]
+
+
+def timed(call, steps: int, repeats: int, block):
+  """Median, min and all per-call seconds of `call` (already warmed up).
+
+  Each repeat makes `steps` calls back to back (asynchronous dispatch, as in
+  the trainer) and blocks once at the end.
+  """
+  per_call = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    outs = [call() for _ in range(steps)]
+    block(outs)  # all of them: independent calls need not finish in order
+    per_call.append((time.perf_counter() - start) / steps)
+  return {"median_ms": 1000 * statistics.median(per_call), "min_ms": 1000 * min(per_call),
+          "all_ms": [1000 * t for t in per_call], "steps": steps, "repeats": repeats}
+
+
+def compile_info(jitted, *example_args):
+  """(compiled executable, FLOPs, bytes accessed, memory analysis) of `jitted`.
+
+  Also remembers the compile time in `compile_info.seconds`.
+  """
+  start = time.perf_counter()
+  compiled = jitted.lower(*example_args).compile()
+  compile_info.seconds = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+    merged = {}
+    for part in cost:
+      for key, value in (part or {}).items():
+        merged[key] = merged.get(key, 0.0) + value
+    cost = merged
+  cost = cost or {}
+  memory = None
+  try:
+    analysis = compiled.memory_analysis()
+    if analysis is not None:
+      memory = {key: int(getattr(analysis, key)) for key in (
+          "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+          "temp_size_in_bytes", "generated_code_size_in_bytes")
+                if hasattr(analysis, key)}
+  except Exception:  # pylint: disable=broad-except
+    memory = None
+  flops = cost.get("flops")
+  return compiled, (float(flops) if flops is not None and flops >= 0 else None), \
+      cost.get("bytes accessed"), memory
+
+
+def peak_memory():
+  """{'device_peak_bytes': ... or None, 'rss_peak_bytes': ...}."""
+  import jax  # pylint: disable=import-outside-toplevel
+  device_peak = None
+  for device in jax.local_devices():
+    try:
+      stats = device.memory_stats()
+    except Exception:  # pylint: disable=broad-except
+      stats = None
+    if stats and "peak_bytes_in_use" in stats:
+      device_peak = max(device_peak or 0, int(stats["peak_bytes_in_use"]))
+  rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+  return {"device_peak_bytes": device_peak, "rss_peak_bytes": int(rss_kib) * 1024}
+
+
+def synthetic_batch(run, batch_size: int, views=None, seed: int = 0):
+  """{'images': {view: U(-1, 1)}, 'label'} made on device, sharded like real batches."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from funmatch import parallel  # pylint: disable=import-outside-toplevel
+  views = views or run.views
+
+  def make(rng):
+    keys = jax.random.split(rng, len(views) + 1)
+    images = {name: jax.random.uniform(key, (batch_size, res, res, 3), minval=-1.0,
+                                       maxval=1.0)
+              for key, (name, res) in zip(keys[1:], sorted(views.items()))}
+    label = jax.random.randint(keys[0], (batch_size,), 0, run.num_classes)
+    return {"images": images, "label": label}
+
+  return jax.jit(make, out_shardings=parallel.batch_sharding(run.mesh))(
+      jax.random.PRNGKey(seed))
+
+
+class Stepper:
+  """Calls a donating step function, carrying the state from call to call."""
+
+  def __init__(self, step_fn, state, batch, teacher_params, batches=None):
+    self.step_fn, self.state, self.batch = step_fn, state, batch
+    self.teacher_params, self.batches = teacher_params, batches
+
+  def __call__(self):
+    batch = next(self.batches) if self.batches is not None else self.batch
+    self.state, metrics = self.step_fn(self.state, batch, self.teacher_params)
+    return metrics
+
+
+def _block(tree):
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.block_until_ready(tree)
+
+
+def _first_call(call):
+  start = time.perf_counter()
+  _block(call())
+  return time.perf_counter() - start
+
+
+def teacher_forward_fn(teachers):
+  """jit(teacher_params, images) -> {teacher: logits}, as the step computes them."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from funmatch.train import step as step_lib  # pylint: disable=import-outside-toplevel
+  return jax.jit(lambda params, images: {
+      name: out[0] for name, out in step_lib.teacher_outputs(teachers, params,
+                                                             images).items()})
+
+
+def measure_teacher(run, batch, args, results):
+  fn = teacher_forward_fn(run.teachers)
+  compiled, flops, _, _ = compile_info(fn, run.teacher_params, batch["images"])
+  call = lambda: compiled(run.teacher_params, batch["images"])
+  first = _first_call(call)
+  results["timings"]["teacher_forward"] = {"compile_s": compile_info.seconds,
+                                 **timed(call, args.steps, args.repeats, _block),
+                                           "first_call_s": first}
+  results["flops"]["teacher_forward"] = flops
+  return fn
+
+
+def measure_student(run, batch, args, results):
+  import jax  # pylint: disable=import-outside-toplevel
+  from funmatch.train import loop, step as step_lib  # pylint: disable=import-outside-toplevel
+  teacher_outs = jax.jit(lambda params, images: step_lib.teacher_outputs(
+      run.teachers, params, images))(run.teacher_params, batch["images"])
+  given = {name: _GivenOutputs() for name in run.teachers}
+  step_fn = jax.jit(step_lib.make_train_step(
+      run.student, given, run.objective, run.optimizer, run.schedule, run.num_classes,
+      run.mixup), donate_argnums=(0,))
+  state = loop.init_state(run)
+  compiled, flops, _, _ = compile_info(step_fn, state, batch, teacher_outs)
+  stepper = Stepper(compiled, state, batch, teacher_outs)
+  first = _first_call(stepper)
+  results["timings"]["student_step"] = {"compile_s": compile_info.seconds,
+                                 **timed(stepper, args.steps, args.repeats, _block),
+                                        "first_call_s": first}
+  results["flops"]["student_step"] = flops
+
+
+def measure_full_step(run, batch, args, results):
+  from funmatch.train import loop  # pylint: disable=import-outside-toplevel
+  state = loop.init_state(run)
+  step_fn = loop.jit_train_step(run, state)
+  _, flops, bytes_accessed, memory = compile_info(step_fn, state, batch, run.teacher_params)
+  # Timed through the jitted function itself (its cache holds the executable just
+  # compiled), exactly as the trainer calls it.
+  stepper = Stepper(step_fn, state, batch, run.teacher_params)
+  first = _first_call(stepper)
+  results["timings"]["full_step"] = {"compile_s": compile_info.seconds,
+                                 **timed(stepper, args.steps, args.repeats, _block),
+                                     "first_call_s": first}
+  results["flops"]["full_step"] = flops
+  results["flops"]["full_step_bytes_accessed"] = bytes_accessed
+  results["memory"]["full_step_xla"] = memory
+  return step_fn, stepper
+
+
+def measure_real_data(run, config, step_fn, stepper, args, results):
+  from funmatch import parallel  # pylint: disable=import-outside-toplevel
+  from funmatch.data import pipeline  # pylint: disable=import-outside-toplevel
+  batches = pipeline.make_train_iterator(
+      config.input, run.views, seed=int(config.seed), start_step=0,
+      sharding=parallel.batch_sharding(run.mesh),
+      teaching=config.get("teaching", "function_matching"))
+  real = Stepper(step_fn, stepper.state, None, run.teacher_params, batches=batches)
+  stepper.state = None  # donated onwards
+  first = _first_call(real)  # starts the pipeline (and compiles if the batch differs)
+  for _ in range(2):  # let the tf.data and device prefetch buffers fill
+    real()
+  results["timings"]["full_step_real_data"] = {
+      **timed(real, args.steps, args.repeats, _block), "first_call_s": first}
+  real.state = real.batches = None  # frees the state and stops the input pipeline
+
+
+def measure_host(run, step_fn, args, results):
+  """Per-step host overhead: steps dispatched one by one vs inside one XLA loop.
+
+  `step_fn` is the trainer's jitted step (compiled again only for a new batch shape).
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from funmatch.train import loop, step as step_lib  # pylint: disable=import-outside-toplevel
+  views = {name: (min(res, args.host_res) if args.host_res else res)
+           for name, res in run.views.items()}
+  batch_size = {-1: run.mesh.devices.size, 0: int(run.config.input.batch_size)}.get(
+      args.host_batch, args.host_batch)
+  batch = synthetic_batch(run, batch_size, views, seed=1)
+  n = args.host_steps
+  stepper = Stepper(step_fn, loop.init_state(run), batch, run.teacher_params)
+  _first_call(stepper)
+  _block(stepper())
+  raw_step = step_lib.make_train_step(run.student, run.teachers, run.objective,
+                                      run.optimizer, run.schedule, run.num_classes, run.mixup)
+
+  def many_steps(state, batch, teacher_params):
+    return jax.lax.fori_loop(0, n, lambda i, s: raw_step(s, batch, teacher_params)[0], state)
+
+  looped = jax.jit(many_steps, donate_argnums=(0,))
+  loop_state = loop.init_state(run)
+  loop_state = looped(loop_state, batch, run.teacher_params)
+  _block(loop_state)
+  dispatch, pipelined, device = [], [], []
+  for _ in range(args.repeats):
+    start = time.perf_counter()
+    out = None
+    for _ in range(n):
+      out = stepper()
+    dispatched = time.perf_counter()
+    _block(out)
+    done = time.perf_counter()
+    dispatch.append((dispatched - start) / n)
+    pipelined.append((done - start) / n)
+    start = time.perf_counter()
+    loop_state = looped(loop_state, batch, run.teacher_params)
+    _block(loop_state)
+    device.append((time.perf_counter() - start) / n)
+  ms = lambda xs: 1000 * statistics.median(xs)
+  results["timings"]["host"] = {
+      "batch_size": batch_size, "views": views, "steps": n, "repeats": args.repeats,
+      "dispatch_ms": ms(dispatch), "wall_per_step_ms": ms(pipelined),
+      "device_per_step_ms": ms(device),
+      "overhead_ms": ms(pipelined) - ms(device)}
+
+
+def _eval_batches(run, limit):
+  """(name, iterator over the first eval set's batches, at most `limit`) or (None, None)."""
+  import itertools  # pylint: disable=import-outside-toplevel
+  from funmatch.train import evaluate  # pylint: disable=import-outside-toplevel
+  eval_sets = evaluate.make_eval_sets(run)
+  if not eval_sets:
+    return None, None
+  name, batches = next(iter(eval_sets.items()))
+  return name, itertools.islice(iter(batches), limit or None)
+
+
+def measure_bf16_teacher(run, teacher_fn, batch, args, results):
+  """Teacher forward in float32 vs bfloat16, and their top-1 agreement.
+
+  `teacher_fn` is the configured teachers' forward, compiled already.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  modules = {
+      "float32": {name: m.clone(dtype=jnp.float32) for name, m in run.teachers.items()},
+      "bfloat16": {name: m.clone(dtype=jnp.bfloat16) for name, m in run.teachers.items()}}
+  out = {"configured_dtypes": {name: jnp.dtype(m.dtype).name
+                               for name, m in run.teachers.items()}}
+  fns = {}
+  for dtype, teachers in modules.items():
+    same = all(jnp.dtype(m.dtype) == jnp.dtype(dtype) for m in run.teachers.values())
+    # The configured teachers' forward was compiled already: reuse it.
+    fns[dtype] = teacher_fn if same else teacher_forward_fn(teachers)
+    call = lambda fn=fns[dtype]: fn(run.teacher_params, batch["images"])
+    first = _first_call(call)
+    out[dtype] = {**timed(call, args.steps, args.repeats, _block), "first_call_s": first}
+  out["speedup"] = out["float32"]["median_ms"] / out["bfloat16"]["median_ms"]
+  eval_name, batches = _eval_batches(run, args.agreement_batches)
+  if batches is None:
+    out["agreement_data"] = "synthetic batch (no eval set available)"
+    batches = [{**batch, "mask": np.ones(batch["label"].shape, bool)}]
+  else:
+    out["agreement_data"] = f"eval set '{eval_name}'"
+  agree = total = 0
+  agree_per = {name: 0 for name in run.teachers}
+  for eval_batch in batches:
+    logits = {dtype: jax.device_get(fns[dtype](run.teacher_params, eval_batch["images"]))
+              for dtype in fns}
+    mask = np.asarray(jax.device_get(eval_batch["mask"]), bool)
+    total += int(mask.sum())
+    top = {dtype: {name: np.argmax(np.asarray(l, np.float32), -1) for name, l in ls.items()}
+           for dtype, ls in logits.items()}
+    all_agree = np.ones(mask.shape, bool)
+    for name in run.teachers:
+      same = top["float32"][name] == top["bfloat16"][name]
+      agree_per[name] += int((same & mask).sum())
+      all_agree &= same
+    agree += int((all_agree & mask).sum())
+  out["examples"] = total
+  out["top1_agreement"] = agree / max(total, 1)
+  out["top1_agreement_per_teacher"] = {k: v / max(total, 1) for k, v in agree_per.items()}
+  results["bf16_teacher"] = out
+
+
+# ---------------------------------------------------------------------------
+# Report.
+
+
+def machine_info():
+  import jax  # pylint: disable=import-outside-toplevel
+  import jaxlib  # pylint: disable=import-outside-toplevel
+  cpu_model = platform.processor()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu_model = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu_model)
+  except OSError:
+    pass
+  devices = jax.devices()
+  return {"backend": jax.default_backend(), "device_kind": devices[0].device_kind,
+          "device_count": len(devices), "process_count": jax.process_count(),
+          "cpu_model": cpu_model, "cpus": len(os.sched_getaffinity(0)),
+          "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+          "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "load_average": list(os.getloadavg())}
+
+
+def derive(results):
+  t = results["timings"]
+  median = lambda key: (t.get(key) or {}).get("median_ms")
+  ratios = {}
+  if median("full_step") and median("teacher_forward") is not None and median("student_step"):
+    ratios["full_over_parts"] = median("full_step") / (
+        median("teacher_forward") + median("student_step"))
+  if median("full_step") and median("full_step_real_data"):
+    ratios["real_over_synthetic_throughput"] = median("full_step") / median(
+        "full_step_real_data")
+  if t.get("host"):
+    ratios["host_overhead_ms"] = t["host"]["overhead_ms"]
+    ratios["host_dispatch_ms"] = t["host"]["dispatch_ms"]
+  if results.get("bf16_teacher"):
+    ratios["bf16_speedup"] = results["bf16_teacher"]["speedup"]
+    ratios["bf16_top1_agreement"] = results["bf16_teacher"]["top1_agreement"]
+  results["ratios"] = ratios
+  flops = results["flops"]
+  achieved = {}
+  for key in ("teacher_forward", "student_step", "full_step"):
+    if flops.get(key) and median(key):
+      # Cost analysis counts one device's program; the step runs on all of them.
+      achieved[key] = flops[key] * results["machine"]["device_count"] / (median(key) / 1000)
+  flops["achieved_flops_per_s"] = achieved
+  batch_size = results["batch_size"]
+  results["throughput_img_per_s"] = {
+      key: batch_size / (median(key) / 1000) for key in (
+          "teacher_forward", "student_step", "full_step", "full_step_real_data")
+      if median(key)}
+
+
+def print_table(results):
+  t, flops = results["timings"], results["flops"]
+  print(f"\n{results['config']}  batch {results['batch_size']}  views {results['views']}  "
+        f"({results['machine']['backend']}: {results['machine']['device_count']} x "
+        f"{results['machine']['device_kind']})")
+  print(f"{'measurement':22s} {'median ms':>10s} {'min ms':>9s} {'img/s':>9s} {'GFLOP':>9s} "
+        f"{'GFLOP/s':>9s} {'compile s':>9s}")
+  for key in ("teacher_forward", "student_step", "full_step", "full_step_real_data"):
+    row = t.get(key)
+    if not row:
+      print(f"{key:22s} {'skipped':>10s}  {results['skipped'].get(key, '')}")
+      continue
+    gflop = flops.get(key) if key != "full_step_real_data" else flops.get("full_step")
+    achieved = (gflop * results["machine"]["device_count"] / (row["median_ms"] / 1000)
+                if gflop else None)
+    print(f"{key:22s} {row['median_ms']:10.2f} {row['min_ms']:9.2f} "
+          f"{results['batch_size'] / (row['median_ms'] / 1000):9.1f} "
+          f"{(gflop or 0) / 1e9:9.2f} {(achieved or 0) / 1e9:9.1f} "
+          f"{row.get('compile_s', row['first_call_s']):9.1f}")
+  host = t.get("host")
+  if host:
+    print(f"host: {host['steps']} steps at batch {host['batch_size']}, views {host['views']}: "
+          f"dispatch {host['dispatch_ms']:.3f} ms/step, wall {host['wall_per_step_ms']:.3f}, "
+          f"device (XLA loop) {host['device_per_step_ms']:.3f} -> overhead "
+          f"{host['overhead_ms']:.3f} ms/step")
+  elif "host" in results["skipped"]:
+    print(f"host: skipped: {results['skipped']['host']}")
+  bf16 = results.get("bf16_teacher")
+  if bf16:
+    print(f"bf16 teacher: float32 {bf16['float32']['median_ms']:.2f} ms, bfloat16 "
+          f"{bf16['bfloat16']['median_ms']:.2f} ms ({bf16['speedup']:.2f}x); top-1 agreement "
+          f"{100 * bf16['top1_agreement']:.2f}% on {bf16['examples']} examples "
+          f"({bf16['agreement_data']})")
+  memory = results["memory"]
+  peak = memory.get("device_peak_bytes")
+  print(f"peak memory: " + (f"device {peak / 2**20:.0f} MiB, " if peak else "") +
+        f"process RSS {memory['rss_peak_bytes'] / 2**20:.0f} MiB" +
+        (f"; XLA temp of the step {memory['full_step_xla']['temp_size_in_bytes'] / 2**20:.0f}"
+         " MiB" if (memory.get("full_step_xla") or {}).get("temp_size_in_bytes") is not None
+         else ""))
+  ratios = results["ratios"]
+  print("ratios (target):")
+  for key, value in ratios.items():
+    print(f"  {key:32s} {value:10.4f}  ({TARGETS.get(key, '-')})")
+  for note in results["notes"]:
+    print(f"note: {note}")
+
+
+def _progress(start, text):
+  print(f"[{time.perf_counter() - start:5.0f} s] {text}", flush=True)
+
+
+def benchmark(args):
+  start = time.perf_counter()
+  import jax  # pylint: disable=import-outside-toplevel
+  from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
+  for name, value in (("--steps", args.steps), ("--repeats", args.repeats),
+                      ("--host_steps", args.host_steps)):
+    if value < 1:
+      raise UserError(f"{name}={value} must be >= 1")
+  if args.host_res < 0 or args.num_classes < 1 or args.agreement_batches < 0 \
+      or args.host_batch < -1:
+    raise UserError("--host_res and --agreement_batches must be >= 0, --host_batch >= -1, "
+                    "--num_classes >= 1")
+  skip = {s for s in args.skip.split(",") if s}
+  unknown = skip - {"real_data", "host"}
+  if unknown:
+    raise UserError(f"--skip {','.join(sorted(unknown))}: choose from real_data, host")
+  config = load_config(args.config, args.set)
+  notes = []
+  run, config, data_available = make_run(config, args, notes)
+  _progress(start, "built the run")
+  if not run.teachers:
+    raise UserError("the config has no teachers (config.teachers is empty); the "
+                    "benchmark measures distillation recipes")
+  batch_size = int(config.input.batch_size)
+  results = {"config": args.config, "sets": list(args.set), "batch_size": batch_size,
+             "views": dict(run.views), "teachers": sorted(run.teachers),
+             "random_teachers": bool(args.random_teachers), "data_available": data_available,
+             "machine": machine_info(), "timings": {}, "flops": {}, "memory": {},
+             "skipped": {}, "notes": notes}
+  batch = synthetic_batch(run, batch_size)
+  teacher_fn = measure_teacher(run, batch, args, results)
+  results["memory"]["after_teacher_forward"] = peak_memory()
+  _progress(start, f"teacher_forward: {results['timings']['teacher_forward']['median_ms']:.2f} ms")
+  measure_student(run, batch, args, results)
+  results["memory"]["after_student_step"] = peak_memory()
+  _progress(start, f"student_step: {results['timings']['student_step']['median_ms']:.2f} ms")
+  step_fn, stepper = measure_full_step(run, batch, args, results)
+  results["memory"]["after_full_step"] = peak_memory()
+  _progress(start, f"full_step: {results['timings']['full_step']['median_ms']:.2f} ms")
+  if "real_data" in skip:
+    results["skipped"]["full_step_real_data"] = "--skip real_data"
+  elif not data_available:
+    results["skipped"]["full_step_real_data"] = "the training data is not prepared"
+  else:
+    measure_real_data(run, config, step_fn, stepper, args, results)
+    results["memory"]["after_real_data"] = peak_memory()
+    _progress(start, f"full_step_real_data: "
+              f"{results['timings']['full_step_real_data']['median_ms']:.2f} ms")
+  stepper.state = None
+  if "host" in skip:
+    results["skipped"]["host"] = "--skip host"
+  else:
+    try:
+      measure_host(run, step_fn, args, results)
+    except (TypeError, ValueError) as e:  # e.g. a model that needs its own resolution
+      results["skipped"]["host"] = (
+          f"the step does not run on the host-overhead batch ({type(e).__name__}: "
+          f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); try "
+          "--host_res 0 (the config's resolutions) or --host_batch 0")
+  del step_fn, stepper
+  if "host" in results["timings"]:
+    _progress(start, f"host overhead: {results['timings']['host']['overhead_ms']:.3f} ms/step")
+  if args.bf16_teacher:
+    measure_bf16_teacher(run, teacher_fn, batch, args, results)
+    _progress(start, "bf16 teacher")
+  results["wall_s"] = time.perf_counter() - start
+  results["memory"].update(peak_memory())
+  results["machine"]["load_average_end"] = list(os.getloadavg())
+  derive(results)
+  print_table(results)
+  if args.output and jax.process_index() == 0:
+    directory = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(directory, exist_ok=True)
+    with open(args.output, "w") as f:
+      json.dump(results, f, indent=1, sort_keys=True)
+    print(f"wrote {args.output}")
+  return results
+
+
+def main(argv=None):
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  from funmatch.train import cli  # pylint: disable=import-outside-toplevel
+  cli._quiet_libraries()  # pylint: disable=protected-access
+  return cli.guarded(lambda: benchmark(args) and 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
