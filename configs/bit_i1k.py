@@ -17,12 +17,7 @@ def get_config(arg=None):
   args = cu.parse_arg(arg, teacher="", epochs=1200.0, batch_size=4096, res=224,
                       teacher_res=224, data_dir="", optimizer="adam")
   c = cu.base_config()
-  c.input = cu.data_config("tfds", name="imagenet2012", split="train",
-                           data_dir=args.data_dir, batch_size=args.batch_size,
-                           crop="inception", crop_area_min=0.05, flip=True,
-                           shuffle_buffer=250_000)
-  c.evals.val = cu.eval_config("tfds", "validation", 1024, name="imagenet2012",
-                               data_dir=args.data_dir)
+  cu.set_imagenet_data(c, args.batch_size, args.data_dir, crop_area_min=0.05)
   c.teacher = cu.model_config("bit", res=args.teacher_res, init=args.teacher,
                               depth=152, width=2.0)
   c.student = cu.model_config("bit", res=args.res, depth=50, width=1.0)

@@ -8,24 +8,16 @@ Arguments: steps, batch_size, res (a multiple of 4).
 """
 from funmatch import config_util as common
 
+digits_teacher = common.load_recipe(__file__, "digits_teacher")
+
 
 def get_config(arg=None):
   args = common.parse_arg(arg, steps=1000, batch_size=128, res=16)
-  c = common.base_config()
-  c.objective = "supervised"
-  c.teachers = ()
-  c.input = common.data_config("digits", split="train", image_size=args.res,
-                               batch_size=args.batch_size, crop="inception",
-                               crop_area_min=0.5, flip=False)
-  c.evals.test = common.eval_config("digits", "test", 256, image_size=args.res,
-                                    eval_crop="resize")
+  # The BiT teacher's data, crops, optimizer and eval, with a ViT in place of the BiT.
+  c = digits_teacher.get_config(f"steps={args.steps},batch_size={args.batch_size},"
+                                f"res={args.res}")
   c.student = common.model_config("vit", res=args.res, variant="Ti", width=96,
                                   depth=4, num_heads=3, mlp_dim=384, patch_size=4)
-  c.mixup.p = 0.0
-  c.total_steps = args.steps
-  c.lr = 1e-3
-  c.wd = 1e-4
-  c.label_smoothing = 0.0
   c.schedule.warmup_steps = 100
   c.log_every_steps = 100
   c.eval_every_steps = 250

@@ -19,12 +19,7 @@ def get_config(arg=None):
   c = cu.base_config()
   c.teaching = "consistent"
   c.mixup.p = 0.0
-  c.input = cu.data_config("tfds", name="imagenet2012", split="train",
-                           data_dir=args.data_dir, batch_size=args.batch_size,
-                           crop="inception", crop_area_min=0.08, flip=True,
-                           shuffle_buffer=250_000)
-  c.evals.val = cu.eval_config("tfds", "validation", 1024, name="imagenet2012",
-                               data_dir=args.data_dir)
+  cu.set_imagenet_data(c, args.batch_size, args.data_dir, crop_area_min=0.08)
   c.teacher = cu.model_config("vit", res=args.teacher_res, init=args.teacher,
                               variant="B", patch_size=16)
   c.student = cu.model_config("bit", res=args.res, depth=50, width=1.0)

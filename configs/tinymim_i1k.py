@@ -43,12 +43,7 @@ def get_config(arg=None):
   args = cu.parse_arg(arg, student="B", teacher="L", teacher_init="", finetune="",
                       epochs=300.0, batch_size=2048, res=224, data_dir="")
   c = cu.base_config()
-  c.input = cu.data_config("tfds", name="imagenet2012", split="train",
-                           data_dir=args.data_dir, batch_size=args.batch_size,
-                           crop="inception", crop_area_min=0.2, flip=True,
-                           shuffle_buffer=250_000)
-  c.evals.val = cu.eval_config("tfds", "validation", 1024, name="imagenet2012",
-                               data_dir=args.data_dir)
+  cu.set_imagenet_data(c, args.batch_size, args.data_dir, crop_area_min=0.2)
   teacher_heads = vit.VARIANTS[args.teacher].num_heads if args.teacher in vit.VARIANTS else 0
   c.student = cu.model_config("vit", res=args.res, variant=args.student, patch_size=16,
                               drop_path=0.1, relation_heads=teacher_heads)

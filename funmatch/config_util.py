@@ -130,6 +130,17 @@ def eval_config(source: str, split: str, batch_size: int, **kwargs):
   return data_config(source, split=split, batch_size=batch_size, **kwargs)
 
 
+def set_imagenet_data(c: ml_collections.ConfigDict, batch_size: int, data_dir: str,
+                      crop_area_min: float) -> None:
+  """ImageNet-1k from TFDS: inception crops + flips for training, the validation split
+  for evaluation. Recipes differ only in the smallest crop area."""
+  c.input = data_config("tfds", name="imagenet2012", split="train", data_dir=data_dir,
+                        batch_size=batch_size, crop="inception",
+                        crop_area_min=crop_area_min, flip=True, shuffle_buffer=250_000)
+  c.evals.val = eval_config("tfds", "validation", 1024, name="imagenet2012",
+                            data_dir=data_dir)
+
+
 OPTIMIZER_CHOICES = ("adam", "sgd", "shampoo")
 
 

@@ -67,6 +67,17 @@ def args_of(cls: type, config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items()}
 
 
+def check_settings(objective, positive: tuple[str, ...] = (),
+                   non_negative: tuple[str, ...] = ()) -> None:
+  """One-line errors for settings outside their range (NaN fails both checks)."""
+  for names, ok, bound in ((positive, lambda v: v > 0, "> 0"),
+                           (non_negative, lambda v: v >= 0, ">= 0")):
+    for name in names:
+      value = getattr(objective, name)
+      if not ok(value):
+        raise UserError(f"config.objective_args.{name} must be {bound}, got {value}")
+
+
 def make_objective(config: ml_collections.ConfigDict):
   """Builds the objective named by `config.objective` from its config fields."""
   return objective_class(config.objective).from_config(config)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from funmatch.distill.objectives import args_of
+from funmatch.distill.objectives import args_of, check_settings
 from funmatch.distill.objectives.function_matching import entropy
 from funmatch.errors import UserError
 
@@ -83,12 +83,7 @@ class NKD:
     return objective
 
   def validate(self) -> None:
-    if not self.temperature > 0:
-      raise UserError(f"config.objective_args.temperature must be > 0, got {self.temperature}")
-    for name in ("gamma", "ce_weight"):
-      if not getattr(self, name) >= 0:
-        raise UserError(f"config.objective_args.{name} must be >= 0, "
-                        f"got {getattr(self, name)}")
+    check_settings(self, positive=("temperature",), non_negative=("gamma", "ce_weight"))
 
   def check_models(self, student_out, teacher_outs) -> None:
     teacher_logits, _ = single_teacher(teacher_outs, "nkd")

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from funmatch.distill.objectives import args_of
+from funmatch.distill.objectives import args_of, check_settings
 from funmatch.distill.objectives.function_matching import entropy
 from funmatch.errors import UserError
 
@@ -162,11 +162,7 @@ class OFAKD:
     where = "config.objective_args"
     if not self.gamma > 0:
       raise UserError(f"{where}.gamma must be > 0 (1 = soft cross-entropy), got {self.gamma}")
-    if not self.temperature > 0:
-      raise UserError(f"{where}.temperature must be > 0, got {self.temperature}")
-    for name in ("ce_weight", "ofa_weight"):
-      if getattr(self, name) < 0:
-        raise UserError(f"{where}.{name} must be >= 0, got {getattr(self, name)}")
+    check_settings(self, positive=("temperature",), non_negative=("ce_weight", "ofa_weight"))
     if not isinstance(self.stages, (str, tuple, list)):
       raise UserError(f"{where}.stages must be 'auto', 'stage1,stage2,...' or a tuple of "
                       f"tap names, got {self.stages!r}")

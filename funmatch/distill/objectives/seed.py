@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from funmatch.distill.objectives import args_of
+from funmatch.distill.objectives import args_of, check_settings
 from funmatch.errors import UserError
 
 _PROJECTION_TAG = 0x5EED  # folds config.seed into the teacher projection's key
@@ -121,11 +121,8 @@ class SEED:
     where = "config.objective_args"
     if self.dim < 0:
       raise UserError(f"{where}.dim must be >= 0 (0: the teacher's width), got {self.dim}")
-    if self.hidden_dim < 0:
-      raise UserError(f"{where}.hidden_dim must be >= 0, got {self.hidden_dim}")
-    for name in ("student_temperature", "teacher_temperature"):
-      if not getattr(self, name) > 0:
-        raise UserError(f"{where}.{name} must be > 0, got {getattr(self, name)}")
+    check_settings(self, positive=("student_temperature", "teacher_temperature"),
+                   non_negative=("hidden_dim",))
     if global_batch <= 0 or self.queue_size <= 0 or self.queue_size % global_batch:
       suggestion = max(global_batch, 1) * max(1, round(self.queue_size / max(global_batch, 1)))
       raise UserError(

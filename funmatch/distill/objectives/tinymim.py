@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from funmatch.distill.objectives import args_of
+from funmatch.distill.objectives import args_of, check_settings
 from funmatch.distill.objectives.function_matching import entropy
 from funmatch.distill.objectives.nkd import cross_entropy, single_teacher
 from funmatch.errors import UserError
@@ -69,10 +69,7 @@ class TinyMIM:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "TinyMIM":
     objective = cls(**args_of(cls, config))
-    for name in ("qk_weight", "vv_weight", "ce_weight"):
-      if not getattr(objective, name) >= 0:
-        raise UserError(f"config.objective_args.{name} must be >= 0, "
-                        f"got {getattr(objective, name)}")
+    check_settings(objective, non_negative=("qk_weight", "vv_weight", "ce_weight"))
     return objective
 
   def check_models(self, student_out, teacher_outs) -> None:

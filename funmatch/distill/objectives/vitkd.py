@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from funmatch.distill.objectives import args_of
+from funmatch.distill.objectives import args_of, check_settings
 from funmatch.distill.objectives.function_matching import entropy
 from funmatch.distill.objectives.nkd import (cross_entropy, nkd_loss, single_teacher,
                                              target_labels)
@@ -108,16 +108,11 @@ class ViTKD:
     return objective
 
   def validate(self) -> None:
-    for name in ("alpha", "beta", "ce_weight", "nkd_weight", "nkd_gamma"):
-      if not getattr(self, name) >= 0:
-        raise UserError(f"config.objective_args.{name} must be >= 0, "
-                        f"got {getattr(self, name)}")
+    check_settings(self, positive=("nkd_temperature",),
+                   non_negative=("alpha", "beta", "ce_weight", "nkd_weight", "nkd_gamma"))
     if not 0 < self.mask_ratio < 1:
       raise UserError(f"config.objective_args.mask_ratio must be in (0, 1), "
                       f"got {self.mask_ratio}")
-    if not self.nkd_temperature > 0:
-      raise UserError(f"config.objective_args.nkd_temperature must be > 0, "
-                      f"got {self.nkd_temperature}")
     blocks = self.shallow_blocks
     if (not isinstance(blocks, (tuple, list)) or not blocks
         or not all(isinstance(b, int) and b >= 0 for b in blocks)):
