@@ -9,17 +9,23 @@ medium    100k / 1  / 1e-3 / 1e-4                3k  / 10 / 3e-3 / 3e-4
 long      1M   / 1  / 3e-4 / 1e-5                30k / 2  / 3e-3 / 1e-5
 `teacher` is a BiT-M-R152x2 fine-tuned on the dataset (.npz or funmatch-train workdir);
 the student is a BiT-R50x1.
+
+As the paper's code (big_vision's bigsweep_flowers_pet.py): Pets trains on train[:90%]
+and keeps train[90%:] as `minival` (Flowers: its `validation` split); every eval resizes
+the shorter side to 160 and takes the central 128 (resize_small(160)|central_crop(128),
+ratio 1.25); Adam keeps its first moment in bfloat16.
 """
 from funmatch import config_util as cu
 from funmatch.errors import UserError
 
-# data -> (TFDS name, train split, test split, {variant: (epochs, T, lr, wd)})
+# data -> (TFDS name, train split, minival split, test split,
+#          {variant: (epochs, T, lr, wd)})
 RECIPES = {
-    "flowers": ("oxford_flowers102", "train", "test", {
+    "flowers": ("oxford_flowers102", "train", "validation", "test", {
         "fast": (10_000, 10.0, 3e-3, 3e-4),
         "medium": (100_000, 1.0, 1e-3, 1e-4),
         "long": (1_000_000, 1.0, 3e-4, 1e-5)}),
-    "pet": ("oxford_iiit_pet", "train", "test", {
+    "pet": ("oxford_iiit_pet", "train[:90%]", "train[90%:]", "test", {
         "fast": (1_000, 5.0, 1e-2, 1e-3),
         "medium": (3_000, 10.0, 3e-3, 3e-4),
         "long": (30_000, 2.0, 3e-3, 1e-5)}),
@@ -31,7 +37,7 @@ def get_config(arg=None):
                       data_dir="")
   if args.data not in RECIPES:
     raise UserError(f"flowers_pet.py: data='{args.data}' must be one of {sorted(RECIPES)}")
-  name, train_split, test_split, variants = RECIPES[args.data]
+  name, train_split, minival_split, test_split, variants = RECIPES[args.data]
   if args.variant not in variants:
     raise UserError(f"flowers_pet.py: variant='{args.variant}' must be one of "
                     f"{sorted(variants)}")
@@ -40,10 +46,14 @@ def get_config(arg=None):
   c.input = cu.data_config("tfds", name=name, split=train_split, data_dir=args.data_dir,
                            batch_size=512, cache_raw=True, crop="inception",
                            crop_area_min=0.05, flip=True)
-  c.evals.test = cu.eval_config("tfds", test_split, 512, name=name, data_dir=args.data_dir,
-                                cache_raw=True)
+  for eval_name, split in (("minival", minival_split), ("test", test_split)):
+    c.evals[eval_name] = cu.eval_config("tfds", split, 512, name=name,
+                                        data_dir=args.data_dir, cache_raw=True,
+                                        eval_resize_ratio=160 / 128)
   c.teacher = cu.model_config("bit", res=args.res, init=args.teacher, depth=152, width=2.0)
   c.student = cu.model_config("bit", res=args.res, depth=50, width=1.0)
+  cu.set_optimizer(c, "adam")
+  c.optax.mu_dtype = "bfloat16"
   c.total_epochs = float(epochs)
   c.temperature = temperature
   c.lr = lr

@@ -105,10 +105,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.label_smoothing = 0.0            # for distance='hard' and supervised training
   c.mixup = ml_collections.ConfigDict(dict(p=1.0, per_example=False))
 
-  c.optax_name = "adam"              # adam | sgd | shampoo
+  c.optax_name = "adam"              # adam | sgd | shampoo (see funmatch/optim)
   c.optax = ml_collections.ConfigDict()
   c.lr = 0.03
   c.wd = 3e-4
+  c.wd_mode = "decoupled"            # decoupled (big_vision, AdamW) | coupled (PyTorch)
+  c.wd_mask = "(.*/)?kernel"         # regex (fullmatch) over 'student/...', 'aux/...'
   c.grad_clip_norm = 1.0
   c.schedule = ml_collections.ConfigDict(dict(warmup_steps=5000, decay_type="cosine"))
   return c
@@ -141,31 +143,15 @@ def set_imagenet_data(c: ml_collections.ConfigDict, batch_size: int, data_dir: s
                             data_dir=data_dir)
 
 
-OPTIMIZER_CHOICES = ("adam", "sgd", "shampoo")
-
-
 def set_optimizer(c: ml_collections.ConfigDict, name: str) -> None:
   """Sets config.optax_name and fills config.optax with that optimizer's keys.
 
   Filling every key (with its default) lets users override any of them from the
   command line (`--config.optax.block_size=256`) although the config is locked.
   """
-  if name not in OPTIMIZER_CHOICES:
-    raise UserError(f"unknown optimizer '{name}'; choose one of: "
-                    f"{', '.join(OPTIMIZER_CHOICES)}")
+  from funmatch import optim  # pylint: disable=import-outside-toplevel
+  c.optax = ml_collections.ConfigDict(optim.optimizer_defaults(name))
   c.optax_name = name
-  if name == "shampoo":
-    import inspect  # pylint: disable=import-outside-toplevel
-    from funmatch.optim import shampoo  # pylint: disable=import-outside-toplevel
-    # The trainer owns the learning rate and the decoupled weight decay.
-    owned = {"learning_rate", "weight_decay", "weight_decay_mask"}
-    defaults = {name: p.default for name, p in
-                inspect.signature(shampoo.shampoo).parameters.items() if name not in owned}
-    c.optax = ml_collections.ConfigDict(defaults)
-  elif name == "adam":
-    c.optax = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8, mu_dtype=""))
-  else:
-    c.optax = ml_collections.ConfigDict(dict(momentum=0.9, nesterov=False))
 
 
 def set_objective(c: ml_collections.ConfigDict, name: str, **overrides: Any) -> None:

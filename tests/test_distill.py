@@ -139,3 +139,55 @@ def test_function_matching_default_is_kl_without_labels():
   s, t = jnp.ones((2, 3)), jnp.zeros((2, 3))
   loss, _ = objective({}, (s, {}), {"teacher": (t, {})}, {}, None)
   assert float(loss) == pytest.approx(0.0, abs=1e-7)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation against several teachers: the reference is the training ensemble.
+
+
+def _eval_sums(ensemble, student_logits, teacher_logits, labels):
+  import flax.linen as nn
+  from funmatch.train import step as step_lib
+
+  class FirstPixel(nn.Module):  # logits = the channels of the first pixel
+    @nn.compact
+    def __call__(self, images, train=False):
+      return images[:, 0, 0, :], {}
+
+  views = {"student": student_logits, **teacher_logits}
+  batch = {"images": {name: jnp.asarray(v, jnp.float32)[:, None, None, :]
+                      for name, v in views.items()},
+           "label": jnp.asarray(labels), "mask": jnp.ones(len(labels), bool)}
+  teachers = {name: FirstPixel() for name in teacher_logits}
+  eval_step = step_lib.make_eval_step(FirstPixel(), teachers, ensemble)
+  sums = eval_step({}, {name: {} for name in teachers}, batch)
+  return {k: float(v) for k, v in sums.items()}
+
+
+def test_eval_against_a_sum_kl_ensemble_uses_the_mean_of_probabilities():
+  # Mean logits (2, 0, 0) say class 0; mean probabilities (0.44, 0.06, 0.50) class 2.
+  teachers = {"a": np.array([[2.0, 0.0, -20.0]]), "b": np.array([[2.0, 0.0, 20.0]])}
+  student = np.array([[0.0, 0.0, 1.0]])
+  mean_probs = (_softmax(teachers["a"]) + _softmax(teachers["b"])) / 2
+  sums = _eval_sums("sum_kl", student, teachers, [2])
+  assert sums["teacher_top1"] == 1.0 and sums["agreement_top1"] == 1.0
+  expected_kl = float(np.sum(mean_probs * (np.log(mean_probs) - np.log(_softmax(student)))))
+  assert sums["kl"] == pytest.approx(expected_kl, rel=1e-5)
+
+  sums = _eval_sums("mean_logits", student, teachers, [2])
+  assert sums["teacher_top1"] == 0.0 and sums["agreement_top1"] == 0.0
+  mean_logit_probs = _softmax((teachers["a"] + teachers["b"]) / 2)
+  expected_kl = float(np.sum(mean_logit_probs * (np.log(mean_logit_probs)
+                                                 - np.log(_softmax(student)))))
+  assert sums["kl"] == pytest.approx(expected_kl, rel=1e-5)
+
+
+def test_hard_label_smoothing_puts_ls_over_c_minus_1_on_the_other_classes():
+  student = jnp.array([[0.5, -1.0, 2.0, 0.0]])
+  teacher = jnp.array([[0.0, 3.0, 1.0, -1.0]])  # argmax 1
+  ls = 0.3
+  log_q = np.log(_softmax(np.asarray(student))[0])
+  # Hand-built target: 0.7 on class 1, 0.1 on each of the three others.
+  target = np.array([0.1, 0.7, 0.1, 0.1])
+  expected = -float(np.sum(target * log_q))
+  assert float(distances.hard(student, teacher, ls)) == pytest.approx(expected, rel=1e-6)

@@ -273,6 +273,38 @@ def test_ofa_branches_have_logit_shapes_and_get_gradients(student_name, stages, 
     assert float(jnp.abs(out_grads[1][stage]).sum()) > 0, stage
 
 
+def test_ofa_uses_the_label_class_under_mixup_and_a_gamma_per_stage():
+  """As the authors' code: y = one_hot(argmax(mixed label)) in (p_T + y)^gamma - y,
+  gamma per branch stage and the last one for the final logits; CE on the mixed label."""
+  student_shapes = _output_shapes(_tiny("bit"))
+  teacher_shapes = _output_shapes(_tiny("vit"))
+  gammas = (1.2, 1.4, 1.6, 2.0)
+  objective = make_objective(_config("ofakd", gamma=gammas))
+  aux = objective.init_aux(jax.random.PRNGKey(3), student_shapes, {"teacher": teacher_shapes})
+  student_out = _random_like(student_shapes, 1)
+  teacher_out = _random_like(teacher_shapes, 2)
+  labels = np.array([1, 4, 7, 2])
+  partners = np.roll(labels, 1)
+  mixed = 0.7 * np.eye(10)[labels] + 0.3 * np.eye(10)[partners]
+  batch = {"label_probs": jnp.asarray(mixed, jnp.float32), "label": jnp.asarray(labels)}
+  loss, metrics = objective(aux, student_out, {"teacher": teacher_out}, batch, None)
+
+  student_logits = np.asarray(student_out[0], np.float64)
+  teacher_logits = np.asarray(teacher_out[0], np.float64)
+  ce = -np.mean(np.sum(mixed * np.array([_log_softmax(r) for r in student_logits]), -1))
+  expected = ce + _ofa_reference(student_logits, teacher_logits, labels, gammas[-1])
+  branches = objective.branch_logits(aux, student_out)
+  for (stage, logits), gamma in zip(branches.items(), gammas[:-1]):
+    stage_loss = _ofa_reference(np.asarray(logits, np.float64), teacher_logits, labels, gamma)
+    assert float(metrics[f"ofa_{stage}"]) == pytest.approx(stage_loss, rel=1e-4)
+    expected += stage_loss
+  assert float(loss) == pytest.approx(expected, rel=1e-4)
+  # A tuple that does not give every stage plus the final logits a gamma is refused.
+  with pytest.raises(UserError, match="gamma has 2 values but the student has 3 branch"):
+    make_objective(_config("ofakd", gamma=(1.0, 2.0))).check_models(
+        student_shapes, {"teacher": teacher_shapes})
+
+
 def test_ofa_stage_tap_missing_is_one_clear_error():
   out = _output_shapes(_tiny("bit"))
   objective = make_objective(_config("ofakd", stages="stage1,stage7"))

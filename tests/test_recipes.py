@@ -51,8 +51,26 @@ def test_imagenet_recipes_hold_the_papers_values():
 def test_out_of_domain_recipe_distills_on_food_and_evaluates_on_pets():
   c = load("food_sun", "target=pet,source=food")
   assert (c.input.name, c.evals.test.name, c.num_classes) == ("food101", "oxford_iiit_pet", 37)
-  # Pets 'fast': 1000 epochs of 3680 images at batch 512.
-  assert c.total_steps == 7188
+  # Pets 'fast': 1000 epochs of the 3312 images of train[:90%] at batch 512.
+  assert c.total_steps == 6469
   sun = load("food_sun", "target=flowers,source=sun")
   assert (sun.input.name, sun.evals.test.name, sun.num_classes) == (
       "sun397", "oxford_flowers102", 102)
+
+
+def test_flowers_pet_recipe_follows_the_papers_code():
+  pet = load("flowers_pet", "data=pet")
+  assert (pet.input.split, pet.evals.minival.split, pet.evals.test.split) == (
+      "train[:90%]", "train[90%:]", "test")
+  flowers = load("flowers_pet", "data=flowers")
+  assert (flowers.input.split, flowers.evals.minival.split) == ("train", "validation")
+  for c in (pet, flowers):
+    for eval_config in c.evals.values():  # resize_small(160) | central_crop(128)
+      assert round(eval_config.eval_resize_ratio * c.student.res) == 160
+    assert c.optax.mu_dtype == "bfloat16"
+
+
+def test_sgd_recipes_use_pytorchs_coupled_decay():
+  for name in ("seed_i1k", "ofakd_i1k"):
+    c = load(name)
+    assert (c.optax_name, c.optax.momentum, c.wd, c.wd_mode) == ("sgd", 0.9, 1e-4, "coupled")

@@ -145,9 +145,18 @@ def test_updates_match_distributed_shampoo(reference, graft, config):
   reference_opt = reference.distributed_shampoo(
       graft_type=graft_enum, eigh=True, relative_matrix_epsilon=True,
       generate_training_metrics=False, **common)
-  our_opt = shampoo_lib.shampoo(
-      graft_type=graft, inverse_root_method="eigh",
-      weight_decay_through_momentum=True, **common)
+  common = dict(common)
+  # distributed_shampoo adds the decay to the grafted step before the momentum.
+  decay = common.pop("weight_decay")
+  schedule = common.pop("learning_rate")
+  momentum = dict(beta1=common.pop("beta1"), nesterov=common.pop("nesterov"),
+                  moving_average=common.pop("moving_average_for_momentum"))
+  our_opt = optax.chain(
+      shampoo_lib.scale_by_shampoo(graft_type=graft, inverse_root_method="eigh",
+                                   **common),
+      optax.add_decayed_weights(decay),
+      shampoo_lib.momentum(**momentum),
+      optax.scale_by_learning_rate(schedule))
 
   differences = _max_relative_differences(reference_opt, our_opt)
 

@@ -77,7 +77,8 @@ def run(config, workdir, step) -> dict:
   mesh = parallel.make_mesh(config)
   num_classes = int(config.get("num_classes", 0) or
                     sources.source_info(config.input, where="input").num_classes)
-  student, params = build.build_model(config.student, num_classes, "student")
+  student, params = build.build_model(config.student, num_classes, "student",
+                                      seed=int(config.seed))
   if workdir:
     step, params = checkpoint.restore_params(workdir, step)
   params = jax.device_put(params, parallel.replicated(mesh))

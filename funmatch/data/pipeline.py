@@ -27,10 +27,11 @@ an `ml_collections.ConfigDict`, missing fields take the defaults shown):
   crop_area_min, crop_area_max   inception crop area fraction (0.05, 1.0).
   flip             random left-right flip in training (True).
   eval_crop        'resize_small_central' (default): shorter side to
-                   round(eval_resize_ratio * res), then the central res x res;
-                   'resize': whole image squashed to res x res.
+                   round(eval_resize_ratio * res) by an area resize (as big_vision's
+                   resize_small), then the central res x res;
+                   'resize': whole image squashed (bilinear) to res x res.
   eval_resize_ratio  (1.143 = 256/224).
-  resize_antialias   antialias when resizing (False, like big_vision).
+  resize_antialias   antialias the bilinear resizes (False, like big_vision).
 
 Teaching modes (`teaching=`; how the views of one example are cropped):
   function_matching, consistent: ONE crop + flip per example; every view is that

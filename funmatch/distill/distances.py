@@ -23,10 +23,16 @@ def kl(student_logits, teacher_logits, temperature: float = 1.0):
 
 
 def hard(student_logits, teacher_logits, label_smoothing: float = 0.0):
-  """Cross-entropy to the teacher's argmax, optionally label-smoothed."""
+  """Cross-entropy to the teacher's argmax, optionally label-smoothed.
+
+  Smoothing follows big_vision's distillation: the argmax class gets 1 - ls and
+  each of the other C - 1 classes ls / (C - 1) (not optax's ls / C on every class).
+  """
   num_classes = teacher_logits.shape[-1]
   targets = jax.nn.one_hot(jnp.argmax(teacher_logits, -1), num_classes)
-  targets = optax.smooth_labels(targets, label_smoothing) if label_smoothing else targets
+  if label_smoothing:
+    targets = (targets * (1.0 - label_smoothing)
+               + (1.0 - targets) * label_smoothing / (num_classes - 1))
   return jnp.mean(optax.softmax_cross_entropy(student_logits.astype(jnp.float32), targets))
 
 

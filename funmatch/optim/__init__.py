@@ -1,18 +1,31 @@
-"""The one optimizer factory: gradient clipping, optimizer, schedule, weight decay.
+"""The one optimizer factory: an optax chain of small transforms.
+
+    clip -> [coupled decay] -> direction (adam | sgd | shampoo) -> [decoupled decay] -> -lr
 
 Config fields (all top-level in the recipe):
-  optax_name      'adam' | 'sgd' | 'shampoo'
-  optax           kwargs of the optimizer (adam: b1, b2, eps, mu_dtype;
-                  sgd: momentum, nesterov; shampoo: see funmatch/optim/shampoo.py)
+  optax_name      'adam' | 'sgd' | 'shampoo' (OPTIMIZERS lists each one's keys)
+  optax           that optimizer's keys (adam: b1, b2, eps, mu_dtype; sgd: momentum,
+                  nesterov; shampoo: see funmatch/optim/shampoo.py)
   lr              peak learning rate
-  wd              decoupled weight decay, applied to kernels (params with ndim > 1)
-                  as `param -= wd * schedule(step) / lr * param`, i.e. it follows
-                  the schedule's shape but not its scale (big_vision's convention:
-                  wd=3e-4 with lr=0.03 is AdamW's weight_decay=0.01).
-  grad_clip_norm  global-norm clipping threshold (0 or None disables it)
+  wd              weight decay of the parameters `wd_mask` selects
+  wd_mode         'decoupled' (default, big_vision / AdamW): `wd / lr * param` is added to
+                  the direction, then scaled by the schedule, so the decay per step is
+                  `wd * schedule(t) / lr * param`: it follows the schedule's shape but not
+                  its scale (wd=3e-4 with lr=0.03 is AdamW's weight_decay=0.01).
+                  'coupled' (PyTorch's `weight_decay` argument, L2): `wd * param` is added
+                  to the gradient before the optimizer, so with SGD it goes through the
+                  momentum (10x stronger than decoupled at momentum 0.9) and with Adam
+                  through its normalisation.
+  wd_mask         regex over parameter names (re.fullmatch); default '(.*/)?kernel': conv
+                  and dense kernels only, as big_vision; never biases, norms, position
+                  embeddings, CLS or mask tokens. Names are the flax paths joined by '/',
+                  under 'student/' for the student and 'aux/' for the objective's params
+                  (e.g. 'student/block1/unit01/a/standardized_conv2d/kernel').
+  grad_clip_norm  global-norm clipping threshold (0 disables it)
   schedule        warmup_steps, decay_type ('cosine' | 'linear' | 'constant')
 """
-from typing import Any, Callable, NamedTuple
+import re
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,18 +34,33 @@ import optax
 
 from funmatch.errors import UserError
 
-OPTIMIZERS = ("adam", "sgd", "shampoo")
+# Optimizer name -> its config.optax keys and their defaults (the one table of them;
+# config_util.set_optimizer writes these out so the command line can override them).
+OPTIMIZERS = {
+    "adam": dict(b1=0.9, b2=0.999, eps=1e-8, mu_dtype=""),
+    "sgd": dict(momentum=0.9, nesterov=False),
+    "shampoo": None,  # the keyword arguments of shampoo.scale_by_shampoo
+}
 DECAY_TYPES = ("cosine", "linear", "constant")
+WD_MODES = ("decoupled", "coupled")
+DEFAULT_WD_MASK = "(.*/)?kernel"
 
-_ADAM_KEYS = {"b1", "b2", "eps", "mu_dtype"}
-_SGD_KEYS = {"momentum", "nesterov"}
+
+def optimizer_defaults(name: str) -> dict[str, Any]:
+  """The config.optax keys of optimizer `name` with their defaults."""
+  if name not in OPTIMIZERS:
+    raise UserError(f"unknown config.optax_name '{name}'; choose one of: "
+                    f"{', '.join(OPTIMIZERS)}")
+  if name == "shampoo":
+    from funmatch.optim import shampoo  # pylint: disable=import-outside-toplevel
+    return shampoo.config_defaults()
+  return dict(OPTIMIZERS[name])
 
 
 def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to config.lr, then cosine/linear decay to 0 (or constant)."""
-  schedule = config.get("schedule", ml_collections.ConfigDict())
-  warmup = int(schedule.get("warmup_steps", 0))
-  decay_type = schedule.get("decay_type", "cosine")
+  warmup = int(config.schedule.warmup_steps)
+  decay_type = config.schedule.decay_type
   if decay_type not in DECAY_TYPES:
     raise UserError(f"unknown config.schedule.decay_type '{decay_type}'; "
                     f"choose one of: {', '.join(DECAY_TYPES)}")
@@ -53,85 +81,76 @@ def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
-class DecoupledWeightDecayState(NamedTuple):
-  count: jax.Array
+def param_name(path) -> str:
+  """'/'-joined names of a pytree path (dict keys, attribute names, indices)."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+  return "/".join(parts)
 
 
-def decoupled_weight_decay(weight_decay: float,
-                           multiplier: Callable[[jax.Array], jax.Array]
-                           ) -> optax.GradientTransformation:
-  """Adds `-weight_decay * multiplier(step) * param` to the update of kernels.
-
-  Applied after the learning rate so the decay is not scaled by the base lr.
-  Only params with ndim > 1 (conv and dense kernels) decay; biases and norms don't.
-  """
-
-  def init_fn(params):
-    del params
-    return DecoupledWeightDecayState(count=jnp.zeros([], jnp.int32))
-
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError("decoupled_weight_decay needs params")
-    scale = weight_decay * multiplier(state.count)
-    updates = jax.tree.map(
-        lambda u, p: u - scale * p if p.ndim > 1 else u, updates, params)
-    return updates, DecoupledWeightDecayState(count=optax.safe_increment(state.count))
-
-  return optax.GradientTransformation(init_fn, update_fn)
+def name_mask(pattern: str) -> Callable[[Any], Any]:
+  """A mask function for optax: True for the leaves whose name fullmatches `pattern`."""
+  try:
+    regex = re.compile(pattern)
+  except re.error as e:
+    raise UserError(f"config.wd_mask={pattern!r} is not a valid regex ({e})") from None
+  return lambda tree: jax.tree_util.tree_map_with_path(
+      lambda path, _: regex.fullmatch(param_name(path)) is not None, tree)
 
 
-def _check_kwargs(name: str, kwargs: dict[str, Any], allowed: set[str]) -> None:
+def _check_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+  allowed = set(optimizer_defaults(name))
   unknown = sorted(set(kwargs) - allowed)
   if unknown:
     raise UserError(f"unknown config.optax key(s) {unknown} for optax_name='{name}'; "
                     f"allowed: {sorted(allowed)}")
 
 
-def _direction(name: str, kwargs: dict[str, Any],
-               schedule: optax.Schedule) -> optax.GradientTransformation:
-  """The optimizer's update including the (negative) learning rate."""
+def _direction(name: str, kwargs: dict[str, Any]) -> optax.GradientTransformation:
+  """The optimizer's update direction, before weight decay and the learning rate."""
+  _check_kwargs(name, kwargs)
   if name == "adam":
-    _check_kwargs(name, kwargs, _ADAM_KEYS)
     mu_dtype = kwargs.pop("mu_dtype", None)
     try:
       mu_dtype = jnp.dtype(mu_dtype) if mu_dtype else None
     except TypeError:
       raise UserError(f"config.optax.mu_dtype '{mu_dtype}' is not a dtype; "
                       "use e.g. 'bfloat16' or 'float32'") from None
-    return optax.chain(optax.scale_by_adam(mu_dtype=mu_dtype, **kwargs),
-                       optax.scale_by_learning_rate(schedule))
+    return optax.scale_by_adam(mu_dtype=mu_dtype, **kwargs)
   if name == "sgd":
-    _check_kwargs(name, kwargs, _SGD_KEYS)
-    momentum = kwargs.get("momentum", 0.9)
-    parts = [optax.trace(decay=momentum, nesterov=kwargs.get("nesterov", False))] \
-        if momentum else []
-    return optax.chain(*parts, optax.scale_by_learning_rate(schedule))
+    momentum = float(kwargs.get("momentum", 0.9))
+    if momentum:
+      return optax.trace(decay=momentum, nesterov=bool(kwargs.get("nesterov", False)))
+    return optax.identity()
   from funmatch.optim import shampoo  # pylint: disable=import-outside-toplevel
-  try:
-    return shampoo.shampoo(learning_rate=schedule, weight_decay=0.0, **kwargs)
-  except TypeError as e:
-    raise UserError(f"bad config.optax for optax_name='shampoo': {e}") from None
+  return shampoo.direction(**kwargs)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds the optimizer from the config. Returns (transformation, lr schedule)."""
-  name = config.get("optax_name", "adam")
-  if name not in OPTIMIZERS:
-    raise UserError(f"unknown config.optax_name '{name}'; choose one of: "
-                    f"{', '.join(OPTIMIZERS)}")
+  name = config.optax_name
+  optimizer_defaults(name)  # a bad name fails here
   schedule = make_schedule(config, total_steps)
-  kwargs = dict(config.get("optax", ml_collections.ConfigDict()).to_dict())
-  parts = []
-  clip = config.get("grad_clip_norm", None)
-  if clip:
-    parts.append(optax.clip_by_global_norm(float(clip)))
-  parts.append(_direction(name, kwargs, schedule))
-  wd = float(config.get("wd", 0.0) or 0.0)
+  wd = float(config.wd or 0.0)
   if wd < 0:
     raise UserError(f"config.wd must be >= 0, got {wd}")
-  if wd:
-    lr = float(config.lr)
-    parts.append(decoupled_weight_decay(wd, lambda step: schedule(step) / lr))
-  return optax.chain(*parts), schedule
+  if config.wd_mode not in WD_MODES:
+    raise UserError(f"unknown config.wd_mode '{config.wd_mode}'; choose one of: "
+                    f"{', '.join(WD_MODES)}")
+  mask = name_mask(config.wd_mask)
+  coupled = wd and config.wd_mode == "coupled"
+  decoupled = wd and config.wd_mode == "decoupled"
+  clip = float(config.grad_clip_norm or 0.0)
+  parts = [
+      optax.clip_by_global_norm(clip) if clip else None,
+      optax.add_decayed_weights(wd, mask) if coupled else None,
+      _direction(name, dict(config.optax.to_dict())),
+      optax.add_decayed_weights(wd / float(config.lr), mask) if decoupled else None,
+      optax.scale_by_learning_rate(schedule),
+  ]
+  return optax.chain(*(p for p in parts if p is not None)), schedule

@@ -18,7 +18,13 @@ The algorithm of Gupta et al. 2018 in the "scalable" form of Anil et al. 2020
    (Adam by default) for the whole parameter, so the layer-wise step size is the
    graft's and only the direction is Shampoo's.
 4. Momentum over the grafted step (one buffer; the graft step is used alone
-   before `start_preconditioning_step`), optional Nesterov, weight decay, `-lr`.
+   before `start_preconditioning_step`), optional Nesterov, then `-lr`.
+
+Steps 1-3 are the optax transform `scale_by_shampoo`; step 4 is `momentum`
+(optax.trace / optax.ema); `shampoo(lr)` chains them with the learning rate.
+Weight decay is not Shampoo's business: funmatch/optim chains
+`optax.add_decayed_weights` before the momentum (distributed_shampoo's
+default) or after it (decoupled, the trainer's default).
 
 Which parameters get preconditioners: scalars never; tensors of rank below
 `skip_preconditioning_rank_lt` (default 2: biases, norm scales) take the pure
@@ -30,8 +36,7 @@ Differences from `distributed_shampoo` (all outside the parity-tested subset,
 `tests/test_shampoo_parity.py`): one momentum buffer instead of two (the
 reference keeps a separate momentum of the graft steps for the warm-up); the
 first recompute happens at `start_preconditioning_step`; an `adam` graft
-(bias-corrected RMSProp) and bias-corrected moving-average momentum; weight
-decay after momentum (AdamW style) by default; tiles are zero padded (the root
+(bias-corrected RMSProp) and bias-corrected moving-average momentum; tiles are zero padded (the root
 of a zero-padded matrix is the padded root, so this is exact); per-axis rather
 than per-tensor fallback for very long axes; the Newton root normalises by
 lambda_max and tolerates a transient growth of its error where the reference
@@ -71,16 +76,15 @@ ScalarOrSchedule = Union[float, Callable[[jax.Array], jax.Array]]
 
 
 class ShampooState(NamedTuple):
-  """Optimizer state: jnp arrays only, shapes fixed by the parameter shapes.
+  """State of `scale_by_shampoo`: jnp arrays only, shapes fixed by the params.
 
-  `momentum` and `graft_second_moment` are trees like the params (the latter is
-  `()` for graft types without a second moment). `statistics` and
+  `graft_second_moment` is a tree like the params (`()` for graft types without
+  a second moment). `statistics` and
   `preconditioners` are trees like the params whose leaves are tuples with one
   `[num_blocks, s, s]` float32 array per preconditioned axis (empty tuples for
   parameters without preconditioners).
   """
   count: jax.Array
-  momentum: Any
   graft_second_moment: Any
   statistics: Any
   preconditioners: Any
@@ -352,43 +356,55 @@ def _is_real(value: Any) -> bool:
           not isinstance(value, bool))
 
 
-def _validate(*, learning_rate, block_size, beta1, beta2, diagonal_epsilon,
-              matrix_epsilon, weight_decay, start_preconditioning_step,
-              preconditioning_compute_steps, graft_type, exponent_override,
-              merge_small_dims_block_size, skip_preconditioning_dim_size_gt,
-              skip_preconditioning_rank_lt, inverse_root_method,
-              inverse_failure_threshold) -> None:
-  """Raises UserError naming the first bad constructor argument."""
-  _check_number("learning_rate", learning_rate,
-                callable(learning_rate) or (
-                    _is_real(learning_rate) and learning_rate >= 0),
-                "a number >= 0 or an optax schedule")
-  _check_number("block_size", block_size, _is_int(block_size) and
-                block_size >= 1, "an integer >= 1 (e.g. 128)")
-  _check_number("beta1", beta1, _is_real(beta1) and 0.0 <= beta1 < 1.0,
-                "in [0, 1)")
-  _check_number("beta2", beta2, _is_real(beta2) and 0.0 < beta2 <= 1.0,
-                "in (0, 1] (1 accumulates sums, AdaGrad style)")
-  for name, value in (("diagonal_epsilon", diagonal_epsilon),
-                      ("matrix_epsilon", matrix_epsilon),
-                      ("weight_decay", weight_decay),
-                      ("inverse_failure_threshold",
-                       inverse_failure_threshold)):
-    _check_number(name, value, _is_real(value) and value >= 0,
-                  "a number >= 0")
-  for name, value, low in (
-      ("start_preconditioning_step", start_preconditioning_step, 0),
-      ("exponent_override", exponent_override, 0),
-      ("skip_preconditioning_rank_lt", skip_preconditioning_rank_lt, 0),
-      ("preconditioning_compute_steps", preconditioning_compute_steps, 1),
-      ("merge_small_dims_block_size", merge_small_dims_block_size, 1),
-      ("skip_preconditioning_dim_size_gt", skip_preconditioning_dim_size_gt,
-       1)):
-    _check_number(name, value, _is_int(value) and value >= low,
-                  f"an integer >= {low}")
-  _check_choice("graft_type", graft_type, GRAFT_TYPES)
-  _check_choice("inverse_root_method", inverse_root_method,
-                INVERSE_ROOT_METHODS)
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The validated arguments of `scale_by_shampoo` (see its docstring)."""
+  block_size: int = 128
+  beta2: float = 0.999
+  diagonal_epsilon: float = 1e-10
+  matrix_epsilon: float = 1e-6
+  start_preconditioning_step: int = 10
+  preconditioning_compute_steps: int = 10
+  graft_type: str = "adam"
+  exponent_override: int = 0
+  merge_small_dims_block_size: int = 4096
+  skip_preconditioning_dim_size_gt: int = 4096
+  skip_preconditioning_rank_lt: int = 2
+  inverse_root_method: str = "eigh"
+  inverse_failure_threshold: float = 0.1
+
+  def __post_init__(self):
+    """Raises UserError naming the first bad argument."""
+    _check_number("block_size", self.block_size, _is_int(self.block_size) and
+                  self.block_size >= 1, "an integer >= 1 (e.g. 128)")
+    _check_number("beta2", self.beta2, _is_real(self.beta2) and
+                  0.0 < self.beta2 <= 1.0,
+                  "in (0, 1] (1 accumulates sums, AdaGrad style)")
+    for name in ("diagonal_epsilon", "matrix_epsilon", "inverse_failure_threshold"):
+      value = getattr(self, name)
+      _check_number(name, value, _is_real(value) and value >= 0, "a number >= 0")
+    for name, low in (("start_preconditioning_step", 0), ("exponent_override", 0),
+                      ("skip_preconditioning_rank_lt", 0),
+                      ("preconditioning_compute_steps", 1),
+                      ("merge_small_dims_block_size", 1),
+                      ("skip_preconditioning_dim_size_gt", 1)):
+      value = getattr(self, name)
+      _check_number(name, value, _is_int(value) and value >= low,
+                    f"an integer >= {low}")
+    _check_choice("graft_type", self.graft_type, GRAFT_TYPES)
+    _check_choice("inverse_root_method", self.inverse_root_method,
+                  INVERSE_ROOT_METHODS)
+
+  @functools.lru_cache(maxsize=None)
+  def layout(self, shape: tuple[int, ...]) -> BlockLayout:
+    return make_layout(
+        shape, self.block_size,
+        merge_small_dims_block_size=self.merge_small_dims_block_size,
+        skip_preconditioning_dim_size_gt=self.skip_preconditioning_dim_size_gt,
+        skip_preconditioning_rank_lt=self.skip_preconditioning_rank_lt)
+
+  def exponent(self, layout: BlockLayout) -> int:
+    return self.exponent_override or 2 * len(layout.preconditioned_axes)
 
 
 def _graft_step(graft_type: str, grad: jax.Array, second_moment: Any,
@@ -410,57 +426,143 @@ def _graft_step(graft_type: str, grad: jax.Array, second_moment: Any,
   return scaled / (jnp.sqrt(denominator) + epsilon), second_moment
 
 
-def shampoo(
-    learning_rate: ScalarOrSchedule,
-    block_size: int = 128,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    diagonal_epsilon: float = 1e-10,
-    matrix_epsilon: float = 1e-6,
-    weight_decay: float = 0.0,
-    start_preconditioning_step: int = 10,
-    preconditioning_compute_steps: int = 10,
-    graft_type: str = "adam",
-    nesterov: bool = False,
-    exponent_override: int = 0,
-    moving_average_for_momentum: bool = True,
-    merge_small_dims_block_size: int = 4096,
-    skip_preconditioning_dim_size_gt: int = 4096,
-    skip_preconditioning_rank_lt: int = 2,
-    inverse_root_method: str = "eigh",
-    inverse_failure_threshold: float = 0.1,
-    weight_decay_through_momentum: bool = False,
-    weight_decay_mask: Any = None,
-) -> optax.GradientTransformation:
-  """Shampoo with grafting as an optax transformation (returns -lr * step).
+def _init(settings: Settings, params) -> ShampooState:
+  leaves, treedef = jax.tree.flatten(params)
 
-  Args:
-    learning_rate: a float or an optax schedule (called with the step count,
-      starting at 0).
+  def matrices(shape, scale):
+    layout = settings.layout(tuple(shape))
+    return tuple(jnp.broadcast_to(scale * jnp.eye(s, dtype=jnp.float32),
+                                  (layout.total_blocks, s, s))
+                 for s in layout.statistic_sizes)
+
+  has_second_moment = settings.graft_type != "sgd"
+  return ShampooState(
+      count=jnp.zeros([], jnp.int32),
+      graft_second_moment=treedef.unflatten(
+          [jnp.zeros(x.shape, jnp.float32) for x in leaves])
+      if has_second_moment else (),
+      statistics=treedef.unflatten(
+          [matrices(x.shape, settings.matrix_epsilon) for x in leaves]),
+      preconditioners=treedef.unflatten([matrices(x.shape, 1.0) for x in leaves]))
+
+
+def _updated_statistics(settings: Settings, layout: BlockLayout, grad, statistics):
+  """Blockwise EMA (or sums, beta2 = 1) of the Gram matrices along each axis."""
+  if not statistics:
+    return statistics
+  blocks = layout.partition(grad)
+  old_weight, new_weight = ((1.0, 1.0) if settings.beta2 == 1.0
+                            else (settings.beta2, 1.0 - settings.beta2))
+  return tuple(old_weight * old + new_weight * _gram(blocks, axis)
+               for axis, old in zip(layout.preconditioned_axes, statistics))
+
+
+def _roots(settings: Settings, statistics, previous, exponents):
+  """Inverse roots of all statistics, batched by matrix size (one eigh per size)."""
+  by_size = {}
+  for i, s in enumerate(statistics):
+    by_size.setdefault(s.shape[-1], []).append(i)
+  roots = [None] * len(statistics)
+  root_fn = functools.partial(
+      inverse_pth_root, epsilon=settings.matrix_epsilon,
+      method=settings.inverse_root_method,
+      failure_threshold=settings.inverse_failure_threshold)
+  new = None
+  for indices in by_size.values():
+    stacked = jnp.concatenate([statistics[i] for i in indices])
+    if new is not None:
+      stacked = stacked + _zero_after(new)  # one size group at a time
+    powers = jnp.concatenate([
+        jnp.full(statistics[i].shape[0], exponents[i], jnp.int32) for i in indices])
+    new, ok = jax.vmap(root_fn)(stacked, powers)
+    old = jnp.concatenate([previous[i] for i in indices])
+    new = jnp.where(ok[:, None, None], new, old)  # failed root: keep old
+    offsets = np.cumsum([statistics[i].shape[0] for i in indices])[:-1]
+    for i, part in zip(indices, jnp.split(new, offsets)):
+      roots[i] = part
+  return roots
+
+
+def _updated_preconditioners(settings: Settings, count, layouts, statistics,
+                             preconditioners):
+  """New roots on recompute steps (lax.cond: not computed at all on the others)."""
+  flat_stats = [s for per_param in statistics for s in per_param]
+  flat_old = [p for per_param in preconditioners for p in per_param]
+  if not flat_stats:
+    return preconditioners
+  exponents = [settings.exponent(layout) for layout, per_param in
+               zip(layouts, statistics) for _ in per_param]
+  since_start = count - settings.start_preconditioning_step
+  recompute = (since_start >= 0) & (
+      since_start % settings.preconditioning_compute_steps == 0)
+  flat_new = lax.cond(recompute,
+                      lambda s, o: _roots(settings, s, o, exponents),
+                      lambda s, o: list(o), flat_stats, flat_old)
+  regrouped, offset = [], 0
+  for per_param in preconditioners:
+    regrouped.append(tuple(flat_new[offset:offset + len(per_param)]))
+    offset += len(per_param)
+  return regrouped
+
+
+def _grafted_step(layout: BlockLayout, grad, graft, preconditioners):
+  """The graft step's norm in Shampoo's direction (the graft alone if none)."""
+  if not preconditioners:
+    return graft
+  direction = precondition(layout, grad, preconditioners)
+  return direction * (jnp.linalg.norm(graft) /
+                      (jnp.linalg.norm(direction) + _NORM_EPSILON))
+
+
+def _update(settings: Settings, updates, state: ShampooState, params=None):
+  del params
+  leaves, treedef = jax.tree.flatten(updates)
+  count = state.count
+  grads = [g.astype(jnp.float32) for g in leaves]
+  layouts = [settings.layout(tuple(g.shape)) for g in grads]
+  statistics = [_updated_statistics(settings, layout, g, s) for layout, g, s in
+                zip(layouts, grads, treedef.flatten_up_to(state.statistics))]
+  preconditioners = _updated_preconditioners(
+      settings, count, layouts, statistics,
+      treedef.flatten_up_to(state.preconditioners))
+  has_second_moment = settings.graft_type != "sgd"
+  old_moments = (treedef.flatten_up_to(state.graft_second_moment)
+                 if has_second_moment else [None] * len(grads))
+  started = count >= settings.start_preconditioning_step
+  steps, moments = [], []
+  for layout, g, v, pre, leaf in zip(layouts, grads, old_moments, preconditioners,
+                                     leaves):
+    graft, v = _graft_step(settings.graft_type, g, v, count, settings.beta2,
+                           settings.diagonal_epsilon)
+    step = jnp.where(started, _grafted_step(layout, g, graft, pre), graft)
+    steps.append(step.astype(leaf.dtype))
+    moments.append(v)
+  new_state = ShampooState(
+      count=optax.safe_int32_increment(count),
+      graft_second_moment=treedef.unflatten(moments) if has_second_moment else (),
+      statistics=treedef.unflatten(statistics),
+      preconditioners=treedef.unflatten(preconditioners))
+  return treedef.unflatten(steps), new_state
+
+
+def scale_by_shampoo(**kwargs) -> optax.GradientTransformation:
+  """Shampoo's grafted, preconditioned step (no momentum, no learning rate).
+
+  Keyword arguments (defaults in `Settings`):
     block_size: tile size for the statistics of long axes (cost is cubic).
-    beta1: momentum.
     beta2: EMA factor of the statistics and of the graft's second moment;
       1.0 sums them (AdaGrad style).
     diagonal_epsilon: epsilon of the diagonal graft optimizers.
     matrix_epsilon: ridge relative to the largest eigenvalue of each statistic;
       statistics also start at `matrix_epsilon * I` (as distributed_shampoo).
-    weight_decay: decoupled weight decay; `weight_decay * param` is added to
-      the step (after momentum unless `weight_decay_through_momentum`), then
-      scaled by the learning rate (AdamW convention).
     start_preconditioning_step: steps before this use the pure graft step; the
       first preconditioner is computed at this step.
     preconditioning_compute_steps: recompute the inverse roots every this many
       steps (counted from `start_preconditioning_step`).
-    graft_type: 'adam' (RMSProp with Adam's bias corrections; with the default
-      moving-average momentum the pre-start step is Adam's up to the order of
-      normalising and averaging), 'rmsprop', 'rmsprop_normalized', 'adagrad'
-      or 'sgd' (the norm of the gradient itself).
-    nesterov: Nesterov momentum.
+    graft_type: 'adam' (RMSProp with Adam's bias corrections), 'rmsprop',
+      'rmsprop_normalized', 'adagrad' or 'sgd' (the norm of the gradient).
     exponent_override: p of the inverse p-th root; 0 means 2 x number of
       preconditioned axes of the tensor.
-    moving_average_for_momentum: momentum `m = beta1 m + (1 - beta1) u`,
-      bias-corrected for the 'adam' graft (keeps Adam's step size and so its
-      learning rates); False: heavy ball `m = beta1 m + u`.
     merge_small_dims_block_size: consecutive dims are merged while their
       product stays <= this.
     skip_preconditioning_dim_size_gt: merged axes longer than this get no
@@ -470,190 +572,80 @@ def shampoo(
     inverse_root_method: 'eigh' (default) or 'newton' (coupled iteration).
     inverse_failure_threshold: Newton roots with max |M - I| at or above this
       are rejected (the previous preconditioner is kept).
-    weight_decay_through_momentum: add the decay before the momentum (the
-      distributed_shampoo default) instead of after it.
-    weight_decay_mask: optional tree of bools like the params (or a callable
-      params -> tree): only True leaves are decayed.
-
-  Returns:
-    An `optax.GradientTransformation`; `update` needs `params` only when
-    `weight_decay > 0`.
   """
-  _validate(learning_rate=learning_rate, block_size=block_size, beta1=beta1,
-            beta2=beta2, diagonal_epsilon=diagonal_epsilon,
-            matrix_epsilon=matrix_epsilon, weight_decay=weight_decay,
-            start_preconditioning_step=start_preconditioning_step,
-            preconditioning_compute_steps=preconditioning_compute_steps,
-            graft_type=graft_type, exponent_override=exponent_override,
-            merge_small_dims_block_size=merge_small_dims_block_size,
-            skip_preconditioning_dim_size_gt=skip_preconditioning_dim_size_gt,
-            skip_preconditioning_rank_lt=skip_preconditioning_rank_lt,
-            inverse_root_method=inverse_root_method,
-            inverse_failure_threshold=inverse_failure_threshold)
-  layout_of = functools.lru_cache(maxsize=None)(functools.partial(
-      make_layout, block_size=block_size,
-      merge_small_dims_block_size=merge_small_dims_block_size,
-      skip_preconditioning_dim_size_gt=skip_preconditioning_dim_size_gt,
-      skip_preconditioning_rank_lt=skip_preconditioning_rank_lt))
-  has_second_moment = graft_type != "sgd"
-  bias_correct_momentum = moving_average_for_momentum and graft_type == "adam"
-  momentum_weight = 1.0 - beta1 if moving_average_for_momentum else 1.0
-  statistics_weights = (1.0, 1.0) if beta2 == 1.0 else (beta2, 1.0 - beta2)
+  unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(Settings)})
+  if unknown:
+    raise UserError(f"shampoo has no option(s) {', '.join(unknown)}")
+  settings = Settings(**kwargs)
+  return optax.GradientTransformation(functools.partial(_init, settings),
+                                      functools.partial(_update, settings))
 
-  def exponent(layout: BlockLayout) -> int:
-    return exponent_override or 2 * len(layout.preconditioned_axes)
+
+class MomentumState(NamedTuple):
+  count: jax.Array
+  momentum: Any
+
+
+def momentum(beta1: float = 0.9, nesterov: bool = False,
+             moving_average: bool = True, debias: bool = False
+             ) -> optax.GradientTransformation:
+  """Momentum over Shampoo's grafted steps, in either convention.
+
+  moving_average=False is heavy ball `m = beta1 m + u` (optax.trace, Nesterov
+  `u + beta1 m`); True is `m = beta1 m + (1 - beta1) u` (optax.ema), with
+  `debias` dividing by `1 - beta1^t` (the 'adam' graft: keeps Adam's step size).
+  Only moving average + Nesterov is written here (optax.ema has no Nesterov):
+  `(1 - beta1) u + beta1 m_debiased`.
+  """
+  _check_number("beta1", beta1, _is_real(beta1) and 0.0 <= beta1 < 1.0, "in [0, 1)")
+  if not moving_average:
+    return optax.trace(decay=beta1, nesterov=nesterov)
+  if not nesterov:
+    return optax.ema(decay=beta1, debias=debias)
 
   def init_fn(params):
-    leaves, treedef = jax.tree.flatten(params)
-
-    def matrices(shape, scale):
-      layout = layout_of(tuple(shape))
-      return tuple(
-          jnp.broadcast_to(scale * jnp.eye(s, dtype=jnp.float32),
-                           (layout.total_blocks, s, s))
-          for s in layout.statistic_sizes)
-
-    def zeros():  # fresh buffers per field: jit may donate the state
-      return treedef.unflatten(
-          [jnp.zeros(x.shape, jnp.float32) for x in leaves])
-
-    return ShampooState(
-        count=jnp.zeros([], jnp.int32),
-        momentum=zeros(),
-        graft_second_moment=zeros() if has_second_moment else (),
-        statistics=treedef.unflatten(
-            [matrices(x.shape, matrix_epsilon) for x in leaves]),
-        preconditioners=treedef.unflatten(
-            [matrices(x.shape, 1.0) for x in leaves]))
-
-  def updated_statistics(layout, grad, statistics):
-    if not statistics:
-      return statistics
-    blocks = layout.partition(grad)
-    old_weight, new_weight = statistics_weights
-    return tuple(old_weight * old + new_weight * _gram(blocks, axis)
-                 for axis, old in zip(layout.preconditioned_axes, statistics))
-
-  def recompute_roots(statistics, previous, exponents):
-    """Roots of all statistics, batched by matrix size (one eigh per size)."""
-    by_size = {}
-    for i, s in enumerate(statistics):
-      by_size.setdefault(s.shape[-1], []).append(i)
-    roots = [None] * len(statistics)
-    root_fn = functools.partial(
-        inverse_pth_root, epsilon=matrix_epsilon, method=inverse_root_method,
-        failure_threshold=inverse_failure_threshold)
-    new = None
-    for indices in by_size.values():
-      stacked = jnp.concatenate([statistics[i] for i in indices])
-      if new is not None:
-        stacked = stacked + _zero_after(new)  # one size group at a time
-      powers = jnp.concatenate([
-          jnp.full(statistics[i].shape[0], exponents[i], jnp.int32)
-          for i in indices])
-      new, ok = jax.vmap(root_fn)(stacked, powers)
-      old = jnp.concatenate([previous[i] for i in indices])
-      new = jnp.where(ok[:, None, None], new, old)  # failed root: keep old
-      offsets = np.cumsum([statistics[i].shape[0] for i in indices])[:-1]
-      for i, part in zip(indices, jnp.split(new, offsets)):
-        roots[i] = part
-    return roots
-
-  def updated_preconditioners(count, layouts, statistics, preconditioners):
-    flat_stats = [s for per_param in statistics for s in per_param]
-    flat_old = [p for per_param in preconditioners for p in per_param]
-    if not flat_stats:
-      return preconditioners
-    exponents = [exponent(layout) for layout, per_param in
-                 zip(layouts, statistics) for _ in per_param]
-    since_start = count - start_preconditioning_step
-    recompute = (since_start >= 0) & (
-        since_start % preconditioning_compute_steps == 0)
-    # lax.cond: the roots are not computed at all on the other steps.
-    flat_new = lax.cond(
-        recompute,
-        lambda s, o: recompute_roots(s, o, exponents),
-        lambda s, o: list(o),
-        flat_stats, flat_old)
-    regrouped, offset = [], 0
-    for per_param in preconditioners:
-      regrouped.append(tuple(flat_new[offset:offset + len(per_param)]))
-      offset += len(per_param)
-    return regrouped
-
-  def grafted_step(layout, grad, graft, preconditioners):
-    """Graft step's norm, Shampoo's direction (the graft alone if none)."""
-    if not preconditioners:
-      return graft
-    direction = precondition(layout, grad, preconditioners)
-    scale = jnp.linalg.norm(graft) / (jnp.linalg.norm(direction) +
-                                      _NORM_EPSILON)
-    return direction * scale
+    return MomentumState(count=jnp.zeros([], jnp.int32),
+                         momentum=jax.tree.map(jnp.zeros_like, params))
 
   def update_fn(updates, state, params=None):
-    leaves, treedef = jax.tree.flatten(updates)
-    if weight_decay and params is None:
-      raise UserError("shampoo weight_decay > 0 needs the params: call "
-                      "update(grads, state, params)")
-    count = state.count
-    grads = [g.astype(jnp.float32) for g in leaves]
-    layouts = [layout_of(tuple(g.shape)) for g in grads]
-    statistics = [
-        updated_statistics(layout, g, s) for layout, g, s in
-        zip(layouts, grads, treedef.flatten_up_to(state.statistics))]
-    preconditioners = updated_preconditioners(
-        count, layouts, statistics,
-        treedef.flatten_up_to(state.preconditioners))
-
-    if has_second_moment:
-      old_moments = treedef.flatten_up_to(state.graft_second_moment)
-    else:
-      old_moments = [None] * len(grads)
-    decay = _decay_leaves(params, treedef, len(grads))
-    started = count >= start_preconditioning_step
-    lr = learning_rate(count) if callable(learning_rate) else learning_rate
-    step_count = count + 1.0
-    new_updates, new_momentum, new_moments = [], [], []
-    for layout, g, m, v, p, pre, d in zip(
-        layouts, grads, treedef.flatten_up_to(state.momentum), old_moments,
-        decay, preconditioners, leaves):
-      graft, v = _graft_step(graft_type, g, v, count, beta2, diagonal_epsilon)
-      step = jnp.where(started, grafted_step(layout, g, graft, pre), graft)
-      if p is not None and weight_decay_through_momentum:
-        step = step + weight_decay * p
-      m = beta1 * m + momentum_weight * step
-      direction = m
-      if bias_correct_momentum:
-        direction = m / (1.0 - beta1 ** step_count)
-      if nesterov:
-        direction = momentum_weight * step + beta1 * direction
-      if p is not None and not weight_decay_through_momentum:
-        direction = direction + weight_decay * p
-      new_updates.append((-lr * direction).astype(d.dtype))
-      new_momentum.append(m)
-      new_moments.append(v)
-
-    new_state = ShampooState(
-        count=optax.safe_int32_increment(count),
-        momentum=treedef.unflatten(new_momentum),
-        graft_second_moment=treedef.unflatten(new_moments)
-        if has_second_moment else (),
-        statistics=treedef.unflatten(statistics),
-        preconditioners=treedef.unflatten(preconditioners))
-    return treedef.unflatten(new_updates), new_state
-
-  def _decay_leaves(params, treedef, n):
-    """Per leaf: the float32 param to decay, or None (no decay)."""
-    if not weight_decay:
-      return [None] * n
-    param_leaves = treedef.flatten_up_to(params)
-    if weight_decay_mask is None:
-      mask = [True] * n
-    else:
-      tree = (weight_decay_mask(params) if callable(weight_decay_mask)
-              else weight_decay_mask)
-      mask = treedef.flatten_up_to(tree)
-    return [p.astype(jnp.float32) if keep else None
-            for p, keep in zip(param_leaves, mask)]
+    del params
+    count = optax.safe_int32_increment(state.count)
+    new_momentum = jax.tree.map(lambda m, u: beta1 * m + (1.0 - beta1) * u,
+                                state.momentum, updates)
+    correction = 1.0 - beta1 ** count.astype(jnp.float32) if debias else 1.0
+    directions = jax.tree.map(lambda m, u: (1.0 - beta1) * u + beta1 * m / correction,
+                              new_momentum, updates)
+    return directions, MomentumState(count=count, momentum=new_momentum)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def direction(beta1: float = 0.9, nesterov: bool = False,
+              moving_average_for_momentum: bool = True,
+              **kwargs) -> optax.GradientTransformation:
+  """`scale_by_shampoo` followed by its momentum: the trainer's direction."""
+  return optax.chain(
+      scale_by_shampoo(**kwargs),
+      momentum(beta1, nesterov, moving_average_for_momentum,
+               debias=moving_average_for_momentum and
+               kwargs.get("graft_type", "adam") == "adam"))
+
+
+def shampoo(learning_rate: ScalarOrSchedule, **kwargs) -> optax.GradientTransformation:
+  """Shampoo with grafting and momentum as one optax optimizer (returns -lr * step).
+
+  `kwargs` are those of `direction` (beta1, nesterov, moving_average_for_momentum)
+  and `scale_by_shampoo`. Weight decay is not an option here: chain
+  `optax.add_decayed_weights` where it belongs (funmatch/optim does).
+  """
+  _check_number("learning_rate", learning_rate,
+                callable(learning_rate) or (_is_real(learning_rate) and learning_rate >= 0),
+                "a number >= 0 or an optax schedule")
+  return optax.chain(direction(**kwargs), optax.scale_by_learning_rate(learning_rate))
+
+
+def config_defaults() -> dict[str, Any]:
+  """config.optax keys of optax_name='shampoo' with their defaults."""
+  momentum_defaults = dict(beta1=0.9, nesterov=False, moving_average_for_momentum=True)
+  return {**momentum_defaults,
+          **{f.name: f.default for f in dataclasses.fields(Settings)}}

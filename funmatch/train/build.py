@@ -61,8 +61,8 @@ def _dtype(model_config, what):
 
 
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int,
-                what: str, frozen: bool = False) -> tuple[nn.Module, Any]:
-  """The flax module and its random init params for a model sub-config."""
+                what: str, seed: int = 0) -> tuple[nn.Module, Any]:
+  """The flax module and its random init params (from PRNGKey(seed)) for a model."""
   _require_keys(model_config, ("model", "res"), f"config.{what}")
   kwargs = config_util.model_kwargs(model_config)
   kwargs["dtype"] = _dtype(model_config, what)
@@ -73,7 +73,7 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int,
   dummy = jnp.zeros((1, res, res, 3), jnp.float32)
   try:
     params = jax.jit(lambda rng: module.init(rng, dummy, train=False)["params"])(
-        jax.random.PRNGKey(0))
+        jax.random.PRNGKey(seed))
   except (ValueError, TypeError) as e:
     raise UserError(f"config.{what} cannot be built: {str(e).splitlines()[0]}") from None
   return module, params
@@ -91,7 +91,7 @@ def _load_teacher(config, name, num_classes) -> tuple[nn.Module, Any]:
   if not teacher_config.get("init"):
     raise UserError(f"config.{name}.init is empty: a teacher needs trained weights (an "
                     "official BiT .npz, a funmatch-export file or a funmatch-train workdir)")
-  module, init_params = build_model(teacher_config, num_classes, name, frozen=True)
+  module, init_params = build_model(teacher_config, num_classes, name)
   params = params_io.resolve_init(
       teacher_config.init, teacher_config.model, init_params, what=f"config.{name}",
       dont_load=(), model_signature=_signature(teacher_config), strict_head=True)
@@ -203,7 +203,10 @@ def build(config: ml_collections.ConfigDict, mode: str,
                               mesh, f"evals.{eval_name}.batch_size")
   total_steps, steps_per_epoch = total_steps_of(config, train_info.num_examples)
 
-  student, student_params = build_model(config.student, num_classes, "student")
+  # The student's init key is PRNGKey(seed) itself: seed 0 keeps the init that every
+  # run had before the key followed the seed.
+  student, student_params = build_model(config.student, num_classes, "student",
+                                        seed=int(config.seed))
   if not restore_only and config.student.get("init"):
     student_params = params_io.resolve_init(
         config.student.init, config.student.model, student_params, what="config.student",

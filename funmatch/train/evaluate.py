@@ -36,7 +36,9 @@ def make_eval_fn(run) -> EvalFn:
     probe = probe_lib.LinearProbe(run.student, run.config, run.views["student"], run.mesh,
                                   run.num_classes,
                                   tap=getattr(run.objective, "probe_tap", "pre_logits"))
-  return EvalFn(jax.jit(step_lib.make_eval_step(run.student, run.teachers)), probe)
+  ensemble = getattr(run.objective, "ensemble", "mean_logits")
+  return EvalFn(jax.jit(step_lib.make_eval_step(run.student, run.teachers, ensemble)),
+                probe)
 
 
 def make_eval_sets(run) -> dict[str, Any]:

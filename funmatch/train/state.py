@@ -25,7 +25,7 @@ class TrainState:
 
 def create(params, aux_params, objective_state, optimizer, rng: jax.Array) -> TrainState:
   return TrainState(step=jnp.zeros([], jnp.int32), params=params, aux_params=aux_params,
-                    opt_state=optimizer.init((params, aux_params)),
+                    opt_state=optimizer.init({"student": params, "aux": aux_params}),
                     objective_state=objective_state, rng=rng,
                     nonfinite_step=jnp.full([], -1, jnp.int32))
 

@@ -50,15 +50,17 @@ def make_train_step(student: nn.Module, teachers: Mapping[str, nn.Module], objec
                        "objective_state": state.objective_state}
 
     def loss_fn(trainable):
-      params, aux_params = trainable
+      params, aux_params = trainable["student"], trainable["aux"]
       student_out = apply_model(student, params, images["student"], True, dropout_rng)
       return objective(aux_params, student_out, teacher_outs, objective_batch,
                        objective_rng)
 
-    trainable = (state.params, state.aux_params)
+    # The optimizer sees parameter names 'student/...' and 'aux/...' (config.wd_mask).
+    trainable = {"student": state.params, "aux": state.aux_params}
     (loss, objective_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
-    new_params, new_aux = optax.apply_updates(trainable, updates)
+    new_trainable = optax.apply_updates(trainable, updates)
+    new_params, new_aux = new_trainable["student"], new_trainable["aux"]
 
     # A non-finite step is not applied, and its step number is remembered so the
     # loop can stop at its next host check with the last good params intact.
@@ -96,20 +98,33 @@ def _topk_hits(logits, targets, k):
   return jnp.any(top == targets[:, None], axis=-1).astype(jnp.float32)
 
 
-def _kl_per_example(student_logits, teacher_logits):
-  log_p_t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32))
+def _kl_per_example(student_logits, teacher_log_probs):
   log_p_s = jax.nn.log_softmax(student_logits.astype(jnp.float32))
-  return jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), -1)
+  return jnp.sum(jnp.exp(teacher_log_probs) * (teacher_log_probs - log_p_s), -1)
 
 
-def make_eval_step(student: nn.Module, teachers: Mapping[str, nn.Module]) -> Callable:
+def ensemble_log_probs(teacher_logits: Mapping[str, jax.Array], ensemble: str) -> jax.Array:
+  """Log-probabilities [B, C] of the teachers' ensemble at T=1.
+
+  'mean_logits': softmax of the mean logits; 'sum_kl': the mean of the teachers'
+  probabilities (what a sum of KLs trains the student towards).
+  """
+  stacked = jnp.stack([logits.astype(jnp.float32) for logits in teacher_logits.values()])
+  if ensemble == "sum_kl":
+    return (jax.scipy.special.logsumexp(jax.nn.log_softmax(stacked), axis=0)
+            - jnp.log(float(stacked.shape[0])))
+  return jax.nn.log_softmax(jnp.mean(stacked, 0))
+
+
+def make_eval_step(student: nn.Module, teachers: Mapping[str, nn.Module],
+                   ensemble: str = "mean_logits") -> Callable:
   """Returns `eval_step(params, teacher_params, batch) -> sums` (masked sums).
 
   Sums (divide by 'count'): student/teacher top-1/top-5 accuracy; agreement_top1
   (student and teacher argmax equal), agreement_top5 (teacher's argmax within the
   student's top 5), kl = KL(teacher || student) at T=1. With several teachers,
-  each gets `teacher_<name>_*` and `teacher_*`/agreement/kl use the ensemble
-  (mean of their logits).
+  each gets `teacher_<name>_*` and `teacher_*`/agreement/kl use their ensemble as
+  training builds it (`ensemble_log_probs`).
   """
 
   def eval_step(params, teacher_params, batch):
@@ -127,7 +142,7 @@ def make_eval_step(student: nn.Module, teachers: Mapping[str, nn.Module]) -> Cal
       for name, logits in teacher_logits.items():
         sums[f"teacher_{name}_top1"] = jnp.sum(mask * _topk_hits(logits, label, 1))
         sums[f"teacher_{name}_top5"] = jnp.sum(mask * _topk_hits(logits, label, 5))
-    reference = jnp.mean(jnp.stack(list(teacher_logits.values())), 0)
+    reference = ensemble_log_probs(teacher_logits, ensemble)
     teacher_argmax = jnp.argmax(reference, -1)
     sums.update({
         "teacher_top1": jnp.sum(mask * _topk_hits(reference, label, 1)),

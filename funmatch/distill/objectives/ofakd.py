@@ -3,15 +3,18 @@
 Branch heads project intermediate student features into logit space, where any
 teacher (CNN or ViT) can be matched; only the teacher's logits are used, so
 heterogeneous pairs (ViT teacher -> BiT/MobileNet student, BiT teacher -> ViT
-student) need nothing else. With one-hot (or mixed) labels y and p = softmax(z/T):
+student) need nothing else. With y = one_hot(argmax(label)) (the label's class, also
+when mixup mixes the labels, as the authors' code) and p = softmax(z/T):
 
-  L_OFA(z_S, z_T) = mean_B sum_c -[(p_T,c + y_c)^gamma - y_c] * log p_S,c
-  loss = ce_weight * CE(z_S, y)
-       + ofa_weight * (L_OFA(z_S, z_T) + sum over stages L_OFA(branch_s, z_T))
+  L_OFA(z_S, z_T; gamma) = mean_B sum_c -[(p_T,c + y_c)^gamma - y_c] * log p_S,c
+  loss = ce_weight * CE(z_S, mixed labels)
+       + ofa_weight * (L_OFA(z_S, z_T; gamma_last) + sum_s L_OFA(branch_s, z_T; gamma_s))
 
 gamma = 1 is plain soft cross-entropy with the teacher; gamma > 1 enhances the
-target class (weight (1 + p_T)^gamma - 1). As in the authors' code there is no T^2
-factor (T = 1 by default). Several teachers: their logits are averaged first.
+target class (weight (1 + p_T)^gamma - 1). `gamma` is one number for every term or,
+as the authors' per-stage `ofa_eps`, a tuple with one value per branch stage (in
+`stages` order) and the last for the final logits. As in the authors' code there is
+no T^2 factor (T = 1 by default). Several teachers: their logits are averaged first.
 
 Branches (training-only aux params, never exported), one per entry of `stages`:
   CNN tap [B, H, W, C]: conv3x3 (stride 2 while the map is larger than the
@@ -44,13 +47,13 @@ _STAGE = re.compile(r"^stage(\d+)$")
 _BLOCK = re.compile(r"^block(\d+)$")
 
 
-def ofa_loss(student_logits, teacher_logits, labels, gamma: float,
+def ofa_loss(student_logits, teacher_logits, target_mask, gamma: float,
              temperature: float = 1.0) -> jax.Array:
-  """L_OFA averaged over the batch; `labels` are [B, C] (one-hot or mixed)."""
+  """L_OFA averaged over the batch; `target_mask` is one-hot [B, C] (the label class)."""
   log_p_student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, -1)
   p_teacher = jax.nn.softmax(teacher_logits.astype(jnp.float32) / temperature, -1)
-  labels = labels.astype(jnp.float32)
-  weights = jax.lax.stop_gradient((p_teacher + labels) ** gamma - labels)
+  target_mask = target_mask.astype(jnp.float32)
+  weights = jax.lax.stop_gradient((p_teacher + target_mask) ** gamma - target_mask)
   return jnp.mean(jnp.sum(-weights * log_p_student, -1))
 
 
@@ -145,7 +148,7 @@ def _branchable(taps) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class OFAKD:
   """OFA-KD; settings in config.objective_args."""
-  gamma: float = 1.0            # 1.0 (CIFAR) .. 1.5 (ImageNet)
+  gamma: float | tuple = 1.0    # 1.0 (CIFAR) .. 1.5 (ImageNet); or one per stage + final
   temperature: float = 1.0
   stages: str = "auto"          # 'auto', 'stage1,stage2' or a tuple of tap names
   ce_weight: float = 1.0
@@ -160,12 +163,24 @@ class OFAKD:
 
   def validate(self) -> None:
     where = "config.objective_args"
-    if not self.gamma > 0:
-      raise UserError(f"{where}.gamma must be > 0 (1 = soft cross-entropy), got {self.gamma}")
+    gammas = self.gamma if isinstance(self.gamma, (tuple, list)) else (self.gamma,)
+    if not gammas or not all(isinstance(g, (int, float)) and g > 0 for g in gammas):
+      raise UserError(f"{where}.gamma must be > 0 (1 = soft cross-entropy), or a tuple of "
+                      f"such values (one per stage, then the final logits), got {self.gamma}")
     check_settings(self, positive=("temperature",), non_negative=("ce_weight", "ofa_weight"))
     if not isinstance(self.stages, (str, tuple, list)):
       raise UserError(f"{where}.stages must be 'auto', 'stage1,stage2,...' or a tuple of "
                       f"tap names, got {self.stages!r}")
+
+  def gammas(self, stages: Sequence[str]) -> tuple[tuple[float, ...], float]:
+    """(gamma of each branch stage, gamma of the final logits)."""
+    if not isinstance(self.gamma, (tuple, list)):
+      return (float(self.gamma),) * len(stages), float(self.gamma)
+    if len(self.gamma) != len(stages) + 1:
+      raise UserError(f"config.objective_args.gamma has {len(self.gamma)} values but the "
+                      f"student has {len(stages)} branch stages ({', '.join(stages)}) plus "
+                      f"the final logits; give {len(stages) + 1} values or one number")
+    return tuple(float(g) for g in self.gamma[:-1]), float(self.gamma[-1])
 
   def stage_names(self, student_taps) -> tuple[str, ...]:
     if isinstance(self.stages, str):
@@ -178,6 +193,7 @@ class OFAKD:
   def check_models(self, student_out, teacher_outs) -> None:
     student_logits, taps = student_out
     available = _branchable(taps)
+    self.gammas(self.stage_names(taps))  # a gamma tuple of the wrong length fails here
     for stage in self.stage_names(taps):
       if stage not in taps:
         raise UserError(f"config.objective_args.stages names '{stage}', which the student "
@@ -245,12 +261,15 @@ class OFAKD:
                                          for out in teacher_outs.values()]), 0)
     ce = jnp.mean(-jnp.sum(labels * jax.nn.log_softmax(
         student_logits.astype(jnp.float32), -1), -1))
-    ofa = lambda z: ofa_loss(z, teacher_logits, labels, self.gamma, self.temperature)
-    metrics = {"ce": ce, "ofa_logits": ofa(student_logits),
+    target_mask = jax.nn.one_hot(jnp.argmax(labels, -1), labels.shape[-1])
+    ofa = lambda z, gamma: ofa_loss(z, teacher_logits, target_mask, gamma, self.temperature)
+    branches = self.branch_logits(aux_params, student_out)
+    stage_gammas, final_gamma = self.gammas(tuple(branches))
+    metrics = {"ce": ce, "ofa_logits": ofa(student_logits, final_gamma),
                "student_entropy": entropy(student_logits),
                "teacher_entropy": entropy(teacher_logits)}
     total_ofa = metrics["ofa_logits"]
-    for stage, logits in self.branch_logits(aux_params, student_out).items():
-      metrics[f"ofa_{stage}"] = ofa(logits)
+    for (stage, logits), gamma in zip(branches.items(), stage_gammas):
+      metrics[f"ofa_{stage}"] = ofa(logits, gamma)
       total_ofa = total_ofa + metrics[f"ofa_{stage}"]
     return self.ce_weight * ce + self.ofa_weight * total_ofa, metrics
