@@ -21,5 +21,5 @@ def get_config(arg=None):
                          f"data_dir={args.data_dir},optimizer={args.optimizer}")
   c.teachers = ("teacher", "teacher384")
   c.teacher384 = cu.model_config("bit", res=384, init=args.teacher384, depth=152, width=2.0)
-  c.ensemble = args.ensemble
+  c.objective_args.ensemble = args.ensemble
   return c

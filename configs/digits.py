@@ -26,7 +26,7 @@ def get_config(arg=None):
   common.set_optimizer(c, args.optimizer)
   c.lr = 3e-3
   c.wd = 1e-4
-  c.temperature = 1.0
+  c.objective_args.temperature = 1.0
   c.schedule.warmup_steps = 100
   c.log_every_steps = 50
   c.eval_every_steps = 500

@@ -15,8 +15,7 @@ def get_config(arg=None):
   args = common.parse_arg(arg, steps=1000, batch_size=128, res=16, optimizer="adam")
   c = digits.get_config(f"steps={args.steps},batch_size={args.batch_size},res={args.res},"
                         f"teacher_res={args.res},optimizer={args.optimizer}")
-  c.objective = "supervised"
+  common.set_objective(c, "supervised")
   c.teachers = ()
   c.mixup.p = 0.0
-  c.label_smoothing = 0.0
   return c

@@ -25,9 +25,8 @@ def get_config(arg=None):
   c.teacher = common.model_config("vit", res=args.res, init=args.teacher, variant="Ti",
                                   width=96, depth=4, num_heads=3, mlp_dim=384, patch_size=4)
   if args.baseline:
-    c.objective = "supervised"
+    common.set_objective(c, "supervised")
     c.teachers = ()
-    c.label_smoothing = 0.0
     return c
   common.set_objective(c, "ofakd", gamma=args.gamma, temperature=1.0, stages="auto")
   return c

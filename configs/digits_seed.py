@@ -27,7 +27,7 @@ def get_config(arg=None):
   c.mixup.p = 0.0
   c.eval_every_steps = 0      # the linear probe reads the whole train split: at the end
   if args.baseline:
-    c.objective = "supervised"
+    common.set_objective(c, "supervised")
     c.teachers = ()
     return c
   # Digits' train split has 1352 images: a 1280-entry queue holds about one epoch.

@@ -8,7 +8,7 @@ from funmatch import config_util as common
 def get_config(arg=None):
   args = common.parse_arg(arg, steps=300, batch_size=128, res=16)
   c = common.base_config()
-  c.objective = "supervised"
+  common.set_objective(c, "supervised")
   c.teachers = ()
   c.input = common.data_config("digits", split="train", image_size=args.res,
                                batch_size=args.batch_size, crop="inception",
@@ -20,7 +20,6 @@ def get_config(arg=None):
   c.total_steps = args.steps
   c.lr = 1e-3
   c.wd = 1e-4
-  c.label_smoothing = 0.0
   c.schedule.warmup_steps = 50
   c.log_every_steps = 50
   c.eval_every_steps = 200

@@ -55,7 +55,7 @@ def get_config(arg=None):
   cu.set_optimizer(c, "adam")
   c.optax.mu_dtype = "bfloat16"
   c.total_epochs = float(epochs)
-  c.temperature = temperature
+  c.objective_args.temperature = temperature
   c.lr = lr
   c.wd = wd
   c.grad_clip_norm = 1.0

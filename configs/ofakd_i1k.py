@@ -38,7 +38,7 @@ def get_config(arg=None):
   c.checkpoint_every_steps = 1000
   c.keep_every_steps = 50_000
   if args.baseline:
-    c.objective = "supervised"
+    cu.set_objective(c, "supervised")
     c.teachers = ()
     return c
   cu.set_objective(c, "ofakd", gamma=args.gamma, temperature=1.0,

@@ -4,11 +4,14 @@ Recipes are big_vision-style `get_config(arg)` files; `arg` is the text after th
 colon in `--config configs/digits.py:teacher=/path,variant=fast`.
 """
 import ast
+import dataclasses
 import importlib.util
 import os
+import types
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from funmatch.errors import UserError
 
@@ -64,9 +67,16 @@ def model_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def model_config(model: str, res: int, init: str = "", dtype: str = "float32",
                  **kwargs: Any) -> ml_collections.ConfigDict:
-  """A model sub-config: registry name, input resolution, init source, kwargs."""
+  """A model sub-config: registry name, input resolution, init source, kwargs.
+
+  The model's own options are untyped fields (the model validates them), so the
+  command line may give BiT's depth as 50 or as "(1, 1, 2, 2)".
+  """
+  options = {k: config_dict.FieldReference(tuple(v) if isinstance(v, list) else v,
+                                           field_type=object)
+             for k, v in kwargs.items()}
   return ml_collections.ConfigDict(
-      dict(model=model, res=res, init=init, dont_load=(), dtype=dtype, **kwargs))
+      dict(model=model, res=res, init=init, dont_load=(), dtype=dtype, **options))
 
 
 
@@ -74,8 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Every key the trainer reads, with its default; recipes override values."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.objective = "function_matching"  # see funmatch.distill.objectives.OBJECTIVES
-  c.objective_args = ml_collections.ConfigDict()  # set_objective() fills it
+  set_objective(c, "function_matching")  # config.objective and its objective_args
   c.teaching = "function_matching"   # fixed | independent | consistent | function_matching
   c.num_classes = 0                  # 0: take it from the training data
   c.total_epochs = 0.0
@@ -98,11 +107,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.teachers = ("teacher",)
   c.teacher = model_config("bit", res=224, depth=152, width=2)
 
-  # Function matching: distance between student and teacher logits.
-  c.distance = "kl"                  # kl | hard | l2 | euclidean | logsoftmax_euclidean
-  c.temperature = 1.0
-  c.ensemble = "sum_kl"              # sum_kl | mean_logits (several teachers)
-  c.label_smoothing = 0.0            # for distance='hard' and supervised training
   c.mixup = ml_collections.ConfigDict(dict(p=1.0, per_example=False))
 
   c.optax_name = "adam"              # adam | sgd | shampoo (see funmatch/optim)
@@ -161,11 +165,18 @@ def set_objective(c: ml_collections.ConfigDict, name: str, **overrides: Any) -> 
   override it (`--config.objective_args.alpha=1e-4`) although the config is locked.
   """
   from funmatch.distill import objectives  # pylint: disable=import-outside-toplevel
-  args = objectives.default_args(name)
-  unknown = sorted(set(overrides) - set(args))
+  fields = {f.name: f for f in dataclasses.fields(objectives.objective_class(name))}
+  unknown = sorted(set(overrides) - set(fields))
   if unknown:
     raise UserError(f"objective '{name}' has no setting(s) {', '.join(unknown)}")
-  args.update(overrides)
+  args = {}
+  for key, field in fields.items():
+    value = overrides.get(key, field.default)
+    # A setting that takes several types (OFA's gamma: a number or a tuple) must
+    # accept any of them from the command line: an untyped field.
+    if isinstance(field.type, types.UnionType):
+      value = config_dict.FieldReference(value, field_type=object)
+    args[key] = value
   c.objective = name
   c.objective_args = ml_collections.ConfigDict(args)
 

@@ -13,9 +13,3 @@ class UserError(Exception):
 
   def __init__(self, message: str):
     super().__init__(" ".join(str(message).split()))  # always one line
-
-
-def require(condition: bool, message: str) -> None:
-  """Raises UserError(message) unless condition holds."""
-  if not condition:
-    raise UserError(message)

@@ -18,7 +18,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from funmatch.errors import UserError
 
-DEFAULT_MESH = (("data", -1),)
 STRATEGIES = ("replicate", "fsdp")
 FSDP_AXIS = "fsdp"
 
@@ -27,7 +26,7 @@ def make_mesh(config: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds the mesh named by config.mesh over `devices` (default: all)."""
   devices = list(devices if devices is not None else jax.devices())
-  axes = tuple(tuple(axis) for axis in config.get("mesh", DEFAULT_MESH))
+  axes = tuple(tuple(axis) for axis in config.mesh)
   names = [name for name, _ in axes]
   sizes = [int(size) for _, size in axes]
   if sizes.count(-1) > 1:
@@ -75,9 +74,9 @@ def check_batch_size(batch_size: int, mesh: Mesh, key: str = "input.batch_size")
 
 def strategy(config: ml_collections.ConfigDict, group: str, mesh: Mesh) -> str:
   """The sharding strategy of `group`; a teacher without its own key uses `teachers`."""
-  sharding = config.get("sharding", None) or {}
-  key = group if group in sharding or group in ("student", "aux") else "teachers"
-  name = sharding.get(key, "replicate")
+  # A teacher may have its own key (config.sharding.<teacher name>); else 'teachers'.
+  key = group if group in config.sharding or group in ("student", "aux") else "teachers"
+  name = config.sharding[key]
   if name not in STRATEGIES:
     raise UserError(f"unknown config.sharding.{key}='{name}'; choose one of: "
                     f"{', '.join(STRATEGIES)}")
@@ -109,8 +108,7 @@ def tree_shardings(tree: Any, mesh: Mesh, name: str, min_size: int) -> Any:
 
 
 def fsdp_min_size(config: ml_collections.ConfigDict) -> int:
-  sharding = config.get("sharding", None) or {}
-  size = int(sharding.get("fsdp_min_size", 2 ** 14))
+  size = int(config.sharding.fsdp_min_size)
   if size < 0:
     raise UserError(f"config.sharding.fsdp_min_size must be >= 0, got {size}")
   return size

@@ -46,14 +46,15 @@ def save_restored_params(args: list[str], workdir: str, path: str) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from funmatch import checkpoint  # pylint: disable=import-outside-toplevel
-  from funmatch.train import build, cli, loop, params_io  # pylint: disable=import-outside-toplevel
+  from funmatch.models import npz  # pylint: disable=import-outside-toplevel
+  from funmatch.train import build, cli, loop  # pylint: disable=import-outside-toplevel
   config, _, _ = cli.parse(["prog", *args], "mesh_worker", {})
   state = loop.init_state(build.build(config, "distill"))
   ckpt = checkpoint.Checkpointer(workdir, save_every=1)
   _, restored = ckpt.restore_latest(jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
   ckpt.close()
-  np.savez(path, **params_io.flatten(jax.device_get(restored.params)))
+  np.savez(path, **npz.flatten(jax.device_get(restored.params)))
 
 
 def main(teacher: str, out_dir: str, *variants: str) -> int:

@@ -10,7 +10,7 @@ import pytest
 
 from funmatch.errors import UserError
 from funmatch.models import bit
-from funmatch.models import count_params
+from clu.parameter_overview import count_parameters as count_params
 from funmatch.models import get_model
 
 # ---------------------------------------------------------------------------

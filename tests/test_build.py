@@ -13,7 +13,7 @@ def _student_params(seed):
   config.student.depth = [1, 1, 1, 1]
   config.student.width = 0.5
   config.seed = seed
-  return build.build(config, "train").student_params
+  return build.build(config, "train").models.student_params
 
 
 def test_initial_student_params_follow_the_seed():

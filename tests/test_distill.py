@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from funmatch.distill import distances, mixup
+from funmatch.distill import losses as distances, mixup
 from funmatch.distill.objectives import make_objective
 from funmatch.distill.objectives.function_matching import FunctionMatching
 from funmatch.errors import UserError
@@ -90,11 +90,10 @@ def test_mixup_batch_coefficient_distribution_is_folded_beta():
   assert draws.min() >= 0.5 and abs(draws.mean() - 0.75) < 0.03
 
 
-def _config(**kw):
-  c = ml_collections.ConfigDict(dict(objective="function_matching", distance="kl",
-                                     temperature=1.0, ensemble="sum_kl",
-                                     label_smoothing=0.0))
-  c.update(kw)
+def _config(objective="function_matching", **settings):
+  from funmatch import config_util
+  c = config_util.base_config()
+  config_util.set_objective(c, objective, **settings)
   return c
 
 
@@ -122,14 +121,18 @@ def test_function_matching_bad_settings_are_user_errors():
     make_objective(_config(temperature=0.0))
   with pytest.raises(UserError, match="objective"):
     make_objective(_config(objective="magic"))
+  # A setting no objective reads is an error, not silence.
+  config = _config()
+  config.objective_args = ml_collections.ConfigDict(dict(temperature=2.0, alpha=1.0))
+  with pytest.raises(UserError, match="unknown key.*alpha"):
+    make_objective(config)
 
 
 def test_supervised_objective_is_cross_entropy_on_mixed_labels():
   logits = jnp.array([[2.0, 0.0, 0.0]])
   probs = jnp.array([[0.7, 0.3, 0.0]])
-  loss, _ = make_objective(ml_collections.ConfigDict(
-      dict(objective="supervised", label_smoothing=0.0)))(
-          {}, (logits, {}), {}, {"label_probs": probs}, None)
+  loss, _ = make_objective(_config("supervised"))(
+      {}, (logits, {}), {}, {"label_probs": probs}, None)
   log_q = np.log(_softmax(np.array([2.0, 0.0, 0.0])))
   assert float(loss) == pytest.approx(-(0.7 * log_q[0] + 0.3 * log_q[1]), rel=1e-6)
 
@@ -159,7 +162,8 @@ def _eval_sums(ensemble, student_logits, teacher_logits, labels):
                       for name, v in views.items()},
            "label": jnp.asarray(labels), "mask": jnp.ones(len(labels), bool)}
   teachers = {name: FirstPixel() for name in teacher_logits}
-  eval_step = step_lib.make_eval_step(FirstPixel(), teachers, ensemble)
+  objective = make_objective(_config(ensemble=ensemble))
+  eval_step = step_lib.make_eval_step(FirstPixel(), teachers, objective.teacher_log_probs)
   sums = eval_step({}, {name: {} for name in teachers}, batch)
   return {k: float(v) for k, v in sums.items()}
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from funmatch.errors import UserError
-from funmatch.models import count_params
+from clu.parameter_overview import count_parameters as count_params
 from funmatch.models import get_model
 from funmatch.models import mobilenet_v3 as mnv3
 

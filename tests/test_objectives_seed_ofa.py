@@ -118,8 +118,10 @@ def test_seed_state_step_and_next_state():
   aux = objective.init_aux(jax.random.PRNGKey(0), student, {"teacher": teacher})
   assert jax.tree.map(np.shape, aux) == {"head": {"hidden": {"kernel": (6, 6), "bias": (6,)},
                                                    "out": {"kernel": (6, 5), "bias": (5,)}}}
-  state = objective.init_state(student, {"teacher": teacher})
+  state = objective.init_state(jax.random.PRNGKey(0), student, {"teacher": teacher})
   assert state["queue"].shape == (5, 8) and int(state["pointer"]) == 0
+  # The teacher's 7 features reach dim 5 through a fixed projection kept in the state.
+  assert state["projection"].shape == (7, 5)
   np.testing.assert_allclose(np.linalg.norm(state["queue"], axis=0), 1.0, rtol=1e-5)
   rng = np.random.default_rng(2)
   student_out = (jnp.zeros((4, 10)), {"pre_logits": jnp.asarray(rng.normal(size=(4, 6)),
@@ -129,7 +131,7 @@ def test_seed_state_step_and_next_state():
   batch = {"objective_state": state}
   loss, metrics = jax.jit(objective)(aux, student_out, teacher_outs, batch, None)
   s = np.asarray(objective.student_embeddings(aux, student_out))
-  t = np.asarray(objective.teacher_embeddings(teacher_outs))
+  t = np.asarray(objective.teacher_embeddings(state, teacher_outs))
   np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1.0, rtol=1e-5)
   assert float(loss) == pytest.approx(
       _seed_reference(s, t, np.asarray(state["queue"]), 0.2, 1e-4), rel=1e-4)
@@ -146,9 +148,11 @@ def test_seed_state_step_and_next_state():
 def test_seed_dim_zero_uses_the_teacher_width_without_projection():
   objective = make_objective(_config("seed", batch_size=4, queue_size=8, dim=0))
   x = np.random.default_rng(3).normal(size=(4, 7)).astype(np.float32)
-  t = objective.teacher_embeddings({"teacher": (None, {"pre_logits": jnp.asarray(x)})})
+  state = objective.init_state(jax.random.PRNGKey(0), _shapes(2, 6),
+                               {"teacher": _shapes(2, 7)})
+  assert state["queue"].shape == (7, 8) and "projection" not in state
+  t = objective.teacher_embeddings(state, {"teacher": (None, {"pre_logits": jnp.asarray(x)})})
   np.testing.assert_allclose(t, _unit(x), rtol=1e-5)
-  assert objective.init_state(_shapes(2, 6), {"teacher": _shapes(2, 7)})["queue"].shape == (7, 8)
 
 
 @pytest.mark.parametrize("batch_size,queue_size", [(64, 100), (64, 0), (48, 64)])
@@ -520,6 +524,6 @@ def test_baseline_configs_train_on_labels_with_the_same_student():
     module = config_util.load_recipe(repo_path("configs", "x.py"), name)
     method, baseline = module.get_config("teacher=x"), module.get_config("baseline=True")
     assert baseline.objective == "supervised" and baseline.teachers == ()
-    build.validate_top_level(baseline, "train")
+    build.validate(baseline, "train")
     for key in ("student", "input", "total_steps", "lr", "wd", "optax_name", "schedule"):
       assert baseline[key] == method[key], (name, key)

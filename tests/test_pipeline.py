@@ -12,6 +12,7 @@ from PIL import Image
 from funmatch.data import pipeline
 from funmatch.data import preprocess as pp
 from funmatch.data import sources
+from funmatch.teaching import CROPS
 from funmatch.errors import UserError
 
 VIEWS = {"student": 16, "teacher": 32}
@@ -46,7 +47,7 @@ def test_consistent_views_are_one_crop_at_each_resolution(teaching):
   cfg = _digits(crop_area_min=0.3)
   spec = pp.spec_from_config(cfg)
   images, _ = sources.digits("train", 32)
-  batches = _batches(pipeline.train_dataset(cfg, VIEWS, seed=3, teaching=teaching), 2)
+  batches = _batches(pipeline.train_dataset(cfg, VIEWS, seed=3, crops=CROPS[teaching]), 2)
   for step, batch in enumerate(batches):
     for i in range(0, 8, 3):
       position = step * 8 + i
@@ -67,10 +68,10 @@ def test_consistent_views_are_one_crop_at_each_resolution(teaching):
 def test_same_resolution_views_identical_only_when_consistent():
   views = {"a": 24, "b": 24}
   consistent = _batches(pipeline.train_dataset(
-      _digits(), views, seed=0, teaching="consistent"), 1)[0]["images"]
+      _digits(), views, seed=0, crops="shared"), 1)[0]["images"]
   np.testing.assert_array_equal(consistent["a"], consistent["b"])
   independent = _batches(pipeline.train_dataset(
-      _digits(), views, seed=0, teaching="independent"), 1)[0]["images"]
+      _digits(), views, seed=0, crops="independent"), 1)[0]["images"]
   differs = [not np.array_equal(a, b)
              for a, b in zip(independent["a"], independent["b"])]
   assert sum(differs) >= 6
@@ -81,7 +82,7 @@ def test_independent_views_use_their_own_crops():
   spec = pp.spec_from_config(cfg)
   images, _ = sources.digits("train", 32)
   batch = _batches(pipeline.train_dataset(cfg, VIEWS, seed=1,
-                                          teaching="independent"), 1)[0]
+                                          crops="independent"), 1)[0]
   for i in (0, 5):
     seed = pipeline.example_seed(1, i)
     for name, res in VIEWS.items():
@@ -96,7 +97,7 @@ def test_fixed_teacher_view_is_the_same_every_epoch():
   cfg = _digits(split="test", batch_size=89)
   spec = pp.spec_from_config(cfg)
   images, _ = sources.digits("test", 32)
-  batches = _batches(pipeline.train_dataset(cfg, VIEWS, seed=2, teaching="fixed"),
+  batches = _batches(pipeline.train_dataset(cfg, VIEWS, seed=2, crops="fixed"),
                      10)
   by_epoch = [{}, {}]
   for step, batch in enumerate(batches):
@@ -116,11 +117,12 @@ def test_fixed_teacher_view_is_the_same_every_epoch():
                                atol=1e-6)
 
 
-def test_teaching_and_batch_errors():
-  with pytest.raises(UserError, match="teaching"):
-    pipeline.train_dataset(_digits(), VIEWS, seed=0, teaching="patient")
-  with pytest.raises(UserError, match="student"):
-    pipeline.train_dataset(_digits(), {"teacher": 32}, seed=0, teaching="fixed")
+def test_crops_and_batch_errors():
+  # The teaching plan makes crops and views; a mismatch is a programming error.
+  with pytest.raises(ValueError, match="crops"):
+    pipeline.train_dataset(_digits(), VIEWS, seed=0, crops="patient")
+  with pytest.raises(ValueError, match="student"):
+    pipeline.train_dataset(_digits(), {"teacher": 32}, seed=0, crops="fixed")
   with pytest.raises(UserError, match="batch_size=10.*processes"):
     pipeline.train_dataset(_digits(batch_size=10), VIEWS, seed=0,
                            process_count=3)
@@ -367,7 +369,7 @@ def test_folder_pipeline_decodes_jpegs(tmp_path):
   root = _jpeg_folder(tmp_path / "imgs")
   cfg = ConfigDict(dict(source="folder", root=str(root), batch_size=4))
   for teaching in ("function_matching", "independent", "fixed"):
-    batch = _batches(pipeline.train_dataset(cfg, VIEWS, seed=0, teaching=teaching),
+    batch = _batches(pipeline.train_dataset(cfg, VIEWS, seed=0, crops=CROPS[teaching]),
                      1)[0]
     assert batch["images"]["teacher"].shape == (4, 32, 32, 3)
     student = batch["images"]["student"]

@@ -35,7 +35,7 @@ def test_out_of_domain_images_reach_every_model(tmp_path):
                         image_size=16, crop="inception", crop_area_min=0.3, flip=True))
   known = np.array(COLORS, np.float32) / 127.5 - 1.0
   batch = next(pipeline.train_dataset(cfg, {"student": 16, "teacher": 24}, seed=0,
-                                      teaching="independent").as_numpy_iterator())
+                                      crops="independent").as_numpy_iterator())
   for name, res in (("student", 16), ("teacher", 24)):
     images = batch["images"][name]
     assert images.shape == (8, res, res, 3)
@@ -121,12 +121,27 @@ def test_plot_metrics_curves_and_png(tmp_path):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plot_metrics_bad_inputs(tmp_path, capsys):
+def _exit_code(main, args):
+  try:
+    return main(args)
+  except SystemExit as e:
+    return e.code
+
+
+def test_plot_metrics_bad_inputs(tmp_path, capsys, monkeypatch):
   output = str(tmp_path / "fig.png")
-  assert plot_metrics.main([str(tmp_path / "missing"), "--output", output]) == 2
+  assert _exit_code(plot_metrics.main, [str(tmp_path / "missing"), "--output", output]) == 2
   a = write_run(str(tmp_path / "a"))
-  assert plot_metrics.main([a, "--eval", "val", "--output", output]) == 2
-  assert plot_metrics.main([a, "--labels", "x,y", "--output", output]) == 2
+  assert _exit_code(plot_metrics.main, [a, "--eval", "val", "--output", output]) == 2
+  assert _exit_code(plot_metrics.main, [a, "--labels", "x,y", "--output", output]) == 2
   err = capsys.readouterr().err
   assert "no metrics.jsonl" in err and "'val/student_top1'" in err and "--labels" in err
   assert not os.path.exists(output)
+  # Without matplotlib: one line naming the extra to install, no traceback.
+  import importlib.util
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+  assert _exit_code(plot_metrics.main, [a, "--output", output]) == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and "funmatch[plot]" in lines[0] and "matplotlib" in lines[0]

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from funmatch.errors import UserError
-from funmatch.models import count_params
+from clu.parameter_overview import count_parameters as count_params
 from funmatch.models import get_model
 from funmatch.models import vit
-from funmatch.train import params_io
+from funmatch import config_util, models
+from funmatch.train import weights
 
 TINY = dict(variant="Ti", width=32, depth=3, num_heads=4, mlp_dim=48,
             patch_size=4)
@@ -365,7 +366,7 @@ def test_registry_builds_a_vit():
 def test_params_export_round_trips(tiny, tmp_path):
   model, params, x, logits, _ = tiny
   path = str(tmp_path / "vit.npz")
-  params_io.save_params(path, "vit", params)
+  models.save_params("vit", path, params)
   with np.load(path) as stored:
     names = set(stored.files)
   # Official JAX ViT names, '/'-joined.
@@ -375,15 +376,16 @@ def test_params_export_round_trips(tiny, tmp_path):
           "Transformer/encoderblock_2/MultiHeadDotProductAttention_1/query/kernel",
           "Transformer/encoderblock_0/MlpBlock_3/Dense_1/bias"} <= names
   init = model.init(jax.random.key(1), jnp.zeros((1, SIZE, SIZE, 3)))["params"]
-  loaded = params_io.load_params_file(path, "vit", init)
+  loaded = models.load_params("vit", path, init)
   assert jax.tree.structure(loaded) == jax.tree.structure(params)
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
   np.testing.assert_array_equal(run(model, loaded, x)[0], logits)
-  loaded = params_io.resolve_init(path, "vit", init, what="config.teacher")
+  teacher_config = config_util.model_config("vit", SIZE, init=path, **TINY)
+  loaded = weights.initial_params(teacher_config, init, what="config.teacher", teacher=True)
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
   # A file for another model size is refused in one line.
   other = vit.Model(5, **{**TINY, "depth": 2})
   other_init = other.init(jax.random.key(0),
                           jnp.zeros((1, SIZE, SIZE, 3)))["params"]
   with pytest.raises(UserError, match="unexpected"):
-    params_io.load_params_file(path, "vit", other_init)
+    models.load_params("vit", path, other_init)

@@ -18,8 +18,6 @@ except RuntimeError:  # TF already initialised its devices elsewhere.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from funmatch.data.pipeline import EvalIterable
-from funmatch.data.pipeline import TEACHING_MODES
-from funmatch.data.pipeline import check_teaching
 from funmatch.data.pipeline import make_eval_iterator
 from funmatch.data.pipeline import make_train_iterator
 from funmatch.data.sources import SourceInfo

@@ -33,9 +33,9 @@ an `ml_collections.ConfigDict`, missing fields take the defaults shown):
   eval_resize_ratio  (1.143 = 256/224).
   resize_antialias   antialias the bilinear resizes (False, like big_vision).
 
-Teaching modes (`teaching=`; how the views of one example are cropped):
-  function_matching, consistent: ONE crop + flip per example; every view is that
-      crop resized to its own resolution (mixup happens later, on device).
+Crops (`crops=`, from the run's teaching plan, funmatch/teaching.py):
+  shared: ONE crop + flip per example; every view is that crop resized to its own
+      resolution (function matching's mixup happens later, on device).
   independent: every view its own random crop + flip.
   fixed: the 'student' view gets the random crop + flip, every other view the
       eval preprocessing (the same every epoch).
@@ -67,9 +67,9 @@ import tensorflow as tf
 from funmatch.data import preprocess
 from funmatch.data import sources
 from funmatch.errors import UserError
+from funmatch.teaching import STUDENT_VIEW
 
-TEACHING_MODES = ("function_matching", "consistent", "independent", "fixed")
-STUDENT_VIEW = "student"
+CROPS = ("shared", "independent", "fixed")
 _DEVICE_PREFETCH = 2
 # Seed-stream tags: keep the permutation, per-example and streaming seeds apart.
 _PERMUTATION, _EXAMPLE, _STREAM = 1, 2, 3
@@ -90,14 +90,14 @@ def check_views(views: Mapping[str, int]) -> None:
       raise UserError(f"resolution {res!r} of view {name!r} must be a positive int")
 
 
-def check_teaching(teaching: str, views: Mapping[str, int]) -> None:
-  """UserError unless `teaching` is a known mode that fits `views`."""
-  if teaching not in TEACHING_MODES:
-    raise UserError(f"teaching={teaching!r} is unknown; use one of {TEACHING_MODES}")
+def check_crops(crops: str, views: Mapping[str, int]) -> None:
+  """ValueError unless `crops` is known and fits `views` (the teaching plan made both)."""
+  if crops not in CROPS:
+    raise ValueError(f"crops={crops!r} is not one of {CROPS}")
   check_views(views)
-  if teaching == "fixed" and STUDENT_VIEW not in views:
-    raise UserError(f"teaching='fixed' needs a view named {STUDENT_VIEW!r} (got "
-                    f"{sorted(views)})")
+  if crops == "fixed" and STUDENT_VIEW not in views:
+    raise ValueError(f"crops='fixed' needs a view named {STUDENT_VIEW!r} (got "
+                     f"{sorted(views)})")
 
 
 def local_batch_size(cfg: Any, process_count: int, where: str = "input") -> int:
@@ -146,7 +146,7 @@ def _options() -> tf.data.Options:
 
 
 def train_views(raw: tf.Tensor, encoded: bool, seed: tf.Tensor,
-                views: Mapping[str, int], teaching: str,
+                views: Mapping[str, int], crops: str,
                 spec: preprocess.Spec) -> dict[str, tf.Tensor]:
   """{view: float32 [res, res, 3] in [-1, 1]} of one training example.
 
@@ -156,11 +156,11 @@ def train_views(raw: tf.Tensor, encoded: bool, seed: tf.Tensor,
     out = preprocess.resize(image, res, spec.resize_antialias)
     return preprocess.value_range(tf.ensure_shape(out, [res, res, 3]))
 
-  if teaching in ("function_matching", "consistent"):
+  if crops == "shared":
     image = preprocess.shared_crop(raw, encoded, seed, spec)
     return {name: resized(image, res) for name, res in views.items()}
   image = preprocess.decode(raw) if encoded else raw
-  if teaching == "independent":
+  if crops == "independent":
     return {name: preprocess.random_view(
         image, preprocess.fold_in(seed, view_tag(name)), res, spec)
             for name, res in views.items()}
@@ -196,14 +196,14 @@ def _lookup(data: sources.RandomAccessData) -> Callable[[tf.Tensor], tuple]:
 
 
 def train_dataset(cfg: Any, views: Mapping[str, int], *, seed: int,
-                  start_step: int = 0, teaching: str = "function_matching",
+                  start_step: int = 0, crops: str = "shared",
                   process_index: int = 0, process_count: int = 1,
                   where: str = "input") -> tf.data.Dataset:
   """Endless local batches of one host: {'images', 'label', 'index'}.
 
   'index' is the example's index in the source (-1 for streaming TFDS).
   """
-  check_teaching(teaching, views)
+  check_crops(crops, views)
   sources.source_info(cfg, where)
   spec = preprocess.spec_from_config(cfg, where)
   local_batch = local_batch_size(cfg, process_count, where)
@@ -212,16 +212,16 @@ def train_dataset(cfg: Any, views: Mapping[str, int], *, seed: int,
   if sources.is_random_access(cfg):
     data = sources.load_random_access(cfg, where)
     examples = _random_access_train(
-        data, views, spec, teaching, seed, start_step,
+        data, views, spec, crops, seed, start_step,
         local_batch * process_count, process_index, process_count)
   else:
-    examples = _streaming_train(cfg, views, spec, teaching, seed, start_step,
+    examples = _streaming_train(cfg, views, spec, crops, seed, start_step,
                                 process_index, process_count, where)
   ds = examples.batch(local_batch, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 
-def _random_access_train(data, views, spec, teaching, seed, start_step,
+def _random_access_train(data, views, spec, crops, seed, start_step,
                          global_batch, process_index, process_count):
   """Examples of this host, in global-stream order, starting at start_step."""
   n = data.num_examples
@@ -245,7 +245,7 @@ def _random_access_train(data, views, spec, teaching, seed, start_step,
   def make(position, index):
     raw, label = lookup(index)
     images = train_views(raw, encoded, example_seed(seed, position), views,
-                         teaching, spec)
+                         crops, spec)
     return {"images": images, "label": label, "index": index}
 
   return stream.unbatch().map(make, num_parallel_calls=tf.data.AUTOTUNE,
@@ -260,7 +260,7 @@ def _stream_seeds(seed: int, start_step: int, process_index: int
   return tuple(int(s) for s in state.generate_state(3, np.uint32))
 
 
-def _streaming_train(cfg, views, spec, teaching, seed, start_step,
+def _streaming_train(cfg, views, spec, crops, seed, start_step,
                      process_index, process_count, where):
   file_seed, shuffle_seed, aug_seed = _stream_seeds(seed, start_step,
                                                     process_index)
@@ -275,7 +275,7 @@ def _streaming_train(cfg, views, spec, teaching, seed, start_step,
   def make(count, example):
     raw, label = example
     images = train_views(raw, True, example_seed(aug_seed, count), views,
-                         teaching, spec)
+                         crops, spec)
     return {"images": images, "label": label,
             "index": tf.constant(-1, tf.int64)}
 
@@ -349,16 +349,6 @@ def _padding_example(views: Mapping[str, int]) -> Batch:
 # Device side: global jax.Arrays, prefetched.
 
 
-def _check_sharding(batch_size: int, sharding: jax.sharding.Sharding,
-                    where: str) -> None:
-  try:
-    sharding.shard_shape((batch_size,))
-  except ValueError as e:
-    raise UserError(f"{where}.batch_size={batch_size} does not split evenly over "
-                    f"the data-parallel devices ({e}); use a multiple of the "
-                    "device count") from e
-
-
 def _host_batches(ds: tf.data.Dataset, source_name: str) -> Iterator[Batch]:
   """Numpy batches without 'index'; TF read/decode errors become UserErrors."""
   iterator = ds.as_numpy_iterator()
@@ -403,7 +393,7 @@ def _prefetch_to_device(batches: Iterable[Batch], put: Callable[[Batch], Batch],
 
 def make_train_iterator(input_cfg: Any, views: Mapping[str, int], *, seed: int,
                         start_step: int, sharding: jax.sharding.NamedSharding,
-                        teaching: str = "function_matching",
+                        crops: str = "shared",
                         where: str = "input") -> Iterator[Batch]:
   """Endless global training batches, starting at `start_step`.
 
@@ -411,9 +401,8 @@ def make_train_iterator(input_cfg: Any, views: Mapping[str, int], *, seed: int,
   as jax.Arrays sharded by `sharding` over the leading (batch) axis.
   """
   info = sources.source_info(input_cfg, where)
-  _check_sharding(sources.check_batch_size(input_cfg, where), sharding, where)
   ds = train_dataset(input_cfg, views, seed=seed, start_step=start_step,
-                     teaching=teaching, process_index=jax.process_index(),
+                     crops=crops, process_index=jax.process_index(),
                      process_count=jax.process_count(), where=where)
   return _prefetch_to_device(_host_batches(ds, info.name),
                              lambda b: _to_global(b, sharding))
@@ -447,7 +436,6 @@ def make_eval_iterator(eval_cfg: Any, views: Mapping[str, int], *,
                        where: str = "eval") -> EvalIterable:
   """A re-iterable pass over an eval split (see `EvalIterable`)."""
   info = sources.source_info(eval_cfg, where)
-  _check_sharding(sources.check_batch_size(eval_cfg, where), sharding, where)
   ds, _, num_batches = eval_dataset(
       eval_cfg, views, process_index=jax.process_index(),
       process_count=jax.process_count(), where=where)

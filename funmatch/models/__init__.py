@@ -3,17 +3,20 @@
     model = get_model("bit", num_classes=10, depth=50, width=1)
     logits, taps = model.apply({"params": params}, images, train=False)
 
-Model modules are imported on first use, so `import funmatch.models` stays
-cheap and a typo in one model file cannot break the others.
+Each model module holds its `Model` and, beside it, its weights: `load(path,
+init_params, dont_load, strict_head)`, `save(path, params)` and `freeze(module,
+params)` (the form a frozen teacher runs in). Nothing outside funmatch/models
+branches on a model's name. Model modules are imported on first use, so
+`import funmatch.models` stays cheap and a typo in one model file cannot break
+the others.
 """
 
 import dataclasses
 import importlib
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
-import numpy as np
 
 from funmatch.errors import UserError
 
@@ -30,12 +33,17 @@ def model_names() -> tuple:
   return tuple(sorted(_REGISTRY))
 
 
-def model_class(name: str) -> type:
-  """The `Model` class registered as `name`."""
+def model_module(name: str):
+  """The module of model `name` (its Model, load, save and freeze)."""
   if name not in _REGISTRY:
     raise UserError(f"unknown model {name!r}; valid models: "
                     f"{', '.join(model_names())}.")
-  return importlib.import_module(_REGISTRY[name]).Model
+  return importlib.import_module(_REGISTRY[name])
+
+
+def model_class(name: str) -> type:
+  """The `Model` class registered as `name`."""
+  return model_module(name).Model
 
 
 def model_options(name: str) -> tuple:
@@ -64,7 +72,22 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
                     f"valid options: {', '.join(options)}.") from None
 
 
-def count_params(params: Mapping[str, Any]) -> int:
-  """Total number of parameter elements in a pytree."""
-  return int(sum(np.prod(np.shape(leaf), dtype=np.int64)
-                 for leaf in jax.tree.leaves(params)))
+def load_params(name: str, path: str, init_params: Any, dont_load: Sequence[str] = (),
+                strict_head: bool = False) -> Any:
+  """Params of model `name` from a weights file, with the structure of `init_params`.
+
+  strict_head (teachers): a stored head of another class count is an error;
+  otherwise (students) it is replaced by the fresh head of `init_params`.
+  """
+  return model_module(name).load(path, init_params, dont_load=tuple(dont_load),
+                                 strict_head=strict_head)
+
+
+def save_params(name: str, path: str, params: Any) -> str:
+  """Writes params of model `name` to `path` in its exchange layout; returns `path`."""
+  return model_module(name).save(path, params)
+
+
+def freeze(name: str, module: nn.Module, params: Any) -> tuple[nn.Module, Any]:
+  """The (module, params) a frozen model of `name` runs as (same function, cheaper)."""
+  return model_module(name).freeze(module, params)

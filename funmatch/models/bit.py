@@ -23,9 +23,7 @@ That is also what timm's `resnetv2._load_weights` reads, so `save_npz` files
 load there unchanged.
 """
 
-import os
 import re
-import tempfile
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 from absl import logging
@@ -36,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from funmatch.errors import UserError
+from funmatch.models import npz
 
 Params = Mapping[str, Any]
 
@@ -348,24 +347,8 @@ def to_npz_dict(params: Params) -> Dict[str, np.ndarray]:
 
 
 def save_npz(path: str, params: Params) -> str:
-  """Writes params as an official-format BiT `.npz`; returns `path`.
-
-  The file appears atomically (written beside it, then renamed) so a reader
-  never sees half a file.
-  """
-  arrays = to_npz_dict(params)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp_path = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
-  return path
+  """Writes params as an official-format BiT `.npz` (atomically); returns `path`."""
+  return npz.write(path, to_npz_dict(params))
 
 
 def describe(params: Params) -> str:
@@ -401,25 +384,6 @@ def prestandardize(params: Params) -> Params:
 # --------------------------------------------------------------------------
 # Loading.
 # --------------------------------------------------------------------------
-
-
-def _read_npz(path: str) -> Dict[str, np.ndarray]:
-  """All arrays of an `.npz`, or a one-line UserError naming the path."""
-  if not os.path.isfile(path):
-    raise UserError(f"BiT checkpoint {path!r} does not exist; check the path "
-                    "(an official BiT-*.npz or a funmatch export).")
-  try:
-    archive = np.load(path, allow_pickle=False)
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-      raise ValueError("a single .npy array, not an .npz archive")
-    with archive:
-      return {name: np.asarray(archive[name]) for name in archive.files}
-  except Exception as e:  # pylint: disable=broad-except
-    # Whatever the parser trips on (bad zip, truncated member, pickles, ...),
-    # the cause is the file: say so in one line.
-    reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
-    raise UserError(f"BiT checkpoint {path!r} is not a valid .npz ({reason});"
-                    " re-download or re-export it.") from None
 
 
 def _normalize_names(arrays: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -458,8 +422,11 @@ def _compile_patterns(dont_load: Sequence[str]):
   return patterns
 
 
-def _head_in_use(arrays, model_names, init_flat, path) -> bool:
-  """Whether the file's head should be loaded; logs why when not."""
+def _head_in_use(arrays, model_names, init_flat, path, strict: bool) -> bool:
+  """Whether the file's head should be loaded; logs why when not.
+
+  strict (a teacher): a head of another class count is an error, not replaced.
+  """
   kernel_name = _HEAD_NAMES[0]
   if kernel_name not in model_names:
     if any(name in arrays for name in _HEAD_NAMES):
@@ -471,6 +438,10 @@ def _head_in_use(arrays, model_names, init_flat, path) -> bool:
     return False
   file_classes = arrays[kernel_name].shape[-1]
   model_classes = init_flat[model_names[kernel_name]].shape[-1]
+  if file_classes != model_classes and strict:
+    raise UserError(f"{path} has a head with {file_classes} classes but the dataset has "
+                    f"{model_classes}; use a teacher trained on this dataset "
+                    "(funmatch-train) or a dataset with the same classes")
   if file_classes != model_classes:
     logging.info("BiT %s: head has %d classes, model %d; keeping the initial "
                  "head.", path, file_classes, model_classes)
@@ -484,8 +455,8 @@ def _first(items, count: int = 3) -> str:
                   else "")
 
 
-def load_npz(path: str, init_params: Params,
-             dont_load: Sequence[str] = ()) -> Params:
+def load_npz(path: str, init_params: Params, dont_load: Sequence[str] = (),
+             strict_head: bool = False) -> Params:
   """Loads an official BiT `.npz` (or a `save_npz` export) into `Model` params.
 
   Args:
@@ -494,6 +465,8 @@ def load_npz(path: str, init_params: Params,
       structure of the result and supplies every value not loaded.
     dont_load: regexes, searched (`re.search`) in the official names, whose
       values are kept from `init_params` (e.g. `("head/",)`).
+    strict_head: a head of another class count is an error (teachers) instead
+      of being replaced by the initial one (students).
 
   Returns:
     params with the structure of `init_params`; loaded leaves are float32
@@ -506,10 +479,10 @@ def load_npz(path: str, init_params: Params,
   tree, wrapped = _unwrap(init_params)
   init_flat = flax.traverse_util.flatten_dict(tree)
   model_names = official_names(tree)
-  arrays = _normalize_names(_read_npz(path))
+  arrays = _normalize_names(npz.read(path))
   patterns = _compile_patterns(dont_load)
   skip = lambda name: any(p.search(name) for p in patterns)
-  load_head = _head_in_use(arrays, model_names, init_flat, path)
+  load_head = _head_in_use(arrays, model_names, init_flat, path, strict_head)
 
   loaded, missing, clashes = {}, [], []
   for name, flax_path in model_names.items():
@@ -544,3 +517,16 @@ def load_npz(path: str, init_params: Params,
         "width=1), or use dont_load for names to keep from init.")
   tree = flax.traverse_util.unflatten_dict(loaded)
   return {"params": tree} if wrapped else tree
+
+
+# --------------------------------------------------------------------------
+# The registry's interface (funmatch/models/__init__.py).
+# --------------------------------------------------------------------------
+
+load = load_npz
+save = save_npz
+
+
+def freeze(module: Model, params: Params) -> Tuple[Model, Params]:
+  """A frozen BiT with its conv kernels standardised once, not at every step."""
+  return module.clone(standardize_weights=False), jax.jit(prestandardize)(params)

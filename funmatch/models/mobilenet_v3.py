@@ -19,7 +19,7 @@ Taps, one per resolution (for a 224px input):
   pre_logits  the 1280-d features fed to the classifier, [B, 1280]
 """
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from funmatch.errors import UserError
+from funmatch.models import npz
 
 GN_GROUPS = 8
 GN_EPSILON = 1e-5
@@ -205,3 +206,21 @@ class Model(nn.Module):
     logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
                       dtype=jnp.float32, name="head")(x)
     return logits, taps
+
+
+# The registry's interface (funmatch/models/__init__.py): flat '/'-joined .npz files.
+
+
+def load(path: str, init_params: Any, dont_load: Sequence[str] = (),
+         strict_head: bool = False) -> Any:
+  """Params from a flat `.npz` (a funmatch export); any mismatch is an error."""
+  del strict_head  # a head of another class count is a shape clash here
+  return npz.load_flat(path, init_params, dont_load)
+
+
+def save(path: str, params: Any) -> str:
+  return npz.write(path, npz.flatten(params))
+
+
+def freeze(module: Model, params: Any) -> tuple[Model, Any]:
+  return module, params

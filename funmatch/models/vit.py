@@ -39,7 +39,7 @@ split into the teacher's head count for the relation loss, without extra
 parameters; the block's own attention still uses `num_heads`.
 """
 
-from typing import Any, Dict, NamedTuple
+from typing import Any, Dict, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from funmatch.errors import UserError
+from funmatch.models import npz
 
 LN_EPSILON = 1e-6
 
@@ -289,3 +290,21 @@ class Model(nn.Module):
                       dtype=jnp.float32, param_dtype=jnp.float32,
                       name="head")(x)
     return logits, taps
+
+
+# The registry's interface (funmatch/models/__init__.py): flat '/'-joined .npz files.
+
+
+def load(path: str, init_params: Any, dont_load: Sequence[str] = (),
+         strict_head: bool = False) -> Any:
+  """Params from a flat `.npz` (a funmatch export); any mismatch is an error."""
+  del strict_head  # a head of another class count is a shape clash here
+  return npz.load_flat(path, init_params, dont_load)
+
+
+def save(path: str, params: Any) -> str:
+  return npz.write(path, npz.flatten(params))
+
+
+def freeze(module: Model, params: Any) -> tuple[Model, Any]:
+  return module, params

@@ -1,71 +1,180 @@
-"""Builds everything a run needs from its config, validating before any write.
+"""Builds a run from its config in stages, validating before anything is written.
 
-`build(config, mode)` checks the config, the data sources, the models and the
-teachers' files; it creates nothing in the workdir, so a user mistake found here
-leaves the workdir untouched.
+    validate (no I/O) -> describe the data -> build the models (random init)
+      -> load the weights -> the optimizer
+
+`build(config, mode)` runs them all; tools that need only some (a benchmark with
+random teachers, an export) call the stages themselves. Nothing here writes to the
+workdir, so a user mistake found here leaves it untouched.
 """
 import dataclasses
 import logging
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from funmatch import config_util, models, parallel
+from funmatch import config_util, models, parallel, teaching
 from funmatch.distill import objectives
 from funmatch.errors import UserError
 from funmatch.optim import make_optimizer
-from funmatch.train import params_io
+from funmatch.train import weights
 
 MODES = ("distill", "train")
-TEACHING_MODES = ("function_matching", "consistent", "independent", "fixed")
 DTYPES = ("float32", "bfloat16", "float16")
+RESERVED_NAMES = ("student", "input", "evals")
 
 
-@dataclasses.dataclass
-class Run:
-  """A validated run: models, params, data descriptions, optimizer, mesh."""
-  config: ml_collections.ConfigDict
-  mode: str
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """What validation makes of a config (stage 1)."""
+  objective: objectives.Objective
+  teacher_names: tuple[str, ...]   # the teachers this run runs (none for 'train')
   mesh: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+  """The training data as the schedule sees it (stage 2)."""
   num_classes: int
   train_examples: int
   steps_per_epoch: float
   total_steps: int
-  views: dict[str, int]                  # model name -> input resolution
+
+
+@dataclasses.dataclass
+class Models:
+  """Modules and params (stages 3 and 4); teachers' params frozen and placed."""
   student: nn.Module
-  student_params: Any                    # initial student params (host or device)
+  student_params: Any
   teachers: dict[str, nn.Module]
-  teacher_params: dict[str, Any]         # frozen, on device (config.sharding)
-  objective: Any
-  output_shapes: Any                     # (student_out, {teacher: out}) as shapes
+  teacher_params: dict[str, Any]
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything the loop, the evaluation and the tools need about a run."""
+  config: ml_collections.ConfigDict
+  mode: str
+  mesh: Any
+  data: DataInfo
+  plan: teaching.TeachingPlan
+  models: Models
+  objective: objectives.Objective
+  output_shapes: Any               # (student_out, {teacher: out}) as shapes
   optimizer: Any
   schedule: Any
-  mixup: dict[str, Any] | None
+
+  # Short names for what every caller reads.
+  num_classes = property(lambda self: self.data.num_classes)
+  total_steps = property(lambda self: self.data.total_steps)
+  student = property(lambda self: self.models.student)
+  teachers = property(lambda self: self.models.teachers)
+  teacher_params = property(lambda self: self.models.teacher_params)
 
 
-def _require_keys(config, keys, where="config"):
-  for key in keys:
-    if key not in config:
-      raise UserError(f"{where} has no '{key}'; every recipe needs it (see configs/digits.py)")
+# ---------------------------------------------------------------------------
+# Stage 1: validate (no I/O).
 
 
-def _dtype(model_config, what):
-  name = model_config.get("dtype", "float32")
-  if name not in DTYPES:
-    raise UserError(f"config.{what}.dtype='{name}' is not one of {', '.join(DTYPES)}")
-  return jnp.dtype(name)
+def _teacher_names(config) -> tuple[str, ...]:
+  names = tuple(config.teachers or ())
+  if len(set(names)) != len(names):
+    raise UserError(f"config.teachers={names} names a teacher twice")
+  reserved = set(RESERVED_NAMES) & set(names)
+  if reserved:
+    raise UserError(f"config.teachers may not use the name(s) {sorted(reserved)}")
+  for name in names:
+    if name not in config:
+      raise UserError(f"config.teachers names '{name}' but there is no config.{name}; "
+                      f"add config.{name} = a model config or remove it from "
+                      "config.teachers")
+  return names
+
+
+def model_dtype(model_config, what: str):
+  if model_config.dtype not in DTYPES:
+    raise UserError(f"config.{what}.dtype='{model_config.dtype}' is not one of "
+                    f"{', '.join(DTYPES)}")
+  return jnp.dtype(model_config.dtype)
+
+
+def validate(config: ml_collections.ConfigDict, mode: str) -> Spec:
+  """Checks everything that needs no files; returns the objective, teachers, mesh."""
+  if mode not in MODES:
+    raise ValueError(mode)
+  if mode == "train" and config.objective != "supervised":
+    raise UserError(f"funmatch-train trains on labels and needs config.objective="
+                    f"'supervised' (got '{config.objective}'); use funmatch-distill for "
+                    "this config")
+  if mode == "distill" and config.objective == "supervised":
+    raise UserError("config.objective='supervised' is label training; use funmatch-train "
+                    "for this config, or set config.objective='function_matching'")
+  objective = objectives.make_objective(config)
+  names = _teacher_names(config)
+  if objective.needs_teachers and not names:
+    raise UserError(f"config.objective='{config.objective}' needs teachers; set "
+                    "config.teachers=('teacher',) and config.teacher")
+  if not objective.needs_teachers and names:
+    raise UserError("funmatch-train does not use teachers; remove config.teachers")
+  for what in ("student", *names):
+    model_dtype(config[what], what)
+  teaching.plan(config, mode, {name: int(config[name].res) for name in names})
+  mesh = parallel.make_mesh(config)
+  parallel.check_batch_size(int(config.input.batch_size), mesh)
+  for name, eval_config in config.evals.items():
+    parallel.check_batch_size(int(eval_config.batch_size), mesh, f"evals.{name}.batch_size")
+  for group in ("student", "aux", *names):
+    parallel.strategy(config, group, mesh)
+  parallel.fsdp_min_size(config)
+  return Spec(objective=objective, teacher_names=names, mesh=mesh)
+
+
+# ---------------------------------------------------------------------------
+# Stage 2: the data (reads descriptions, never the examples).
+
+
+def total_steps_of(config, train_examples: int) -> tuple[int, float]:
+  """(total_steps, steps_per_epoch) from total_steps or total_epochs."""
+  steps_per_epoch = train_examples / int(config.input.batch_size)
+  if config.total_steps:
+    total = int(config.total_steps)
+  elif config.total_epochs:
+    total = int(math.ceil(float(config.total_epochs) * steps_per_epoch))
+  else:
+    raise UserError("set config.total_epochs or config.total_steps (> 0)")
+  if total <= 0:
+    raise UserError(f"the run has {total} steps; set config.total_epochs or "
+                    "config.total_steps to a positive value")
+  return total, steps_per_epoch
+
+
+def describe_data(config: ml_collections.ConfigDict) -> DataInfo:
+  """Class count, example count and schedule length of the configured data."""
+  from funmatch.data import sources  # pylint: disable=import-outside-toplevel
+  train_info = sources.source_info(config.input, where="input")
+  num_classes = int(config.num_classes or train_info.num_classes)
+  for eval_name, eval_config in config.evals.items():
+    info = sources.source_info(eval_config, where=f"evals.{eval_name}")
+    if info.num_classes != num_classes:
+      raise UserError(f"config.evals.{eval_name} has {info.num_classes} classes but the "
+                      f"run has {num_classes}; evaluate on a dataset with the same classes")
+  total_steps, steps_per_epoch = total_steps_of(config, train_info.num_examples)
+  return DataInfo(num_classes, train_info.num_examples, steps_per_epoch, total_steps)
+
+
+# ---------------------------------------------------------------------------
+# Stage 3: the models, with random params.
 
 
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int,
                 what: str, seed: int = 0) -> tuple[nn.Module, Any]:
   """The flax module and its random init params (from PRNGKey(seed)) for a model."""
-  _require_keys(model_config, ("model", "res"), f"config.{what}")
   kwargs = config_util.model_kwargs(model_config)
-  kwargs["dtype"] = _dtype(model_config, what)
+  kwargs["dtype"] = model_dtype(model_config, what)
   module = models.get_model(model_config.model, num_classes, **kwargs)
   res = int(model_config.res)
   if res <= 0:
@@ -79,164 +188,90 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int,
   return module, params
 
 
-def _signature(model_config) -> dict[str, Any]:
-  return {"model": model_config.model, **config_util.model_kwargs(model_config)}
+def build_models(config: ml_collections.ConfigDict, spec: Spec, num_classes: int) -> Models:
+  """Student and teachers with random params. The student's init key is PRNGKey(seed)
+  itself: seed 0 keeps the init every run had before the key followed the seed."""
+  student, student_params = build_model(config.student, num_classes, "student",
+                                        seed=int(config.seed))
+  teachers, teacher_params = {}, {}
+  for name in spec.teacher_names:
+    teachers[name], teacher_params[name] = build_model(config[name], num_classes, name)
+  return Models(student, student_params, teachers, teacher_params)
 
 
-def _load_teacher(config, name, num_classes) -> tuple[nn.Module, Any]:
-  if name not in config:
-    raise UserError(f"config.teachers names '{name}' but there is no config.{name}; "
-                    f"add config.{name} = a model config or remove it from config.teachers")
-  teacher_config = config[name]
-  if not teacher_config.get("init"):
-    raise UserError(f"config.{name}.init is empty: a teacher needs trained weights (an "
-                    "official BiT .npz, a funmatch-export file or a funmatch-train workdir)")
-  module, init_params = build_model(teacher_config, num_classes, name)
-  params = params_io.resolve_init(
-      teacher_config.init, teacher_config.model, init_params, what=f"config.{name}",
-      dont_load=(), model_signature=_signature(teacher_config), strict_head=True)
-  params_io.check_shapes(teacher_config.init, params, init_params, f"config.{name}")
-  if teacher_config.model == "bit":
-    # The teacher is frozen: standardise its conv kernels once, not every step.
-    from funmatch.models import bit  # pylint: disable=import-outside-toplevel
-    params = bit.prestandardize(params)
-    kwargs = config_util.model_kwargs(teacher_config)
-    kwargs["dtype"] = _dtype(teacher_config, name)
-    module = models.get_model("bit", num_classes, standardize_weights=False, **kwargs)
-  return module, params
+# ---------------------------------------------------------------------------
+# Stage 4: the weights.
 
 
-def abstract_outputs(student, student_params, teachers, teacher_params, views,
-                     batch_size: int = 2):
+def load_weights(config: ml_collections.ConfigDict, spec: Spec, built: Models,
+                 load_student: bool = True) -> Models:
+  """Loads each model's `init`, then freezes and places the teachers.
+
+  load_student=False (eval, export) keeps the student's random params: a
+  checkpoint replaces them.
+  """
+  student_params = built.student_params
+  if load_student:
+    student_params = weights.initial_params(config.student, student_params,
+                                            what="config.student", teacher=False)
+  teacher_params = {}
+  for name in spec.teacher_names:
+    if not config[name].init:
+      raise UserError(f"config.{name}.init is empty: a teacher needs trained weights (an "
+                      "official BiT .npz, a funmatch-export file or a funmatch-train "
+                      "workdir)")
+    teacher_params[name] = weights.initial_params(config[name], built.teacher_params[name],
+                                                  what=f"config.{name}", teacher=True)
+  return freeze_teachers(config, spec, Models(built.student, student_params, built.teachers,
+                                              teacher_params))
+
+
+def freeze_teachers(config: ml_collections.ConfigDict, spec: Spec, built: Models) -> Models:
+  """The teachers in their frozen form (models.freeze), placed as config.sharding says."""
+  teachers, teacher_params = {}, {}
+  for name in spec.teacher_names:
+    teachers[name], params = models.freeze(config[name].model, built.teachers[name],
+                                           built.teacher_params[name])
+    teacher_params[name] = jax.device_put(
+        params, parallel.group_shardings(config, name, params, spec.mesh))
+  return Models(built.student, built.student_params, teachers, teacher_params)
+
+
+def output_shapes(built: Models, views: dict[str, int], batch_size: int = 2):
   """The shapes of the student's and each teacher's `(logits, taps)`; computes nothing."""
   def shapes(module, params, res):
     images = jax.ShapeDtypeStruct((batch_size, res, res, 3), jnp.float32)
     return jax.eval_shape(lambda p, x: module.apply({"params": p}, x, train=False),
                           params, images)
-  return (shapes(student, student_params, views["student"]),
-          {name: shapes(module, teacher_params[name], views[name])
-           for name, module in teachers.items()})
+  return (shapes(built.student, built.student_params, views["student"]),
+          {name: shapes(module, built.teacher_params[name], views[name])
+           for name, module in built.teachers.items()})
 
 
-def total_steps_of(config, train_examples: int) -> tuple[int, float]:
-  """(total_steps, steps_per_epoch) from total_steps or total_epochs."""
-  batch_size = int(config.input.batch_size)
-  steps_per_epoch = train_examples / batch_size
-  if config.get("total_steps"):
-    total = int(config.total_steps)
-  elif config.get("total_epochs"):
-    total = int(math.ceil(float(config.total_epochs) * steps_per_epoch))
-  else:
-    raise UserError("set config.total_epochs or config.total_steps (> 0)")
-  if total <= 0:
-    raise UserError(f"the run has {total} steps; set config.total_epochs or "
-                    "config.total_steps to a positive value")
-  return total, steps_per_epoch
+# ---------------------------------------------------------------------------
+# All stages.
 
 
-def _mixup(config, mode) -> dict[str, Any] | None:
-  mixup = config.get("mixup", ml_collections.ConfigDict())
-  p = float(mixup.get("p", 1.0 if mode == "distill" else 0.0))
-  if p < 0:
-    raise UserError(f"config.mixup.p must be >= 0, got {p}")
-  uses_mixup = (config.get("teaching", "function_matching") == "function_matching"
-                if mode == "distill" else p > 0)
-  if not uses_mixup or p == 0:
-    return None
-  return {"p": p, "per_example": bool(mixup.get("per_example", False))}
-
-
-def validate_top_level(config: ml_collections.ConfigDict, mode: str) -> None:
-  if mode not in MODES:
-    raise ValueError(mode)
-  _require_keys(config, ("seed", "input", "student", "objective", "lr"))
-  objective = config.objective
-  if mode == "train" and objective != "supervised":
-    raise UserError(f"funmatch-train trains on labels and needs config.objective="
-                    f"'supervised' (got '{objective}'); use funmatch-distill for this config")
-  if mode == "distill" and objective == "supervised":
-    raise UserError("config.objective='supervised' is label training; use funmatch-train "
-                    "for this config, or set config.objective='function_matching'")
-  teaching = config.get("teaching", "function_matching")
-  if teaching not in TEACHING_MODES:
-    raise UserError(f"unknown config.teaching '{teaching}'; choose one of: "
-                    f"{', '.join(TEACHING_MODES)}")
-
-
-def teacher_names(config) -> tuple[str, ...]:
-  names = tuple(config.get("teachers", ()) or ())
-  if len(set(names)) != len(names):
-    raise UserError(f"config.teachers={names} names a teacher twice")
-  reserved = {"student", "input", "evals"} & set(names)
-  if reserved:
-    raise UserError(f"config.teachers may not use the name(s) {sorted(reserved)}")
-  return names
-
-
-def build(config: ml_collections.ConfigDict, mode: str,
-          restore_only: bool = False) -> Run:
-  """Validates the config and builds the run (no workdir writes).
-
-  restore_only: for eval/export, the student's own init is not loaded (the
-  checkpoint replaces it).
-  """
-  from funmatch.data import sources  # pylint: disable=import-outside-toplevel
-  validate_top_level(config, mode)
-  objective = objectives.make_objective(config)
-  names = teacher_names(config)
-  if objective.needs_teachers and not names:
-    raise UserError(f"config.objective='{config.objective}' needs teachers; set "
-                    "config.teachers=('teacher',) and config.teacher")
-  if not objective.needs_teachers and names and mode == "train":
-    raise UserError("funmatch-train does not use teachers; remove config.teachers")
-
-  mesh = parallel.make_mesh(config)
-  parallel.check_batch_size(int(config.input.batch_size), mesh)
-  train_info = sources.source_info(config.input, where="input")
-  num_classes = int(config.get("num_classes", 0) or train_info.num_classes)
-  for eval_name, eval_config in config.get("evals", {}).items():
-    info = sources.source_info(eval_config, where=f"evals.{eval_name}")
-    if info.num_classes != num_classes:
-      raise UserError(f"config.evals.{eval_name} has {info.num_classes} classes but the "
-                      f"run has {num_classes}; evaluate on a dataset with the same classes")
-    parallel.check_batch_size(int(eval_config.get("batch_size", config.input.batch_size)),
-                              mesh, f"evals.{eval_name}.batch_size")
-  total_steps, steps_per_epoch = total_steps_of(config, train_info.num_examples)
-
-  # The student's init key is PRNGKey(seed) itself: seed 0 keeps the init that every
-  # run had before the key followed the seed.
-  student, student_params = build_model(config.student, num_classes, "student",
-                                        seed=int(config.seed))
-  if not restore_only and config.student.get("init"):
-    student_params = params_io.resolve_init(
-        config.student.init, config.student.model, student_params, what="config.student",
-        dont_load=tuple(config.student.get("dont_load", ())),
-        model_signature=None, strict_head=False)
-  teachers, teacher_params = {}, {}
-  if mode == "distill":
-    for name in names:
-      teachers[name], teacher_params[name] = _load_teacher(config, name, num_classes)
-  for group in ("student", "aux"):
-    parallel.strategy(config, group, mesh)  # a bad value fails before any write
-  parallel.fsdp_min_size(config)
-  teacher_params = {name: jax.device_put(params, parallel.group_shardings(
-                        config, name, params, mesh))
-                    for name, params in teacher_params.items()}
-
-  views = {"student": int(config.student.res)}
-  views.update({name: int(config[name].res) for name in teachers})
-  output_shapes = abstract_outputs(student, student_params, teachers, teacher_params, views)
-  if hasattr(objective, "check_models"):
-    objective.check_models(*output_shapes)
-  from funmatch.data import pipeline  # pylint: disable=import-outside-toplevel
-  pipeline.check_teaching(config.get("teaching", "function_matching"), views)
-  optimizer, schedule = make_optimizer(config, total_steps)
+def assemble(config: ml_collections.ConfigDict, mode: str, spec: Spec, data: DataInfo,
+             built: Models) -> Run:
+  """The run from its stages' outputs: teaching plan, output shapes, optimizer."""
+  views = {name: int(config[name].res) for name in built.teachers}
+  plan = teaching.plan(config, mode, views)
+  shapes = output_shapes(built, plan.views)
+  spec.objective.check_models(*shapes)
+  optimizer, schedule = make_optimizer(config, data.total_steps)
   logging.info("run: %d classes, %d train examples, %d steps (%.1f per epoch), views %s",
-               num_classes, train_info.num_examples, total_steps, steps_per_epoch, views)
-  return Run(config=config, mode=mode, mesh=mesh, num_classes=num_classes,
-             train_examples=train_info.num_examples, steps_per_epoch=steps_per_epoch,
-             total_steps=total_steps, views=views, student=student,
-             student_params=student_params, teachers=teachers,
-             teacher_params=teacher_params, objective=objective,
-             output_shapes=output_shapes, optimizer=optimizer,
-             schedule=schedule, mixup=_mixup(config, mode))
+               data.num_classes, data.train_examples, data.total_steps,
+               data.steps_per_epoch, plan.views)
+  return Run(config=config, mode=mode, mesh=spec.mesh, data=data, plan=plan,
+             models=built, objective=spec.objective, output_shapes=shapes,
+             optimizer=optimizer, schedule=schedule)
+
+
+def build(config: ml_collections.ConfigDict, mode: str, load_student: bool = True) -> Run:
+  """Validates the config and builds the run (no workdir writes)."""
+  spec = validate(config, mode)
+  data = describe_data(config)
+  built = build_models(config, spec, data.num_classes)
+  built = load_weights(config, spec, built, load_student=load_student)
+  return assemble(config, mode, spec, data, built)

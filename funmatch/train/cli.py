@@ -8,46 +8,26 @@ line on stderr and exit code 2.
 import logging
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 USAGE = ("usage: {prog} --config FILE.py[:key=value,...] --workdir DIR "
          "[--config.key=value ...]{extra}")
 
 
-def _quiet_libraries() -> None:
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                      datefmt="%H:%M:%S", stream=sys.stderr)
-  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-  # Orbax and TF log routine events as warnings through absl; keep the console
-  # for funmatch's own progress and for real errors.
-  absl_logging.set_verbosity(absl_logging.ERROR)
-  for name in ("absl", "orbax", "jax", "tensorflow"):
-    logging.getLogger(name).setLevel(logging.ERROR)
-  if not getattr(sys.unraisablehook, "funmatch", False):
-    sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
+from funmatch.console import fail, guarded, setup
+
+# Keys that moved: a command line that uses the old name gets the new one.
+MOVED_KEYS = {name: f"objective_args.{name}" for name in
+              ("temperature", "distance", "ensemble", "label_smoothing")}
 
 
-def _drop_closed_loop_noise(previous):
-  """Reads still in flight when an Orbax restore fails report to an asyncio loop
-  that is already closed; harmless, but their tracebacks would follow the one-line
-  error. Everything else goes to the previous hook."""
-  def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and "Event loop is closed" in str(unraisable.exc_value)):
-      previous(unraisable)
-  hook.funmatch = True
-  return hook
+def parse(argv: Sequence[str], prog: str, extra_flags: dict[str, str],
+          needs_workdir: bool = True):
+  """Parses argv into (config, workdir, extras); user errors exit 2 in one line.
 
-
-def fail(message: str, code: int = 2) -> None:
-  print(f"funmatch: error: {message}", file=sys.stderr, flush=True)
-  raise SystemExit(code)
-
-
-def parse(argv: Sequence[str], prog: str, extra_flags: dict[str, str]):
-  """Parses argv into (config, workdir, extras); user errors exit 2 in one line."""
+  Tools use it too (needs_workdir=False), so every command takes the same
+  `--config FILE.py:args --config.a.b=value` overrides.
+  """
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
@@ -75,7 +55,7 @@ def parse(argv: Sequence[str], prog: str, extra_flags: dict[str, str]):
   except UserError as e:
     fail(str(e))
   except flags.Error as e:
-    fail(f"{_first_line(e)}\n{usage}")
+    fail(f"{_first_line(e)} ({usage})")
   except (AttributeError, KeyError) as e:
     # ml_collections puts the key on the first line and a suggestion on the next.
     while e.args and isinstance(e.args[0], BaseException):
@@ -83,6 +63,8 @@ def parse(argv: Sequence[str], prog: str, extra_flags: dict[str, str]):
     lines = str(e.args[0] if e.args else e).strip().splitlines() or [""]
     key = lines[0].strip("'\"")
     hint = f" ({lines[1].strip()})" if len(lines) > 1 else ""
+    if key in MOVED_KEYS:
+      hint = f" (it moved to config.{MOVED_KEYS[key]})"
     bad = [a for a in argv if a.startswith("--config.") and key in a]
     fail(f"unknown config key '{key}'" + (f" in {bad[0].split('=')[0]}" if bad else "") +
          hint + "; check the spelling against the recipe file (the config is locked)")
@@ -92,10 +74,11 @@ def parse(argv: Sequence[str], prog: str, extra_flags: dict[str, str]):
     fail(f"cannot load --config ({type(e).__name__}: {_first_line(e)}); "
          "check the file and its :arguments")
   if config is None:
-    fail(f"--config is required\n{usage}")
-  if not flag_values.workdir:
-    fail(f"--workdir is required\n{usage}")
-  _check_workdir_is_a_path(flag_values.workdir)
+    fail(f"--config is required ({usage})")
+  if needs_workdir and not flag_values.workdir:
+    fail(f"--workdir is required ({usage})")
+  if flag_values.workdir:
+    _check_workdir_is_a_path(flag_values.workdir)
   extras = {name: flag_values[name].value for name in extra_flags}
   return config, flag_values.workdir, extras
 
@@ -147,20 +130,8 @@ def _check_workdir_is_a_path(workdir: str) -> None:
          "e.g. /mnt/gcs/BUCKET/run)")
 
 
-def guarded(main: Callable[[], int | None]) -> int:
-  """Runs `main`, turning user errors into one line and exit code 2 (or theirs)."""
-  from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
-  try:
-    return main() or 0
-  except UserError as e:
-    fail(str(e), getattr(e, "exit_code", 2))
-  except KeyboardInterrupt:
-    fail("interrupted", 130)
-  return 0
-
-
 def _train_like(mode: str, prog: str, argv) -> int:
-  _quiet_libraries()
+  setup()
   config, workdir, extras = parse(argv, prog, {})
 
   def main():
@@ -205,7 +176,7 @@ def _parse_step(text):
 
 def eval_main(argv=None) -> int:
   """funmatch-eval: evaluate a checkpoint on the config's eval sets."""
-  _quiet_libraries()
+  setup()
   config, workdir, extras = parse(argv or sys.argv, "funmatch-eval",
                                   {"step": "checkpoint step (default: latest)",
                                    "output": "JSON file (default WORKDIR/eval_STEP.json)"})
@@ -217,14 +188,12 @@ def eval_main(argv=None) -> int:
     from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
     from funmatch.train import build, evaluate  # pylint: disable=import-outside-toplevel
     step = _parse_step(extras["step"])
-    run = build.build(config, _mode_of(workdir), restore_only=True)
-    if not config.get("evals"):
+    run = build.build(config, _mode_of(workdir), load_student=False)
+    if not config.evals:
       raise UserError("the config has no config.evals to evaluate on")
     step, params = checkpoint.restore_params(workdir, step)
     params = jax.device_put(params, parallel.replicated(run.mesh))
-    results = evaluate.evaluate(evaluate.make_eval_fn(run), params, run.teacher_params,
-                                evaluate.make_eval_sets(run))
-    results = {"step": step, **results}
+    results = {"step": step, **evaluate.Evaluator(run)(params)}
     output = extras["output"] or os.path.join(workdir, f"eval_{step}.json")
     if jax.process_index() == 0:
       print(evaluate.format_table(results), flush=True)
@@ -236,15 +205,15 @@ def eval_main(argv=None) -> int:
 
 def export_main(argv=None) -> int:
   """funmatch-export: write the student's params (no teachers, no aux) as .npz."""
-  _quiet_libraries()
+  setup()
   config, workdir, extras = parse(argv or sys.argv, "funmatch-export",
                                   {"step": "checkpoint step (default: latest)",
                                    "output": "the .npz file to write"})
 
   def main():
-    from funmatch import checkpoint  # pylint: disable=import-outside-toplevel
+    from funmatch import checkpoint, models  # pylint: disable=import-outside-toplevel
     from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
-    from funmatch.train import build, params_io  # pylint: disable=import-outside-toplevel
+    from funmatch.train import build  # pylint: disable=import-outside-toplevel
     output = extras["output"]
     if not output:
       raise UserError("--output FILE.npz is required")
@@ -255,11 +224,11 @@ def export_main(argv=None) -> int:
       raise UserError(f"--output {output} already exists; choose another path or "
                       "remove it first (funmatch never overwrites an export)")
     step = _parse_step(extras["step"])
-    build.validate_top_level(config, _mode_of(workdir))
+    build.validate(config, _mode_of(workdir))
     # Orbax reads collectively: every process restores, process 0 alone writes.
     step, params = checkpoint.restore_params(workdir, step)
     if process_id == 0:
-      params_io.save_params(output, config.student.model, params)
+      models.save_params(config.student.model, output, params)
       print(f"wrote the student of step {step} to {output}", flush=True)
 
   return guarded(main)

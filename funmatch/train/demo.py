@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from funmatch.train import cli
+from funmatch import console
 
 
 def _parse(argv):
@@ -32,7 +32,7 @@ def run_demo(workdir: str, teacher_steps: int | None = None,
              student_steps: int | None = None) -> dict:
   """Runs teacher training + distillation; returns the summary dict."""
   import jax  # pylint: disable=import-outside-toplevel
-  from funmatch import models  # pylint: disable=import-outside-toplevel
+  from clu import parameter_overview  # pylint: disable=import-outside-toplevel
   from funmatch.configs import digits, digits_teacher  # pylint: disable=import-outside-toplevel
   from funmatch.train import build, evaluate, loop  # pylint: disable=import-outside-toplevel
   start = time.time()
@@ -48,7 +48,7 @@ def run_demo(workdir: str, teacher_steps: int | None = None,
 
   def param_count(model_config):
     _, params = build.build_model(model_config, 10, "model")
-    return models.count_params(params)
+    return int(parameter_overview.count_parameters(params))
 
   summary = {
       "teacher_top1": results["test/teacher_top1"],
@@ -69,6 +69,6 @@ def run_demo(workdir: str, teacher_steps: int | None = None,
 
 def main(argv=None) -> int:
   args = _parse(argv or sys.argv)
-  cli._quiet_libraries()  # pylint: disable=protected-access
-  return cli.guarded(lambda: run_demo(args.workdir, args.teacher_steps,
+  console.setup()
+  return console.guarded(lambda: run_demo(args.workdir, args.teacher_steps,
                                       args.student_steps) and 0)

@@ -1,18 +1,20 @@
 """The host loop: data in, jitted steps, periodic logs, evals and checkpoints.
 
+    build the run (validated) -> hold the workdir -> restore or init the state
+      -> for each step: train step; at log steps read metrics; eval; checkpoint
+      -> on SIGTERM/SIGINT: save and exit 0
+
 The loop reads device values only at logging, eval and checkpoint steps, so the
 host keeps dispatching steps ahead of the device.
 """
-import contextlib
 import logging
 import signal
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
+from clu import periodic_actions
 
 from funmatch import checkpoint, parallel
 from funmatch.errors import UserError
@@ -53,18 +55,61 @@ class StopSignal:
       signal.signal(sig, handler)
 
 
+class Progress(periodic_actions.ReportProgress):
+  """clu's progress report (steps/s and uptime to the writer, time per part).
+
+  Two changes to clu's steps/s, hence this subclass: it excludes the time spent in
+  `timed()` parts (eval, checkpoints) since the last report, and it keeps the rates
+  for the console line the loop prints at log steps. clu's first call only starts
+  the clock, so the first step's compile time is never counted.
+  """
+
+  def __init__(self, run: build_lib.Run, writer, every_steps: int):
+    super().__init__(num_train_steps=run.total_steps, writer=writer,
+                     every_steps=every_steps or None, every_secs=None)
+    self._run = run
+    self._timed_at_last_report = 0.0
+    self.rates: dict[str, float] = {}
+
+  def _apply(self, step: int, t: float):
+    timed = sum(self._time_per_part.values())
+    seconds = t - self._previous_time - (timed - self._timed_at_last_report)
+    self._timed_at_last_report = timed
+    steps_per_sec = (step - self._previous_step) / max(seconds, 1e-9)
+    self.rates = {"steps_per_sec": steps_per_sec,
+                  "img_per_sec": steps_per_sec * self._run.config.input.batch_size,
+                  "uptime": time.monotonic() - self._t0}
+    self._eta = (self._run.total_steps - step) / steps_per_sec
+
+  def line(self, step: int, loss: float) -> str:
+    epoch = step / self._run.data.steps_per_epoch
+    text = f"step {step}/{self._run.total_steps} | epoch {epoch:.1f} | loss {loss:.4f}"
+    if self.rates:
+      text += f" | {self.rates['img_per_sec']:.0f} img/s | ETA {_duration(self._eta)}"
+    return text
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  hours, rest = divmod(seconds, 3600)
+  return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
 def init_state(run: build_lib.Run) -> state_lib.TrainState:
-  """The initial train state, placed on the mesh as config.sharding says."""
-  config = run.config
-  rng = jax.random.PRNGKey(int(config.seed))
-  init_rng, state_rng = jax.random.split(rng)
+  """The initial train state, placed on the mesh as config.sharding says.
+
+  Keys: the student's params come from PRNGKey(seed) (build.build_models), the
+  objective's state from PRNGKey(seed) too, its params and the step keys from
+  split(PRNGKey(seed)).
+  """
+  seed_key = jax.random.PRNGKey(int(run.config.seed))
+  aux_rng, state_rng = jax.random.split(seed_key)
   student_out, teacher_outs = run.output_shapes
 
   def create():
-    aux_params = run.objective.init_aux(init_rng, student_out, teacher_outs)
-    objective_state = (run.objective.init_state(student_out, teacher_outs)
-                       if hasattr(run.objective, "init_state") else {})
-    return state_lib.create(run.student_params, aux_params, objective_state,
+    aux_params = run.objective.init_aux(aux_rng, student_out, teacher_outs)
+    objective_state = run.objective.init_state(seed_key, student_out, teacher_outs)
+    return state_lib.create(run.models.student_params, aux_params, objective_state,
                             run.optimizer, state_rng)
 
   abstract_state = jax.eval_shape(create)
@@ -80,7 +125,7 @@ def jit_train_step(run: build_lib.Run, state: state_lib.TrainState):
   """
   return jax.jit(
       step_lib.make_train_step(run.student, run.teachers, run.objective, run.optimizer,
-                               run.schedule, run.num_classes, run.mixup),
+                               run.schedule, run.num_classes, run.plan.mixup),
       donate_argnums=(0,),
       out_shardings=(jax.tree.map(lambda x: x.sharding, state),
                      parallel.replicated(run.mesh)))
@@ -90,43 +135,14 @@ def _every(step: int, every: int, total: int) -> bool:
   return step == total or (every > 0 and step % every == 0)
 
 
-class Progress:
-  """The console line: step, epoch, loss, images/s, ETA (process 0 only)."""
-
-  def __init__(self, run: build_lib.Run, start_step: int):
-    self.run = run
-    self.last_step, self.last_time = start_step, time.perf_counter()
-
-  def update(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
-    now = time.perf_counter()
-    steps = max(step - self.last_step, 1)
-    seconds_per_step = (now - self.last_time) / steps
-    self.last_step, self.last_time = step, now
-    images_per_second = self.run.config.input.batch_size / max(seconds_per_step, 1e-9)
-    eta = seconds_per_step * (self.run.total_steps - step)
-    epoch = step / self.run.steps_per_epoch
-    if jax.process_index() == 0:
-      print(f"step {step}/{self.run.total_steps} | epoch {epoch:.1f} | "
-            f"loss {metrics['train/loss']:.4f} | {images_per_second:.0f} img/s | "
-            f"ETA {_duration(eta)}", flush=True)
-    return {"epoch": epoch, "img_per_sec": images_per_second}
-
-
-def _duration(seconds: float) -> str:
-  seconds = int(seconds)
-  hours, rest = divmod(seconds, 3600)
-  return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
 def _check_finite(state, step_hint: int, ckpt: checkpoint.Checkpointer) -> None:
   bad_step = int(jax.device_get(state.nonfinite_step))
   if bad_step >= 0:
     ckpt.wait()
-    last = ckpt.latest_step()
     raise TrainingDiverged(
         f"the loss became non-finite at step {bad_step + 1}; the run stopped at step "
-        f"{step_hint} and the last good checkpoint is step {last}; lower config.lr, "
-        "enable config.grad_clip_norm or check the data for NaN/Inf")
+        f"{step_hint} and the last good checkpoint is step {ckpt.latest_step()}; lower "
+        "config.lr, enable config.grad_clip_norm or check the data for NaN/Inf")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -135,75 +151,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   run = build_lib.build(config, mode)
   workdir_lib.check_resumable(workdir, config, mode)
   # ---- from here on the workdir is written, by one run at a time ----
-  writer_lock = (workdir_lib.lock(workdir) if jax.process_index() == 0
-                 else contextlib.nullcontext())
-  with writer_lock:
-    return _train(run, config, workdir, mode)
+  with workdir_lib.hold(workdir):
+    return _train(run, workdir)
 
 
-def _train(run: build_lib.Run, config: ml_collections.ConfigDict, workdir: str,
-           mode: str) -> dict[str, Any]:
-  """The loop itself, once the workdir is locked."""
-  checkpoint_every = int(config.get("checkpoint_every_steps", 1000))
-  ckpt = checkpoint.Checkpointer(
-      workdir, save_every=checkpoint_every,
-      keep=int(config.get("keep_checkpoints", 3)),
-      keep_every=config.get("keep_every_steps", None))
+def _restore_or_init(run, ckpt) -> tuple[state_lib.TrainState, int]:
   state = init_state(run)
   start_step, restored = ckpt.restore_latest(jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
   if start_step:
-    state = restored
     log.info("resumed from the checkpoint at step %d", start_step)
+    return restored, start_step
+  return state, 0
+
+
+def _train(run: build_lib.Run, workdir: str) -> dict[str, Any]:
+  """The loop itself, once the workdir is held."""
+  config = run.config
+  ckpt = checkpoint.Checkpointer(workdir, save_every=config.checkpoint_every_steps,
+                                 keep=config.keep_checkpoints,
+                                 keep_every=config.keep_every_steps)
+  state, start_step = _restore_or_init(run, ckpt)
   if jax.process_index() == 0:
-    workdir_lib.write_config(workdir, config, mode)
+    workdir_lib.write_config(workdir, config, run.mode)
 
   from funmatch.data import pipeline  # pylint: disable=import-outside-toplevel
   train_batches = pipeline.make_train_iterator(
-      config.input, run.views, seed=int(config.seed), start_step=start_step,
-      sharding=parallel.batch_sharding(run.mesh),
-      teaching=config.get("teaching", "function_matching") if mode == "distill"
-      else "consistent")
-  eval_sets = evaluate_lib.make_eval_sets(run)
-  eval_fn = evaluate_lib.make_eval_fn(run)
+      config.input, run.plan.views, seed=int(config.seed), start_step=start_step,
+      sharding=parallel.batch_sharding(run.mesh), crops=run.plan.crops)
+  evaluator = evaluate_lib.Evaluator(run)
   train_step = jit_train_step(run, state)
-
-  writer = metrics_io.MetricsWriter(workdir)
-  progress = Progress(run, start_step)
-  log_every = int(config.get("log_every_steps", 100))
-  eval_every = int(config.get("eval_every_steps", 0) or 0)
+  writer = metrics_io.make_writer(workdir)
+  progress = Progress(run, writer, config.log_every_steps)
+  total = run.total_steps
   results: dict[str, Any] = {}
-  step = start_step
   try:
     with StopSignal() as stop:
-      for step in range(start_step + 1, run.total_steps + 1):
+      for step in range(start_step + 1, total + 1):
         state, metrics = train_step(state, next(train_batches), run.teacher_params)
-        if _every(step, log_every, run.total_steps):
+        progress(step)
+        if _every(step, config.log_every_steps, total):
           _check_finite(state, step, ckpt)
           scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          scalars.update(progress.update(step, scalars))
-          writer.write(step, scalars)
-        if _every(step, eval_every, run.total_steps) and eval_sets:
-          results = evaluate_lib.evaluate(eval_fn, state.params, run.teacher_params,
-                                          eval_sets)
-          writer.write(step, results)
-          log.info("eval at step %d: %s", step, _summary(results))
-        if _every(step, checkpoint_every, run.total_steps) or stop.received:
-          _check_finite(state, step, ckpt)
-          ckpt.save(step, state, force=True)
+          if jax.process_index() == 0:
+            print(progress.line(step, scalars["train/loss"]), flush=True)
+          writer.write_scalars(step, {**scalars, **progress.rates,
+                                      "epoch": step / run.data.steps_per_epoch})
+        if _every(step, config.eval_every_steps, total) and evaluator.sets:
+          with progress.timed("eval"):
+            results = evaluator(state.params)
+          writer.write_scalars(step, results)
+          log.info("eval at step %d: %s", step, evaluate_lib.summary(results))
+        if _every(step, config.checkpoint_every_steps, total) or stop.received:
+          with progress.timed("checkpoint"):
+            _check_finite(state, step, ckpt)
+            ckpt.save(step, state, force=True)
         if stop.received:
           ckpt.wait()
           print(f"funmatch: {stop.received} received: saved a checkpoint at step {step}; "
                 "run the same command to resume", flush=True)
           return results
-      if start_step >= run.total_steps and eval_sets:
-        results = evaluate_lib.evaluate(eval_fn, state.params, run.teacher_params, eval_sets)
+      if start_step >= total and evaluator.sets:  # a finished run, started again
+        results = evaluator(state.params)
   finally:
     ckpt.close()
     writer.close()
   return results
-
-
-def _summary(results: dict[str, float]) -> str:
-  keys = [k for k in results if k.endswith(("student_top1", "teacher_top1", "agreement_top1"))]
-  return ", ".join(f"{k}={results[k]:.4f}" for k in sorted(keys))

@@ -1,7 +1,9 @@
-"""Metric writers: metrics.jsonl, TensorBoard (through clu) and the console.
+"""Metric writers: one clu MultiWriter of metrics.jsonl and TensorBoard (process 0).
 
-Only process 0 writes. clu's TensorBoard writer needs tensorflow; where it is
-missing (e.g. a GPU machine with JAX only) metrics still go to metrics.jsonl.
+clu has no JSON-lines writer, so `JsonlWriter` is one (a MetricWriter, scalars
+only): one JSON object per `write_scalars` call, the file funmatch's tools and
+tests read. clu's TensorBoard writer needs tensorflow; where it is missing (e.g. a
+GPU machine with JAX only) metrics still go to metrics.jsonl.
 """
 import json
 import logging
@@ -10,6 +12,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from clu.metric_writers import interface, multi_writer
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -19,47 +22,53 @@ def _to_python(value: Any) -> Any:
   return value.item() if value.size == 1 else value.tolist()
 
 
-class MetricsWriter:
-  """Appends one JSON object per written step; mirrors scalars to TensorBoard."""
+class JsonlWriter(interface.MetricWriter):
+  """Appends `{"step": N, name: value, ...}` lines to WORKDIR/metrics.jsonl."""
 
   def __init__(self, workdir: str):
-    self._enabled = jax.process_index() == 0
-    self._jsonl = None
-    self._tensorboard = None
-    if not self._enabled:
-      return
     path = os.path.join(workdir, METRICS_FILE)
     # A run killed mid-write may leave a partial last line: start on a new one.
     torn = os.path.exists(path) and os.path.getsize(path) > 0 and _last_byte(path) != b"\n"
-    self._jsonl = open(path, "a", buffering=1)
+    self._file = open(path, "a", buffering=1)  # pylint: disable=consider-using-with
     if torn:
-      self._jsonl.write("\n")
-    try:
-      from clu import metric_writers  # pylint: disable=import-outside-toplevel
-      self._tensorboard = metric_writers.SummaryWriter(workdir)
-    except Exception as e:  # pylint: disable=broad-except
-      logging.info("TensorBoard writer unavailable (%s); writing metrics.jsonl only", e)
+      self._file.write("\n")
 
-  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
-    if not self._enabled:
-      return
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     row = {"step": int(step), **{k: _to_python(v) for k, v in scalars.items()}}
-    self._jsonl.write(json.dumps(row) + "\n")
-    if self._tensorboard is not None:
-      self._tensorboard.write_scalars(int(step), {
-          k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))})
+    self._file.write(json.dumps(row) + "\n")
 
-  def flush(self) -> None:
-    if self._tensorboard is not None:
-      self._tensorboard.flush()
-    if self._jsonl is not None:
-      self._jsonl.flush()
+  def write_summaries(self, step, values, metadata=None):
+    pass  # only scalars go to metrics.jsonl
 
-  def close(self) -> None:
-    if self._tensorboard is not None:
-      self._tensorboard.close()
-    if self._jsonl is not None:
-      self._jsonl.close()
+  write_images = write_videos = write_texts = write_summaries
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+def make_writer(workdir: str) -> interface.MetricWriter:
+  """metrics.jsonl + TensorBoard on process 0; a writer that drops everything elsewhere."""
+  if jax.process_index() != 0:
+    return multi_writer.MultiWriter([])
+  writers = [JsonlWriter(workdir)]
+  try:
+    from clu.metric_writers import summary_writer  # pylint: disable=import-outside-toplevel
+    writers.append(summary_writer.SummaryWriter(workdir))
+  except Exception as e:  # pylint: disable=broad-except
+    logging.info("TensorBoard writer unavailable (%s); writing metrics.jsonl only", e)
+  return multi_writer.MultiWriter(writers)
 
 
 def _last_byte(path: str) -> bytes:

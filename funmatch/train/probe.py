@@ -132,14 +132,13 @@ def probe(train: tuple[np.ndarray, np.ndarray],
 def train_split_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """config.input as an eval set: the first eval set's preprocessing and batch size."""
   train_config = config.input.copy_and_resolve_references()
-  evals = config.get("evals", {}) or {}
-  first = next(iter(evals.values()), None)
+  first = next(iter(config.evals.values()), None)
   with train_config.unlocked():
     if first is not None:
       for key in PREPROCESSING_KEYS:
         if key in first:
           train_config[key] = first[key]
-      train_config.batch_size = int(first.get("batch_size", config.input.batch_size))
+      train_config.batch_size = int(first.batch_size)
   return train_config
 
 
@@ -164,11 +163,7 @@ class LinearProbe:
   def eval_sets(self) -> dict[str, Any]:
     """The config's eval sets, with the student's view only."""
     result = {}
-    for name, eval_config in self.config.get("evals", {}).items():
-      eval_config = eval_config.copy_and_resolve_references()
-      with eval_config.unlocked():
-        eval_config.batch_size = int(eval_config.get("batch_size",
-                                                     self.config.input.batch_size))
+    for name, eval_config in self.config.evals.items():
       result[name] = self._iterator(eval_config, f"evals.{name}")
     return result
 

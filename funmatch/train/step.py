@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from funmatch.distill import mixup as mixup_lib
+from funmatch.teaching import Mixup
 from funmatch.train.state import TrainState
 
 
@@ -25,13 +26,12 @@ def teacher_outputs(teachers: Mapping[str, nn.Module], teacher_params, images):
 
 def make_train_step(student: nn.Module, teachers: Mapping[str, nn.Module], objective,
                     optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    num_classes: int, mixup: Mapping | None) -> Callable:
+                    num_classes: int, mixup: Mixup | None) -> Callable:
   """Returns `train_step(state, batch, teacher_params) -> (state, metrics)`.
 
   `batch` = {'images': {view: [B,H,W,3]}, 'label': [B]}; the student's view is
-  'student' and each teacher's view carries the teacher's name. `mixup` is None
-  (no mixup: fixed/independent/consistent teaching, or plain supervised) or a
-  dict with `p` and `per_example`.
+  'student' and each teacher's view carries the teacher's name. `mixup` is the
+  teaching plan's (None: no mixup).
   """
 
   def train_step(state: TrainState, batch, teacher_params):
@@ -42,7 +42,7 @@ def make_train_step(student: nn.Module, teachers: Mapping[str, nn.Module], objec
     metrics = {}
     if mixup is not None:
       images, coefficients = mixup_lib.mixup_views(
-          mixup_rng, images, mixup["p"], mixup["per_example"])
+          mixup_rng, images, mixup.p, mixup.per_example)
       label_probs = mixup_lib.mix(label_probs, coefficients)
       metrics["mixup_coefficient"] = jnp.mean(coefficients)
     teacher_outs = teacher_outputs(teachers, teacher_params, images)
@@ -67,9 +67,7 @@ def make_train_step(student: nn.Module, teachers: Mapping[str, nn.Module], objec
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    objective_state = state.objective_state
-    if hasattr(objective, "next_state"):
-      objective_state = objective.next_state(objective_state, teacher_outs)
+    objective_state = objective.next_state(state.objective_state, teacher_outs)
     new_state = state.replace(
         step=state.step + 1,
         params=keep(new_params, state.params),
@@ -103,28 +101,16 @@ def _kl_per_example(student_logits, teacher_log_probs):
   return jnp.sum(jnp.exp(teacher_log_probs) * (teacher_log_probs - log_p_s), -1)
 
 
-def ensemble_log_probs(teacher_logits: Mapping[str, jax.Array], ensemble: str) -> jax.Array:
-  """Log-probabilities [B, C] of the teachers' ensemble at T=1.
-
-  'mean_logits': softmax of the mean logits; 'sum_kl': the mean of the teachers'
-  probabilities (what a sum of KLs trains the student towards).
-  """
-  stacked = jnp.stack([logits.astype(jnp.float32) for logits in teacher_logits.values()])
-  if ensemble == "sum_kl":
-    return (jax.scipy.special.logsumexp(jax.nn.log_softmax(stacked), axis=0)
-            - jnp.log(float(stacked.shape[0])))
-  return jax.nn.log_softmax(jnp.mean(stacked, 0))
-
-
 def make_eval_step(student: nn.Module, teachers: Mapping[str, nn.Module],
-                   ensemble: str = "mean_logits") -> Callable:
+                   teacher_log_probs: Callable[[dict], jax.Array]) -> Callable:
   """Returns `eval_step(params, teacher_params, batch) -> sums` (masked sums).
 
   Sums (divide by 'count'): student/teacher top-1/top-5 accuracy; agreement_top1
   (student and teacher argmax equal), agreement_top5 (teacher's argmax within the
-  student's top 5), kl = KL(teacher || student) at T=1. With several teachers,
-  each gets `teacher_<name>_*` and `teacher_*`/agreement/kl use their ensemble as
-  training builds it (`ensemble_log_probs`).
+  student's top 5), kl = KL(teacher || student) at T=1. The teacher side is
+  `teacher_log_probs(logits by teacher)` (the objective's: for several teachers
+  the ensemble training matches); each of several teachers also gets its own
+  `teacher_<name>_top1/5`.
   """
 
   def eval_step(params, teacher_params, batch):
@@ -142,7 +128,7 @@ def make_eval_step(student: nn.Module, teachers: Mapping[str, nn.Module],
       for name, logits in teacher_logits.items():
         sums[f"teacher_{name}_top1"] = jnp.sum(mask * _topk_hits(logits, label, 1))
         sums[f"teacher_{name}_top5"] = jnp.sum(mask * _topk_hits(logits, label, 5))
-    reference = ensemble_log_probs(teacher_logits, ensemble)
+    reference = teacher_log_probs(teacher_logits)
     teacher_argmax = jnp.argmax(reference, -1)
     sums.update({
         "teacher_top1": jnp.sum(mask * _topk_hits(reference, label, 1)),

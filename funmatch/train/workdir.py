@@ -132,6 +132,12 @@ def lock(workdir: str) -> Iterator[None]:
     handle.close()  # releases the flock
 
 
+def hold(workdir: str):
+  """The workdir's writer lock, taken by process 0 (the one that writes files)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+
+
 def write_config(workdir: str, config: ml_collections.ConfigDict, mode: str) -> None:
   _make_workdir(workdir)
   path = os.path.join(workdir, CONFIG_FILE)

@@ -15,21 +15,15 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import ml_collections
-import optax
 
-from funmatch.distill.objectives import args_of, check_settings
-from funmatch.distill.objectives.function_matching import entropy
+from funmatch.distill import losses
+from funmatch.distill.objectives.base import (Objective, check_settings, single_teacher,
+                                              target_labels)
 from funmatch.errors import UserError
 
 # Stands in for the excluded target logit: exp() of it is exactly 0 in float32,
 # while log-softmax stays finite (no 0 * -inf = nan).
 _EXCLUDED = -1e9
-
-
-def cross_entropy(logits: jax.Array, label_probs: jax.Array) -> jax.Array:
-  """Softmax cross-entropy on (mixed) label distributions, mean over the batch."""
-  return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), label_probs))
 
 
 def nkd_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array,
@@ -54,35 +48,15 @@ def nkd_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.A
   return target_term, non_target_term
 
 
-def single_teacher(teacher_outs, method: str):
-  """The `(logits, taps)` of the one teacher `method` distils from."""
-  if len(teacher_outs) != 1:
-    raise UserError(f"config.objective='{method}' distils from exactly one teacher but "
-                    f"config.teachers names {len(teacher_outs)} ({', '.join(teacher_outs)}); "
-                    "set config.teachers=('teacher',)")
-  return next(iter(teacher_outs.values()))
-
-
-def target_labels(batch) -> jax.Array:
-  """The target class of each example: the argmax of the mixed label."""
-  return jnp.argmax(batch["label_probs"], -1)
-
-
 @dataclasses.dataclass(frozen=True)
-class NKD:
+class NKD(Objective):
   """`ce_weight * CE(labels) + NKD(student, teacher)`; NKD's defaults are DeiT's."""
   temperature: float = 1.0
   gamma: float = 1.0
   ce_weight: float = 1.0
-  needs_teachers = True
 
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "NKD":
-    objective = cls(**args_of(cls, config))
-    objective.validate()
-    return objective
-
-  def validate(self) -> None:
+  def validate(self, global_batch: int) -> None:
+    del global_batch
     check_settings(self, positive=("temperature",), non_negative=("gamma", "ce_weight"))
 
   def check_models(self, student_out, teacher_outs) -> None:
@@ -91,21 +65,17 @@ class NKD:
       raise UserError(f"the teacher has {teacher_logits.shape[-1]} classes but the student "
                       f"{student_out[0].shape[-1]}; NKD needs the same classes")
 
-  def init_aux(self, rng, student_out, teacher_outs):
-    del rng, student_out, teacher_outs
-    return {}
-
   def __call__(self, aux_params, student_out, teacher_outs, batch, rng):
     del aux_params, rng
     student_logits, _ = student_out
     teacher_logits, _ = single_teacher(teacher_outs, "nkd")
-    ce = cross_entropy(student_logits, batch["label_probs"])
+    ce = losses.cross_entropy(student_logits, batch["label_probs"])
     target_term, non_target_term = nkd_loss(student_logits, teacher_logits,
                                             target_labels(batch), self.temperature,
                                             self.gamma)
     nkd = target_term + non_target_term
     metrics = {"ce": ce, "nkd": nkd, "nkd_target": target_term,
                "nkd_non_target": non_target_term,
-               "student_entropy": entropy(student_logits),
-               "teacher_entropy": entropy(teacher_logits)}
+               "student_entropy": losses.entropy(student_logits),
+               "teacher_entropy": losses.entropy(teacher_logits)}
     return self.ce_weight * ce + nkd, metrics

@@ -37,10 +37,9 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from funmatch.distill.objectives import args_of, check_settings
-from funmatch.distill.objectives.function_matching import entropy
+from funmatch.distill import losses
+from funmatch.distill.objectives.base import Objective, check_settings
 from funmatch.errors import UserError
 
 _STAGE = re.compile(r"^stage(\d+)$")
@@ -146,22 +145,16 @@ def _branchable(taps) -> list[str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class OFAKD:
+class OFAKD(Objective):
   """OFA-KD; settings in config.objective_args."""
   gamma: float | tuple = 1.0    # 1.0 (CIFAR) .. 1.5 (ImageNet); or one per stage + final
   temperature: float = 1.0
-  stages: str = "auto"          # 'auto', 'stage1,stage2' or a tuple of tap names
+  stages: str | tuple = "auto"  # 'auto', 'stage1,stage2' or a tuple of tap names
   ce_weight: float = 1.0
   ofa_weight: float = 1.0
-  needs_teachers = True
 
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "OFAKD":
-    objective = cls(**args_of(cls, config))
-    objective.validate()
-    return objective
-
-  def validate(self) -> None:
+  def validate(self, global_batch: int) -> None:
+    del global_batch
     where = "config.objective_args"
     gammas = self.gamma if isinstance(self.gamma, (tuple, list)) else (self.gamma,)
     if not gammas or not all(isinstance(g, (int, float)) and g > 0 for g in gammas):
@@ -259,15 +252,14 @@ class OFAKD:
     labels = batch["label_probs"]
     teacher_logits = jnp.mean(jnp.stack([jnp.asarray(out[0], jnp.float32)
                                          for out in teacher_outs.values()]), 0)
-    ce = jnp.mean(-jnp.sum(labels * jax.nn.log_softmax(
-        student_logits.astype(jnp.float32), -1), -1))
+    ce = losses.cross_entropy(student_logits, labels)
     target_mask = jax.nn.one_hot(jnp.argmax(labels, -1), labels.shape[-1])
     ofa = lambda z, gamma: ofa_loss(z, teacher_logits, target_mask, gamma, self.temperature)
     branches = self.branch_logits(aux_params, student_out)
     stage_gammas, final_gamma = self.gammas(tuple(branches))
     metrics = {"ce": ce, "ofa_logits": ofa(student_logits, final_gamma),
-               "student_entropy": entropy(student_logits),
-               "teacher_entropy": entropy(teacher_logits)}
+               "student_entropy": losses.entropy(student_logits),
+               "teacher_entropy": losses.entropy(teacher_logits)}
     total_ofa = metrics["ofa_logits"]
     for (stage, logits), gamma in zip(branches.items(), stage_gammas):
       metrics[f"ofa_{stage}"] = ofa(logits, gamma)

@@ -16,7 +16,8 @@ through the training-only projection head Linear(d, d)-ReLU-Linear(d, dim) (aux
 params, never exported; the linear probe evaluates the features before it). The
 teacher here is a classifier, not a self-supervised model with its own 128-d head,
 so its embedding is its `teacher_tap` (default `pre_logits`) passed through a FIXED
-random Gaussian projection to `dim` (drawn once from `config.seed`, never trained:
+random Gaussian projection to `dim` (drawn once, in `init_state`, from the key the
+trainer passes: PRNGKey(config.seed); kept in the objective state, never trained:
 it plays the part of the frozen teacher's projection head; random projections keep
 inner products up to O(1/sqrt(dim)), Johnson-Lindenstrauss). `dim=0` instead uses
 the teacher's own width without any projection (exactly the paper's formula on the
@@ -32,13 +33,12 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from funmatch.distill.objectives import args_of, check_settings
+from funmatch.distill.objectives.base import Objective, check_settings
 from funmatch.errors import UserError
 
-_PROJECTION_TAG = 0x5EED  # folds config.seed into the teacher projection's key
-_QUEUE_TAG = 0x0EEE       # ... and into the initial queue's key
+_PROJECTION_TAG = 0x5EED  # folded into init_state's key for the teacher projection
+_QUEUE_TAG = 0x0EEE       # ... and for the initial queue
 
 
 class ProjectionHead(nn.Module):
@@ -97,7 +97,7 @@ def enqueue(queue: jax.Array, pointer: jax.Array, embeddings: jax.Array):
 
 
 @dataclasses.dataclass(frozen=True)
-class SEED:
+class SEED(Objective):
   """SEED (Fang et al. 2021); settings in config.objective_args."""
   dim: int = 128                        # embedding width; 0: the teacher tap's width
   queue_size: int = 65536               # K, a multiple of the global batch
@@ -106,16 +106,7 @@ class SEED:
   student_tap: str = "pre_logits"       # the features the head (and the probe) sees
   teacher_tap: str = "pre_logits"
   hidden_dim: int = 0                   # the head's hidden width; 0: the student's d
-  needs_teachers = True
   evaluation = "linear_probe"           # evaluate.py adds <eval>/linear_probe_top1
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "SEED":
-    objective = cls(**args_of(cls, config))
-    # Not a setting: the fixed teacher projection and the initial queue follow the run seed.
-    object.__setattr__(objective, "_seed", int(config.get("seed", 0)))
-    objective.validate(int(config.input.batch_size))
-    return objective
 
   def validate(self, global_batch: int) -> None:
     where = "config.objective_args"
@@ -134,10 +125,6 @@ class SEED:
   def probe_tap(self) -> str:
     """The probe reads the features the projection head sees."""
     return self.student_tap
-
-  @property
-  def seed(self) -> int:
-    return getattr(self, "_seed", 0)
 
   # ---- models and shapes ----
   def check_models(self, student_out, teacher_outs) -> None:
@@ -170,26 +157,28 @@ class SEED:
                           dim=self.embedding_dim(teacher_outs))
     return {"head": head.init(rng, jnp.zeros((1, width), jnp.float32))["params"]}
 
-  def init_state(self, student_out, teacher_outs):
-    """A queue of random unit vectors (as MoCo starts) and pointer 0."""
+  def init_state(self, rng, student_out, teacher_outs):
+    """A queue of random unit vectors (as MoCo starts), pointer 0 and, when the
+    teacher's width is not `dim`, the fixed teacher projection."""
     del student_out
     dim = self.embedding_dim(teacher_outs)
-    key = jax.random.fold_in(jax.random.PRNGKey(self.seed), _QUEUE_TAG)
-    queue = jax.random.normal(key, (dim, self.queue_size), jnp.float32)
-    queue = queue / jnp.linalg.norm(queue, axis=0, keepdims=True)
-    return {"queue": queue, "pointer": jnp.zeros([], jnp.int32)}
+    queue = jax.random.normal(jax.random.fold_in(rng, _QUEUE_TAG),
+                              (dim, self.queue_size), jnp.float32)
+    state = {"queue": queue / jnp.linalg.norm(queue, axis=0, keepdims=True),
+             "pointer": jnp.zeros([], jnp.int32)}
+    width = self._teacher_width(teacher_outs)
+    if dim != width:
+      state["projection"] = jax.random.normal(jax.random.fold_in(rng, _PROJECTION_TAG),
+                                              (width, dim), jnp.float32) / jnp.sqrt(dim)
+    return state
 
   # ---- embeddings ----
-  def teacher_embeddings(self, teacher_outs) -> jax.Array:
+  def teacher_embeddings(self, objective_state, teacher_outs) -> jax.Array:
     """normalize(fixed projection of the teacher tap) [B, dim], no gradient."""
     (_, (_, taps)), = teacher_outs.items()
     features = jax.lax.stop_gradient(pooled(taps[self.teacher_tap]))
-    width = features.shape[-1]
-    if self.dim and self.dim != width:
-      key = jax.random.fold_in(jax.random.PRNGKey(self.seed), _PROJECTION_TAG)
-      # Computed from its key inside the jitted step: a constant, nothing to store.
-      projection = jax.random.normal(key, (width, self.dim), jnp.float32) / jnp.sqrt(self.dim)
-      features = features @ projection
+    if "projection" in objective_state:
+      features = features @ objective_state["projection"]
     return normalize(features)
 
   def student_embeddings(self, aux_params, student_out) -> jax.Array:
@@ -203,7 +192,7 @@ class SEED:
     del rng
     state = batch["objective_state"]
     s = self.student_embeddings(aux_params, student_out)
-    t = self.teacher_embeddings(teacher_outs)
+    t = self.teacher_embeddings(state, teacher_outs)
     loss, student_logits, teacher_logits = seed_loss(
         s, t, state["queue"], self.student_temperature, self.teacher_temperature)
     teacher_top = jnp.argmax(teacher_logits, -1)
@@ -222,5 +211,5 @@ class SEED:
     # sharded over the mesh), so enqueueing it is the all-gather of every
     # device's teacher embeddings: every replica's queue gets the same columns.
     queue, pointer = enqueue(objective_state["queue"], objective_state["pointer"],
-                             self.teacher_embeddings(teacher_outs))
-    return {"queue": queue, "pointer": pointer}
+                             self.teacher_embeddings(objective_state, teacher_outs))
+    return {**objective_state, "queue": queue, "pointer": pointer}

@@ -21,11 +21,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from funmatch.distill.objectives import args_of, check_settings
-from funmatch.distill.objectives.function_matching import entropy
-from funmatch.distill.objectives.nkd import cross_entropy, single_teacher
+from funmatch.distill import losses
+from funmatch.distill.objectives.base import Objective, check_settings, single_teacher
 from funmatch.errors import UserError
 
 RELATIONS = (("qk", "q", "k"), ("vv", "v", "v"))
@@ -59,18 +57,15 @@ def _kind(taps) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class TinyMIM:
+class TinyMIM(Objective):
   """Q-K and V-V relation KL between the student's last block and a teacher block."""
   qk_weight: float = 1.0
   vv_weight: float = 1.0
   ce_weight: float = 0.0
-  needs_teachers = True
 
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "TinyMIM":
-    objective = cls(**args_of(cls, config))
-    check_settings(objective, non_negative=("qk_weight", "vv_weight", "ce_weight"))
-    return objective
+  def validate(self, global_batch: int) -> None:
+    del global_batch
+    check_settings(self, non_negative=("qk_weight", "vv_weight", "ce_weight"))
 
   def check_models(self, student_out, teacher_outs) -> None:
     teacher_name = next(iter(teacher_outs)) if len(teacher_outs) == 1 else None
@@ -94,10 +89,6 @@ class TinyMIM:
           f"{teacher_q.shape[2]}; TinyMIM compares token-to-token relations, so give both "
           "the same token grid (res / patch_size)")
 
-  def init_aux(self, rng, student_out, teacher_outs):
-    del rng, student_out, teacher_outs
-    return {}
-
   def __call__(self, aux_params, student_out, teacher_outs, batch, rng):
     del aux_params, rng
     student_logits, student_taps = student_out
@@ -105,8 +96,8 @@ class TinyMIM:
     relations = relation_losses(student_taps, teacher_taps)
     loss = self.qk_weight * relations["qk"] + self.vv_weight * relations["vv"]
     metrics = {"relation_qk": relations["qk"], "relation_vv": relations["vv"],
-               "student_entropy": entropy(student_logits)}
+               "student_entropy": losses.entropy(student_logits)}
     if self.ce_weight:
-      metrics["ce"] = cross_entropy(student_logits, batch["label_probs"])
+      metrics["ce"] = losses.cross_entropy(student_logits, batch["label_probs"])
       loss = loss + self.ce_weight * metrics["ce"]
     return loss, metrics

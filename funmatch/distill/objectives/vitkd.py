@@ -22,12 +22,11 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from funmatch.distill.objectives import args_of, check_settings
-from funmatch.distill.objectives.function_matching import entropy
-from funmatch.distill.objectives.nkd import (cross_entropy, nkd_loss, single_teacher,
-                                             target_labels)
+from funmatch.distill import losses
+from funmatch.distill.objectives.base import (Objective, check_settings, single_teacher,
+                                              target_labels)
+from funmatch.distill.objectives.nkd import nkd_loss
 from funmatch.errors import UserError
 
 DEEP_TAP = "encoded"
@@ -89,7 +88,7 @@ class Heads(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTKD:
+class ViTKD(Objective):
   """CE + shallow mimicking + deep generation (+ NKD); defaults are the paper's."""
   alpha: float = 3e-5
   beta: float = 3e-6
@@ -99,15 +98,9 @@ class ViTKD:
   nkd_weight: float = 0.0            # the paper's best: 1.0
   nkd_temperature: float = 1.0
   nkd_gamma: float = 1.0
-  needs_teachers = True
 
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "ViTKD":
-    objective = cls(**args_of(cls, config))
-    objective.validate()
-    return objective
-
-  def validate(self) -> None:
+  def validate(self, global_batch: int) -> None:
+    del global_batch
     check_settings(self, positive=("nkd_temperature",),
                    non_negative=("alpha", "beta", "ce_weight", "nkd_weight", "nkd_gamma"))
     if not 0 < self.mask_ratio < 1:
@@ -180,11 +173,11 @@ class ViTKD:
                        self.alpha)
     generation = generation_loss(generated, patch_tokens(teacher_taps[DEEP_TAP]), masked,
                                  self.beta, self.mask_ratio)
-    ce = cross_entropy(student_logits, batch["label_probs"])
+    ce = losses.cross_entropy(student_logits, batch["label_probs"])
     loss = self.ce_weight * ce + mimic + generation
     metrics = {"ce": ce, "mimic": mimic, "generation": generation,
-               "student_entropy": entropy(student_logits),
-               "teacher_entropy": entropy(teacher_logits)}
+               "student_entropy": losses.entropy(student_logits),
+               "teacher_entropy": losses.entropy(teacher_logits)}
     if self.nkd_weight:
       target_term, non_target_term = nkd_loss(student_logits, teacher_logits,
                                               target_labels(batch), self.nkd_temperature,

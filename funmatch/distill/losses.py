@@ -1,8 +1,13 @@
-"""Distances between student and teacher logits, each averaged over the batch.
+"""Losses shared by the objectives, each written once.
 
-Every function takes `(student_logits, teacher_logits)` of shape [B, C] and
-returns a scalar. The teacher side is treated as a constant (stop_gradient).
+Distances between student and teacher logits (`DISTANCES`, function matching's
+`config.objective_args.distance`) take `(student_logits, teacher_logits)` of shape
+[B, C] and return a scalar averaged over the batch; the teacher side is a constant
+(stop_gradient). Then cross-entropy on (mixed) labels, entropy, and the
+log-probabilities of a teachers' ensemble.
 """
+from typing import Mapping
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -61,3 +66,31 @@ DISTANCES = {
     "euclidean": euclidean,
     "logsoftmax_euclidean": logsoftmax_euclidean,
 }
+
+
+def cross_entropy(logits: jax.Array, label_probs: jax.Array) -> jax.Array:
+  """Softmax cross-entropy on (mixed, maybe smoothed) label distributions, batch mean."""
+  return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), label_probs))
+
+
+def entropy(logits: jax.Array) -> jax.Array:
+  """Mean entropy (nats) of softmax(logits) over the batch."""
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32))
+  return -jnp.mean(jnp.sum(jnp.exp(log_p) * log_p, -1))
+
+
+ENSEMBLES = ("sum_kl", "mean_logits")
+
+
+def ensemble_log_probs(teacher_logits: Mapping[str, jax.Array],
+                       ensemble: str = "mean_logits") -> jax.Array:
+  """Log-probabilities [B, C] of the teachers' ensemble at T=1.
+
+  'mean_logits': softmax of the mean logits; 'sum_kl': the mean of the teachers'
+  probabilities (what a sum of KLs trains the student towards).
+  """
+  stacked = jnp.stack([logits.astype(jnp.float32) for logits in teacher_logits.values()])
+  if ensemble == "sum_kl":
+    return (jax.scipy.special.logsumexp(jax.nn.log_softmax(stacked), axis=0)
+            - jnp.log(float(stacked.shape[0])))
+  return jax.nn.log_softmax(jnp.mean(stacked, 0))
