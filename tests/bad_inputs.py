@@ -1,13 +1,11 @@
-"""Runs the funmatch CLI against bad inputs; prints one table row per input.
+"""The bad inputs a user can give the CLI, as data: tests/test_bad_inputs.py runs them.
 
-  python tools/badinput_sweep.py [--in-process] [--only SUBSTRING]
-
-Every row must show exit code 2 (the documented code for user errors), exactly one
-`funmatch: error:` line, no traceback, and nothing changed in the targeted workdir.
-The exit status is 1 if any row fails. `CASES` is also the case list of
-tests/test_bad_inputs.py, which runs the cases in-process.
+Every case must end with exit code 2 (the documented code for user errors),
+exactly one `funmatch: error:` line, no traceback, and nothing changed in the
+targeted workdir. `pytest tests/test_bad_inputs.py --bad-input-table FILE` also
+writes the markdown table of docs/reliability.md (input, exit code, message,
+workdir changed) to FILE.
 """
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -15,20 +13,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from typing import Callable, Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DIGITS = os.path.join(REPO, "configs", "digits.py")
-DIGITS_TEACHER = os.path.join(REPO, "configs", "digits_teacher.py")
-# The tiny 16px runs of tests/conftest.py.
-TINY_TEACHER_ARG = "steps=40,batch_size=64,res=16"
-TINY_STUDENT_ARG = "steps=30,batch_size=64,res=16,teacher_res=16"
-TINY_OVERRIDES = ("--config.log_every_steps=5", "--config.eval_every_steps=0",
-                  "--config.checkpoint_every_steps=10")
-TEACHER_OVERRIDES = ("--config.student.width=0.5", "--config.lr=0.003",
-                     "--config.schedule.warmup_steps=10")
+from conftest import (TEACHER_OVERRIDES, TINY_OVERRIDES, TINY_STUDENT_ARG,
+                      TINY_TEACHER_ARG, repo_path)
+
+DIGITS = repo_path("configs", "digits.py")
+DIGITS_TEACHER = repo_path("configs", "digits_teacher.py")
 
 
 def distill(teacher: str, workdir: str, *extra: str, recipe: str = "") -> list[str]:
@@ -250,7 +241,11 @@ CASES = [
          "config.teaching"),
     Case("teacher without config", "distill",
          _d("--config.teachers=('teacher','assistant')"), "config.assistant"),
-    Case("unknown distance", "distill", _d("--config.distance=cosine"), "config.distance"),
+    Case("unknown distance", "distill", _d("--config.objective_args.distance=cosine"),
+         "config.objective_args.distance"),
+    Case("a key that moved (temperature)", "distill", _d("--config.temperature=2.0"),
+         "moved to config.objective_args.temperature"),
+    Case("unknown weight-decay mode", "distill", _d("--config.wd_mode=l2"), "config.wd_mode"),
     Case("unknown optimizer", "distill", _d("--config.optax_name=lion"), "config.optax_name"),
     Case("zero steps", "distill", _d("--config.total_steps=0", "--config.total_epochs=0"),
          "total_"),
@@ -404,54 +399,13 @@ def subprocess_runner(tool, args, env=None):
   return result.returncode, result.stdout, result.stderr
 
 
-def in_process_runner(tool, args, env=None):
-  """The CLI's entry point in this process (faster; cases with `env` need a subprocess)."""
-  import io  # pylint: disable=import-outside-toplevel
-  from funmatch.train import cli  # pylint: disable=import-outside-toplevel
-  if env:
-    return subprocess_runner(tool, args, env)
-  out, err = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    try:
-      code = getattr(cli, f"{tool}_main")([f"funmatch-{tool}", *args])
-    except SystemExit as e:
-      code = e.code
-  return code or 0, out.getvalue(), err.getvalue()
-
-
-def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--in-process", action="store_true",
-                      help="call the entry points in this process (faster)")
-  parser.add_argument("--only", default="", help="run the cases whose name has this")
-  parser.add_argument("--trained", default=None,
-                      help="a finished workdir of the tiny digits teacher to reuse")
-  options = parser.parse_args()
-  runner = in_process_runner if options.in_process else subprocess_runner
-  cases = [c for c in CASES if options.only in c.name]
-  rows = []
-  with tempfile.TemporaryDirectory(prefix="funmatch-sweep-") as root:
-    bench = Bench(root, options.trained)
-    try:
-      for i, case in enumerate(cases):
-        start = time.perf_counter()
-        rows.append(run_case(case, bench, os.path.join(root, f"case{i}", "run"), runner))
-        print(f"[{i + 1}/{len(cases)}] {case.name}: exit {rows[-1].code} "
-              f"({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
-    finally:
-      bench.close()
-  print("| # | input | exit | message | workdir changed | ok |")
-  print("|---|---|---|---|---|---|")
+def markdown_table(rows: Sequence[Row]) -> str:
+  """One row per case: input, exit code, the message, workdir changed, ok."""
+  lines = ["| # | input | exit | message | workdir changed | ok |",
+           "|---|---|---|---|---|---|"]
   for i, row in enumerate(rows, 1):
-    message = row.message.removeprefix("funmatch: error: ").replace(root, "$TMP")
-    message = message.replace("|", "\\|") + (" (+ a traceback)" if row.traceback else "")
-    print(f"| {i} | {row.name} | {row.code} | {message} | "
-          f"{'yes' if row.changed else 'no'} | {'ok' if row.ok else 'FAIL'} |")
-  failed = [r.name for r in rows if not r.ok]
-  print(f"\n{len(rows) - len(failed)}/{len(rows)} rows ok" +
-        (f"; failed: {', '.join(failed)}" if failed else ""))
-  return 1 if failed else 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+    message = row.message.removeprefix("funmatch: error: ").replace("|", "\\|")
+    message += " (+ a traceback)" if row.traceback else ""
+    lines.append(f"| {i} | {row.name} | {row.code} | {message} | "
+                 f"{'yes' if row.changed else 'no'} | {'ok' if row.ok else 'FAIL'} |")
+  return "\n".join(lines) + "\n"

@@ -10,7 +10,7 @@ import pytest
 from conftest import repo_path
 
 # Tiny models and batches: the test checks the tool's behaviour, not speed.
-TINY = ["--set", "teacher.depth=[1, 1, 1, 1]", "--set", "teacher.width=0.5",
+TINY = ["--config.teacher.depth=(1, 1, 1, 1)", "--config.teacher.width=0.5",
         "--random_teachers", "--steps", "1", "--repeats", "1"]
 
 
@@ -75,16 +75,15 @@ def test_digits_benchmark_writes_every_key(tool, tmp_path, capsys):
 
 def test_unprepared_data_builds_a_synthetic_run(tool):
   """A recipe whose dataset is not prepared still builds, for synthetic data only."""
-  import argparse
-  config = tool.load_config(
-      repo_path("configs", "flowers_pet.py") + ":res=32,data_dir=/nonexistent/tfds",
-      ["student.depth=[1, 1, 1, 1]", "student.width=0.5", "teacher.depth=[1, 1, 1, 1]",
-       "teacher.width=0.5", "input.batch_size=8"])
+  args, config = tool.parse_args([
+      "--config", repo_path("configs", "flowers_pet.py") + ":res=32,data_dir=/nonexistent/tfds",
+      "--config.student.depth=(1, 1, 1, 1)", "--config.student.width=0.5",
+      "--config.teacher.depth=(1, 1, 1, 1)", "--config.teacher.width=0.5",
+      "--config.input.batch_size=8", "--random_teachers", "--num_classes", "102"])
   notes = []
-  args = argparse.Namespace(num_classes=102, random_teachers=True)
   run, built, data_available = tool.make_run(config, args, notes)
   assert not data_available
-  assert run.num_classes == 102 and run.views == {"student": 32, "teacher": 32}
+  assert run.num_classes == 102 and run.plan.views == {"student": 32, "teacher": 32}
   assert int(built.input.batch_size) == 8
   assert "test" not in built.evals
   assert any("training data not available" in n for n in notes)
@@ -93,12 +92,12 @@ def test_unprepared_data_builds_a_synthetic_run(tool):
 
 @pytest.mark.parametrize("args, culprit", [
     (["--config", "/nonexistent/recipe.py"], "config file not found: /nonexistent/recipe.py"),
-    (["--config", repo_path("configs", "digits.py"), "--set", "input.batch_sise=8"],
-     "input.batch_sise"),
-    (["--config", repo_path("configs", "digits.py"), "--set", "nosuch.key=1"], "nosuch"),
-    (["--config", repo_path("configs", "digits.py"), "--set", "input.batch_size=many"],
-     "input.batch_size=many"),
-    (["--config", repo_path("configs", "digits.py"), "--set", "lr"], "KEY=VALUE"),
+    (["--config", repo_path("configs", "digits.py"), "--config.input.batch_sise=8"],
+     "batch_sise"),
+    (["--config", repo_path("configs", "digits.py"), "--config.nosuch.key=1"], "nosuch"),
+    (["--config", repo_path("configs", "digits.py"), "--config.input.batch_size=many"],
+     "batch_size"),
+    (["--config", repo_path("configs", "digits.py"), "--set", "lr=1"], "--set"),
     (["--config", repo_path("configs", "digits.py"), "--steps", "0"], "--steps=0"),
     (["--config", repo_path("configs", "digits.py") + ":nosuch=1"], "nosuch"),
 ])

@@ -18,13 +18,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import bad_inputs
 from conftest import repo_path, run_cli
 from funmatch import checkpoint
 from funmatch.train import cli, metrics_io
 from funmatch.train import workdir as workdir_lib
-
-sys.path.insert(0, repo_path("tools"))
-import badinput_sweep as sweep  # pylint: disable=wrong-import-position
 
 STEPS = 40
 CHECKPOINT_EVERY = 4
@@ -148,7 +146,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(reference, tmp_path, c
   workdir = str(tmp_path / "run")
   shutil.copytree(reference, workdir)
   latest = os.path.join(checkpoint.checkpoint_dir(workdir), str(STEPS))
-  sweep.truncate_checkpoint_arrays(latest)
+  bad_inputs.truncate_checkpoint_arrays(latest)
   with caplog.at_level(logging.WARNING):
     code, _, err = run_cli(cli.train_main, train_args(workdir), capsys)
   assert code == 0, err
@@ -167,7 +165,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(reference, tmp_path, c
 def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(reference, tmp_path, capsys):
   workdir = str(tmp_path / "run")
   shutil.copytree(reference, workdir)
-  sweep.truncate_checkpoint_arrays(checkpoint.checkpoint_dir(workdir))
+  bad_inputs.truncate_checkpoint_arrays(checkpoint.checkpoint_dir(workdir))
   code, _, err = run_cli(cli.train_main, train_args(workdir), capsys)
   errors = [line for line in err.splitlines() if line.startswith("funmatch: error:")]
   assert code == 2 and len(errors) == 1, err

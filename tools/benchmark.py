@@ -27,23 +27,22 @@ vs bfloat16 and the top-1 agreement of the two on the first eval set.
   python tools/benchmark.py --config configs/bit_i1k.py:batch_size=2 --random_teachers \
       --steps 2 --repeats 3 --host_steps 20 --output /tmp/bench_i1k.json
 
---random_teachers builds each teacher with random weights (written to a
-temporary .npz the normal loader reads), for recipes whose teacher weights are
-not at hand. A recipe whose training data is not prepared runs on synthetic data
-only (num_classes from the config, else --num_classes). `--set key=value`
-overrides a config value (e.g. `--set input.batch_size=8 --set teacher.dtype=bfloat16`).
-Timings are never asserted anywhere; they depend on the machine and its load.
+The run is built through the trainer's own stages (funmatch/train/build.py) from
+the same `--config FILE.py:args --config.a.b=value` the CLI takes (e.g.
+`--config.teacher.dtype=bfloat16`). --random_teachers skips loading the teachers'
+weights: they keep random params (nothing zero, so logits are not constant), for
+recipes whose teacher weights are not at hand. A recipe whose training data is not
+prepared runs on synthetic data only (num_classes from the config, else
+--num_classes). Timings are never asserted anywhere; they depend on the machine
+and its load.
 """
 import argparse
-import ast
 import json
 import os
 import platform
 import resource
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 TARGETS = {"full_over_parts": "<= 1.05", "real_over_synthetic_throughput": ">= 0.95",
@@ -60,10 +59,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
+  """(benchmark options, the config) from argv: the config flags as the CLI's."""
   p = _Parser(description=__doc__.splitlines()[0])
   p.add_argument("--config", required=True, help="recipe FILE.py[:key=value,...]")
-  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="override a config value, e.g. input.batch_size=8 (repeatable)")
   p.add_argument("--steps", type=int, default=10, help="calls per timed repeat")
   p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
   p.add_argument("--host_steps", type=int, default=100,
@@ -84,88 +82,18 @@ def parse_args(argv):
   p.add_argument("--skip", default="",
                  help="comma-separated sections to skip: real_data, host")
   p.add_argument("--output", default="", help="write the results as JSON here")
-  return p.parse_args(argv)
+  args, rest = p.parse_known_args(argv)
+  unknown = [a for a in rest if not a.startswith("--config.")]
+  if unknown:
+    p.error(f"unrecognized arguments: {' '.join(unknown)}")
+  from funmatch.train import cli  # pylint: disable=import-outside-toplevel
+  config, _, _ = cli.parse(["benchmark", "--config", args.config, *rest],
+                           "tools/benchmark.py", {}, needs_workdir=False)
+  return args, config
 
 
 # ---------------------------------------------------------------------------
-# Config: the recipe file, its :arguments and --set overrides.
-
-
-def load_config(spec: str, overrides):
-  """The recipe's config with `key=value` overrides applied; UserError on mistakes."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise UserError(f"config file not found: {path}")
-  module_spec = importlib.util.spec_from_file_location("funmatch_benchmark_recipe", path)
-  module = importlib.util.module_from_spec(module_spec)
-  try:
-    module_spec.loader.exec_module(module)
-  except UserError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f"cannot load --config {path} ({type(e).__name__}: "
-                    f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
-  if not hasattr(module, "get_config"):
-    raise UserError(f"--config {path} has no get_config(arg); is it a funmatch recipe?")
-  config = module.get_config(arg or None)
-  for item in overrides:
-    set_value(config, item)
-  return config
-
-
-def set_value(config, item: str) -> None:
-  """Applies one `a.b.c=value` override; the value is typed like the current one."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
-  key, sep, text = item.partition("=")
-  key = key.strip()
-  if not sep or not key:
-    raise UserError(f"--set {item}: expected KEY=VALUE, e.g. --set input.batch_size=8")
-  *parents, leaf = key.split(".")
-  node = config
-  for i, part in enumerate(parents):
-    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      raise UserError(f"--set {key}: the config has no key '{'.'.join(parents[:i + 1])}'; "
-                      "check the spelling against the recipe file")
-    node = node[part]
-  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-    raise UserError(f"--set {key}: the config has no key '{key}'; check the spelling "
-                    "against the recipe file")
-  current = node[leaf]
-  if isinstance(current, ml_collections.ConfigDict):
-    raise UserError(f"--set {key}: '{key}' is a group of settings; set one of its keys "
-                    f"({', '.join(sorted(current.keys()))})")
-  with node.ignore_type():
-    node[leaf] = _typed(key, text, current)
-
-
-def _typed(key: str, text: str, current):
-  from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
-  if isinstance(current, str):
-    return text
-  if isinstance(current, bool):
-    if text.strip().lower() not in ("true", "false", "1", "0"):
-      raise UserError(f"--set {key}={text}: expected true or false")
-    return text.strip().lower() in ("true", "1")
-  try:
-    value = ast.literal_eval(text.strip())
-  except (ValueError, SyntaxError):
-    if current is None:
-      return text
-    raise UserError(f"--set {key}={text}: expected a {type(current).__name__} "
-                    f"like the current value {current!r}") from None
-  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-    return float(value)
-  if isinstance(current, int) and isinstance(value, float):
-    raise UserError(f"--set {key}={text}: expected an integer like the current value "
-                    f"{current!r}")
-  return value  # other types pass (depth=50 -> depth=[1, 1, 1, 1]); build checks them
-
-
-# ---------------------------------------------------------------------------
-# The run: build.build as the trainer does, with stand-ins for what is missing.
+# The run: the trainer's build stages, with stand-ins for what is missing.
 
 
 def _random_like(shapes, seed: int = 0):
@@ -191,72 +119,51 @@ def _random_like(shapes, seed: int = 0):
   return flax.traverse_util.unflatten_dict(out)
 
 
-def _write_random_teachers(config, num_classes: int, directory: str) -> None:
-  """Points each teacher's init at a random-weights .npz written in `directory`."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from funmatch import config_util, models  # pylint: disable=import-outside-toplevel
-  from funmatch.train import build, params_io  # pylint: disable=import-outside-toplevel
-  for name in build.teacher_names(config):
-    if name not in config:
-      continue  # build.build names the mistake
-    teacher = config[name]
-    module = models.get_model(teacher.model, num_classes, **config_util.model_kwargs(teacher))
-    dummy = jax.ShapeDtypeStruct((1, int(teacher.res), int(teacher.res), 3), jnp.float32)
-    shapes = jax.eval_shape(lambda x, m=module: m.init(jax.random.PRNGKey(0), x,
-                                                       train=False)["params"], dummy)
-    path = os.path.join(directory, f"{name}.npz")
-    params_io.save_params(path, teacher.model, _random_like(shapes))
-    teacher.init = path
-
-
-def make_run(config, args, notes):
-  """(run, config actually built, data_available)."""
+def _available_data(config, args, notes):
+  """(config with the eval sets that exist, DataInfo, whether the data exists)."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   from funmatch.data import sources  # pylint: disable=import-outside-toplevel
   from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
   from funmatch.train import build  # pylint: disable=import-outside-toplevel
   config = config.copy_and_resolve_references()
-  data_available = True
-  num_classes = int(config.get("num_classes", 0) or 0)
-  try:
-    info = sources.source_info(config.input, "input")
-    num_classes = num_classes or info.num_classes
-  except UserError as e:
-    data_available = False
-    num_classes = num_classes or args.num_classes
-    notes.append(f"training data not available ({e}); synthetic data only, "
-                 f"{num_classes} classes")
-    # build.build reads the data description; a stand-in source with the same batch
-    # size lets it build the same models, optimizer and step.
-    from funmatch import config_util  # pylint: disable=import-outside-toplevel
-    batch_size = int(config.input.batch_size)
-    config.input = config_util.data_config("digits", batch_size=batch_size)
-    config.num_classes = num_classes
-  for name in list(config.get("evals", {}).keys()):
+  for name in list(config.evals.keys()):
     try:
       sources.source_info(config.evals[name], f"evals.{name}")
     except UserError as e:
       notes.append(f"eval set '{name}' not available ({e}); dropped")
       config.evals = ml_collections.ConfigDict(
           {k: v for k, v in config.evals.items() if k != name})
-  if not args.random_teachers:
-    for name in build.teacher_names(config):
-      if name in config and not config[name].get("init"):
+  try:
+    return config, build.describe_data(config), True
+  except UserError as e:
+    num_classes = int(config.num_classes or args.num_classes)
+    notes.append(f"training data not available ({e}); synthetic data only, "
+                 f"{num_classes} classes")
+    batch_size = int(config.input.batch_size)
+    total = int(config.total_steps) or 1
+    return config, build.DataInfo(num_classes, batch_size, 1.0, total), False
+
+
+def make_run(config, args, notes):
+  """(run, config actually built, data_available) through the trainer's stages."""
+  from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
+  from funmatch.train import build  # pylint: disable=import-outside-toplevel
+  spec = build.validate(config, "distill")
+  config, data, data_available = _available_data(config, args, notes)
+  built = build.build_models(config, spec, data.num_classes)
+  if args.random_teachers:
+    notes.append("teachers have random weights (--random_teachers)")
+    built.teacher_params = {name: _random_like(params)
+                            for name, params in built.teacher_params.items()}
+    built = build.freeze_teachers(config, spec, built)
+  else:
+    for name in spec.teacher_names:
+      if not config[name].init:
         raise UserError(f"config.{name}.init is empty: give the recipe its teacher (e.g. "
                         f"--config {args.config.split(':')[0]}:teacher=PATH) or pass "
                         "--random_teachers to time random weights")
-  temp = None
-  try:
-    if args.random_teachers:
-      temp = tempfile.mkdtemp(prefix="funmatch_bench_")
-      _write_random_teachers(config, num_classes, temp)
-      notes.append("teachers have random weights (--random_teachers)")
-    run = build.build(config, "distill")
-  finally:
-    if temp:
-      shutil.rmtree(temp, ignore_errors=True)
-  return run, config, data_available
+    built = build.load_weights(config, spec, built, load_student=False)
+  return build.assemble(config, "distill", spec, data, built), config, data_available
 
 
 # ---------------------------------------------------------------------------
@@ -341,7 +248,7 @@ def synthetic_batch(run, batch_size: int, views=None, seed: int = 0):
   """{'images': {view: U(-1, 1)}, 'label'} made on device, sharded like real batches."""
   import jax  # pylint: disable=import-outside-toplevel
   from funmatch import parallel  # pylint: disable=import-outside-toplevel
-  views = views or run.views
+  views = views or run.plan.views
 
   def make(rng):
     keys = jax.random.split(rng, len(views) + 1)
@@ -408,7 +315,7 @@ def measure_student(run, batch, args, results):
   given = {name: _GivenOutputs() for name in run.teachers}
   step_fn = jax.jit(step_lib.make_train_step(
       run.student, given, run.objective, run.optimizer, run.schedule, run.num_classes,
-      run.mixup), donate_argnums=(0,))
+      run.plan.mixup), donate_argnums=(0,))
   state = loop.init_state(run)
   compiled, flops, _, _ = compile_info(step_fn, state, batch, teacher_outs)
   stepper = Stepper(compiled, state, batch, teacher_outs)
@@ -441,9 +348,8 @@ def measure_real_data(run, config, step_fn, stepper, args, results):
   from funmatch import parallel  # pylint: disable=import-outside-toplevel
   from funmatch.data import pipeline  # pylint: disable=import-outside-toplevel
   batches = pipeline.make_train_iterator(
-      config.input, run.views, seed=int(config.seed), start_step=0,
-      sharding=parallel.batch_sharding(run.mesh),
-      teaching=config.get("teaching", "function_matching"))
+      config.input, run.plan.views, seed=int(config.seed), start_step=0,
+      sharding=parallel.batch_sharding(run.mesh), crops=run.plan.crops)
   real = Stepper(step_fn, stepper.state, None, run.teacher_params, batches=batches)
   stepper.state = None  # donated onwards
   first = _first_call(real)  # starts the pipeline (and compiles if the batch differs)
@@ -462,7 +368,7 @@ def measure_host(run, step_fn, args, results):
   import jax  # pylint: disable=import-outside-toplevel
   from funmatch.train import loop, step as step_lib  # pylint: disable=import-outside-toplevel
   views = {name: (min(res, args.host_res) if args.host_res else res)
-           for name, res in run.views.items()}
+           for name, res in run.plan.views.items()}
   batch_size = {-1: run.mesh.devices.size, 0: int(run.config.input.batch_size)}.get(
       args.host_batch, args.host_batch)
   batch = synthetic_batch(run, batch_size, views, seed=1)
@@ -471,7 +377,8 @@ def measure_host(run, step_fn, args, results):
   _first_call(stepper)
   _block(stepper())
   raw_step = step_lib.make_train_step(run.student, run.teachers, run.objective,
-                                      run.optimizer, run.schedule, run.num_classes, run.mixup)
+                                      run.optimizer, run.schedule, run.num_classes,
+                                      run.plan.mixup)
 
   def many_steps(state, batch, teacher_params):
     return jax.lax.fori_loop(0, n, lambda i, s: raw_step(s, batch, teacher_params)[0], state)
@@ -677,7 +584,7 @@ def _progress(start, text):
   print(f"[{time.perf_counter() - start:5.0f} s] {text}", flush=True)
 
 
-def benchmark(args):
+def benchmark(args, config):
   start = time.perf_counter()
   import jax  # pylint: disable=import-outside-toplevel
   from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
@@ -693,7 +600,6 @@ def benchmark(args):
   unknown = skip - {"real_data", "host"}
   if unknown:
     raise UserError(f"--skip {','.join(sorted(unknown))}: choose from real_data, host")
-  config = load_config(args.config, args.set)
   notes = []
   run, config, data_available = make_run(config, args, notes)
   _progress(start, "built the run")
@@ -701,8 +607,8 @@ def benchmark(args):
     raise UserError("the config has no teachers (config.teachers is empty); the "
                     "benchmark measures distillation recipes")
   batch_size = int(config.input.batch_size)
-  results = {"config": args.config, "sets": list(args.set), "batch_size": batch_size,
-             "views": dict(run.views), "teachers": sorted(run.teachers),
+  results = {"config": args.config, "overrides": list(args.overrides),
+             "batch_size": batch_size, "views": dict(run.plan.views), "teachers": sorted(run.teachers),
              "random_teachers": bool(args.random_teachers), "data_available": data_available,
              "machine": machine_info(), "timings": {}, "flops": {}, "memory": {},
              "skipped": {}, "notes": notes}
@@ -757,10 +663,12 @@ def benchmark(args):
 
 
 def main(argv=None):
-  args = parse_args(sys.argv[1:] if argv is None else argv)
-  from funmatch.train import cli  # pylint: disable=import-outside-toplevel
-  cli._quiet_libraries()  # pylint: disable=protected-access
-  return cli.guarded(lambda: benchmark(args) and 0)
+  from funmatch import console  # pylint: disable=import-outside-toplevel
+  console.setup()
+  argv = sys.argv[1:] if argv is None else argv
+  args, config = parse_args(argv)
+  args.overrides = [a for a in argv if a.startswith("--config.")]
+  return console.guarded(lambda: benchmark(args, config) and 0)
 
 
 if __name__ == "__main__":

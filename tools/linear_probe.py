@@ -16,9 +16,7 @@ import os
 import sys
 
 
-def _fail(message: str) -> None:
-  print(f"linear_probe: error: {message}", file=sys.stderr, flush=True)
-  raise SystemExit(2)
+from funmatch.console import fail as _fail
 
 
 def parse(argv):
@@ -69,13 +67,13 @@ def run(config, workdir, step) -> dict:
   from funmatch.distill import objectives  # pylint: disable=import-outside-toplevel
   from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
   from funmatch.train import build, probe  # pylint: disable=import-outside-toplevel
-  if not config.get("evals"):
+  if not config.evals:
     raise UserError("the config has no config.evals to report the probe on")
   if workdir and not os.path.isdir(workdir):
     raise UserError(f"--workdir {workdir} does not exist")
   objective = objectives.make_objective(config)
   mesh = parallel.make_mesh(config)
-  num_classes = int(config.get("num_classes", 0) or
+  num_classes = int(config.num_classes or
                     sources.source_info(config.input, where="input").num_classes)
   student, params = build.build_model(config.student, num_classes, "student",
                                       seed=int(config.seed))
@@ -83,17 +81,16 @@ def run(config, workdir, step) -> dict:
     step, params = checkpoint.restore_params(workdir, step)
   params = jax.device_put(params, parallel.replicated(mesh))
   linear_probe = probe.LinearProbe(student, config, int(config.student.res), mesh,
-                                   num_classes, tap=getattr(objective, "probe_tap",
-                                                            "pre_logits"))
+                                   num_classes, tap=objective.probe_tap)
   results = linear_probe(params)
   return {"student": workdir or "random_init", "step": step if workdir else 0, **results}
 
 
 def main(argv=None) -> int:
   argv = sys.argv if argv is None else argv
-  from funmatch.train import cli  # pylint: disable=import-outside-toplevel
+  from funmatch import console  # pylint: disable=import-outside-toplevel
   from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
-  cli._quiet_libraries()  # pylint: disable=protected-access
+  console.setup()
   config, workdir, step, output = parse(argv)
   try:
     results = run(config, workdir, step)

@@ -63,17 +63,29 @@ def load_config(path, optimizer):
 
 
 def models(config, teacher_dtype):
-  """(student module, teacher module) as build.py makes them (teacher prestandardized)."""
+  """(student module, teacher module) as build.py makes them (before freezing)."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from funmatch import config_util, models as registry  # pylint: disable=import-outside-toplevel
   student = registry.get_model(config.student.model, 1000,
                                **config_util.model_kwargs(config.student))
-  teacher_kwargs = config_util.model_kwargs(config.teacher)
-  if config.teacher.model == "bit":
-    teacher_kwargs["standardize_weights"] = False
   teacher = registry.get_model(config.teacher.model, 1000, dtype=jnp.dtype(teacher_dtype),
-                               **teacher_kwargs)
+                               **config_util.model_kwargs(config.teacher))
   return student, teacher
+
+
+def frozen(config, teacher, params):
+  """The teacher as build.py runs it (models.freeze), on abstract params."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from funmatch import models as registry  # pylint: disable=import-outside-toplevel
+  modules = []
+
+  def freeze(p):
+    module, p = registry.freeze(config.teacher.model, teacher, p)
+    modules.append(module)
+    return p
+
+  params = jax.eval_shape(freeze, params)
+  return modules[0], params
 
 
 def abstract_params(module, res):
@@ -155,7 +167,7 @@ def main(argv=None) -> int:
   student, teacher = models(adam_config, args.teacher_dtype)
   s_res, t_res = int(adam_config.student.res), int(adam_config.teacher.res)
   student_params = abstract_params(student, s_res)
-  teacher_params = abstract_params(teacher, t_res)
+  teacher, teacher_params = frozen(adam_config, teacher, abstract_params(teacher, t_res))
   adam, adam_state = optimizer_state(adam_config, student_params)
   _, shampoo_state = optimizer_state(shampoo_config, student_params)
   n_student, n_teacher = count(student_params), count(teacher_params)

@@ -12,7 +12,6 @@ import os
 import sys
 
 
-
 def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("workdirs", nargs="+", help="workdirs holding metrics.jsonl")
@@ -80,19 +79,20 @@ def plot(curves: dict[str, dict], output: str, title: str = "") -> None:
 
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
+  from funmatch import console  # pylint: disable=import-outside-toplevel
   from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
   labels = args.labels.split(",") if args.labels else [
       os.path.basename(os.path.normpath(w)) for w in args.workdirs]
-  try:
+
+  def run():
+    console.require_module("matplotlib", "plot")
     if len(labels) != len(args.workdirs):
       raise UserError(f"--labels has {len(labels)} names for {len(args.workdirs)} workdirs")
     curves = {label: load_curves(w, args.eval) for label, w in zip(labels, args.workdirs)}
     plot(curves, args.output, args.title)
-  except UserError as e:
-    print(f"plot_metrics: error: {e}", file=sys.stderr)
-    return 2
-  print(f"wrote {args.output}")
-  return 0
+    print(f"wrote {args.output}")
+
+  return console.guarded(run)
 
 
 if __name__ == "__main__":

@@ -45,8 +45,11 @@ def configure(c, steps: int, evals_per_run: int):
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   from funmatch.configs import digits, digits_labels, digits_teacher  # pylint: disable=import-outside-toplevel
-  from funmatch.train import cli, loop, metrics_io  # pylint: disable=import-outside-toplevel
-  cli._quiet_libraries()  # pylint: disable=protected-access
+  from funmatch import console  # pylint: disable=import-outside-toplevel
+  from funmatch.train import loop, metrics_io  # pylint: disable=import-outside-toplevel
+  console.setup()
+  if args.plot:
+    console.guarded(lambda: console.require_module("matplotlib", "plot"))
   teacher = args.teacher
   if not teacher:
     teacher = os.path.join(args.workdir, "teacher")

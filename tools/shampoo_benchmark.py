@@ -112,8 +112,8 @@ def time_steps(teacher: str, optimizer: str, lr: float, compute_steps: int, peri
   run = build.build(config, "distill")
   state = loop.init_state(run)
   batch = next(pipeline.make_train_iterator(
-      config.input, run.views, seed=0, start_step=0,
-      sharding=parallel.batch_sharding(run.mesh)))
+      config.input, run.plan.views, seed=0, start_step=0,
+      sharding=parallel.batch_sharding(run.mesh), crops=run.plan.crops))
   train_step = loop.jit_train_step(run, state)
   warmup = 20 if optimizer == "adam" else int(config.optax.start_preconditioning_step) + 1
   start = time.perf_counter()
@@ -167,8 +167,10 @@ def plot(runs, best, path):
 
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  from funmatch.train import cli  # pylint: disable=import-outside-toplevel
-  cli._quiet_libraries()  # pylint: disable=protected-access
+  from funmatch import console  # pylint: disable=import-outside-toplevel
+  console.setup()
+  if args.plot:
+    console.guarded(lambda: console.require_module("matplotlib", "plot"))
   teacher = ensure_teacher(args.workdir, args.teacher)
   if args.timing_only:
     lrs = {"adam": float(args.adam_lrs.split(",")[0]),
