@@ -1,6 +1,6 @@
 """What every funmatch command (and tool) does at the console.
 
-`setup()` quietens the libraries and sets up logging; `guarded(main)` runs a
+`setup()` quietens the libraries, sets up logging and the compilation cache; `guarded(main)` runs a
 command so that a user's mistake (`UserError`) ends in one line
 `funmatch: error: ...` and its exit code (2), never a traceback; `fail()` prints
 that line and exits.
@@ -25,6 +25,8 @@ def setup() -> None:
     logging.getLogger(name).setLevel(logging.ERROR)
   if not getattr(sys.unraisablehook, "funmatch", False):
     sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
+  from funmatch import cache  # pylint: disable=import-outside-toplevel
+  cache.enable_compilation_cache()
 
 
 def _drop_closed_loop_noise(previous):

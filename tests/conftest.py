@@ -1,13 +1,30 @@
 """Shared fixtures: tiny digits runs made once per test session."""
 import os
+import tempfile
 
 import pytest
+
+# One JAX compilation cache for the whole session and the subprocesses it starts:
+# many tests compile the same tiny models and steps.
+os.environ.setdefault("FUNMATCH_CACHE", os.path.join(tempfile.gettempdir(),
+                                                     "funmatch-test-cache"))
+os.environ.setdefault("PYTHONUNBUFFERED", "1")
+from funmatch import cache  # pylint: disable=wrong-import-position
+
+cache.enable_compilation_cache()
 
 # Tiny models at 16px keep every end-to-end test fast on 2 CPU cores.
 TINY_TEACHER_ARG = "steps=40,batch_size=64,res=16"
 TINY_STUDENT_ARG = "steps=30,batch_size=64,res=16,teacher_res=16"
-TINY_OVERRIDES = ["--config.log_every_steps=5", "--config.eval_every_steps=0",
-                  "--config.checkpoint_every_steps=10"]
+TINY_OVERRIDES = ("--config.log_every_steps=5", "--config.eval_every_steps=0",
+                  "--config.checkpoint_every_steps=10")
+TEACHER_OVERRIDES = ("--config.student.width=0.5", "--config.lr=0.003",
+                     "--config.schedule.warmup_steps=10")
+
+
+def pytest_addoption(parser):
+  parser.addoption("--bad-input-table", default="",
+                   help="write the markdown table of tests/bad_inputs.py's rows here")
 
 
 def repo_path(*parts: str) -> str:
@@ -31,8 +48,6 @@ def teacher_workdir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("runs") / "teacher")
   code = cli.train_main(["funmatch-train", "--config",
                          repo_path("configs", "digits_teacher.py") + ":" + TINY_TEACHER_ARG,
-                         "--workdir", workdir, "--config.student.width=0.5",
-                         "--config.lr=0.003",
-                         "--config.schedule.warmup_steps=10", *TINY_OVERRIDES])
+                         "--workdir", workdir, *TEACHER_OVERRIDES, *TINY_OVERRIDES])
   assert code == 0
   return workdir
