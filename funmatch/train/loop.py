@@ -148,8 +148,9 @@ def _check_finite(state, step_hint: int, ckpt: checkpoint.Checkpointer) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        mode: str = "distill") -> dict[str, Any]:
   """Trains (distills) until the configured number of steps; returns final evals."""
-  run = build_lib.build(config, mode)
-  workdir_lib.check_resumable(workdir, config, mode)
+  spec = build_lib.validate(config, mode)
+  workdir_lib.check_resumable(workdir, config, mode)  # cheap reads first
+  run = build_lib.build(config, mode, spec=spec)
   # ---- from here on the workdir is written, by one run at a time ----
   with workdir_lib.hold(workdir):
     return _train(run, workdir)
