@@ -268,10 +268,9 @@ def assemble(config: ml_collections.ConfigDict, mode: str, spec: Spec, data: Dat
              optimizer=optimizer, schedule=schedule)
 
 
-def build(config: ml_collections.ConfigDict, mode: str, load_student: bool = True,
-          spec: Spec | None = None) -> Run:
-  """Validates the config (unless `spec` says it was) and builds the run (no writes)."""
-  spec = spec or validate(config, mode)
+def build(config: ml_collections.ConfigDict, mode: str, load_student: bool = True) -> Run:
+  """Validates the config and builds the run (no workdir writes)."""
+  spec = validate(config, mode)
   data = describe_data(config)
   built = build_models(config, spec, data.num_classes)
   built = load_weights(config, spec, built, load_student=load_student)

@@ -20,7 +20,7 @@ from funmatch import checkpoint, parallel
 from funmatch.errors import UserError
 from funmatch.train import build as build_lib
 from funmatch.train import evaluate as evaluate_lib
-from funmatch.train import metrics_io, state as state_lib, step as step_lib
+from funmatch.train import metrics_io, startup, state as state_lib, step as step_lib
 from funmatch.train import workdir as workdir_lib
 
 log = logging.getLogger("funmatch")
@@ -61,7 +61,10 @@ class Progress(periodic_actions.ReportProgress):
   Two changes to clu's steps/s, hence this subclass: it excludes the time spent in
   `timed()` parts (eval, checkpoints) since the last report, and it keeps the rates
   for the console line the loop prints at log steps. clu's first call only starts
-  the clock, so the first step's compile time is never counted.
+  the clock, so the first step's compile time is never counted. The loop times its
+  parts by wall clock (wait_jax_async_dispatch=False): eval ends by reading its
+  results, and clu's other mode runs extra computations from a helper thread,
+  which a multi-process run must not do on one process only.
   """
 
   def __init__(self, run: build_lib.Run, writer, every_steps: int):
@@ -148,12 +151,21 @@ def _check_finite(state, step_hint: int, ckpt: checkpoint.Checkpointer) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        mode: str = "distill") -> dict[str, Any]:
   """Trains (distills) until the configured number of steps; returns final evals."""
+  clock = startup.Clock()
+  clock.mark("imports")
   spec = build_lib.validate(config, mode)
   workdir_lib.check_resumable(workdir, config, mode)  # cheap reads first
-  run = build_lib.build(config, mode, spec=spec)
+  clock.mark("config")
+  data = build_lib.describe_data(config)
+  clock.mark("data")
+  built = build_lib.build_models(config, spec, data.num_classes)
+  clock.mark("models")
+  built = build_lib.load_weights(config, spec, built)
+  clock.mark("weights")
+  run = build_lib.assemble(config, mode, spec, data, built)
   # ---- from here on the workdir is written, by one run at a time ----
   with workdir_lib.hold(workdir):
-    return _train(run, workdir)
+    return _train(run, workdir, clock)
 
 
 def _restore_or_init(run, ckpt) -> tuple[state_lib.TrainState, int]:
@@ -166,7 +178,7 @@ def _restore_or_init(run, ckpt) -> tuple[state_lib.TrainState, int]:
   return state, 0
 
 
-def _train(run: build_lib.Run, workdir: str) -> dict[str, Any]:
+def _train(run: build_lib.Run, workdir: str, clock: startup.Clock) -> dict[str, Any]:
   """The loop itself, once the workdir is held."""
   config = run.config
   ckpt = checkpoint.Checkpointer(workdir, save_every=config.checkpoint_every_steps,
@@ -175,6 +187,7 @@ def _train(run: build_lib.Run, workdir: str) -> dict[str, Any]:
   state, start_step = _restore_or_init(run, ckpt)
   if jax.process_index() == 0:
     workdir_lib.write_config(workdir, config, run.mode)
+  clock.mark("state")
 
   from funmatch.data import pipeline  # pylint: disable=import-outside-toplevel
   train_batches = pipeline.make_train_iterator(
@@ -184,12 +197,16 @@ def _train(run: build_lib.Run, workdir: str) -> dict[str, Any]:
   train_step = jit_train_step(run, state)
   writer = metrics_io.make_writer(workdir)
   progress = Progress(run, writer, config.log_every_steps)
+  clock.mark("input and eval pipelines")
   total = run.total_steps
   results: dict[str, Any] = {}
   try:
     with StopSignal() as stop:
       for step in range(start_step + 1, total + 1):
         state, metrics = train_step(state, next(train_batches), run.teacher_params)
+        if step == start_step + 1:
+          clock.mark("first step (compile)")
+          clock.report()
         progress(step)
         if _every(step, config.log_every_steps, total):
           _check_finite(state, step, ckpt)
@@ -199,12 +216,12 @@ def _train(run: build_lib.Run, workdir: str) -> dict[str, Any]:
           writer.write_scalars(step, {**scalars, **progress.rates,
                                       "epoch": step / run.data.steps_per_epoch})
         if _every(step, config.eval_every_steps, total) and evaluator.sets:
-          with progress.timed("eval"):
+          with progress.timed("eval", wait_jax_async_dispatch=False):
             results = evaluator(state.params)
           writer.write_scalars(step, results)
           log.info("eval at step %d: %s", step, evaluate_lib.summary(results))
         if _every(step, config.checkpoint_every_steps, total) or stop.received:
-          with progress.timed("checkpoint"):
+          with progress.timed("checkpoint", wait_jax_async_dispatch=False):
             _check_finite(state, step, ckpt)
             ckpt.save(step, state, force=True)
         if stop.received:
