@@ -136,6 +136,8 @@ def _train_like(mode: str, prog: str, argv) -> int:
 
   def main():
     process_id = start_processes(extras)
+    from funmatch.train import build  # pylint: disable=import-outside-toplevel
+    build.validate(config, mode)  # config mistakes fail before TensorFlow is imported
     from funmatch.train import evaluate, loop  # pylint: disable=import-outside-toplevel
     results = loop.train_and_evaluate(config, workdir, mode)
     if results and process_id == 0:
