@@ -498,7 +498,7 @@ def _torch_layout(_name: str, value: np.ndarray) -> np.ndarray:
   return layouts.hwio_to_oihw(value) if value.ndim == 4 else value
 
 
-def _flax_layout(_name: str, value: np.ndarray) -> np.ndarray:
+def _flax_layout(_name: str, value: np.ndarray, _shape=None) -> np.ndarray:
   return layouts.oihw_to_hwio(value) if value.ndim == 4 else value
 
 
@@ -523,7 +523,7 @@ def detect_layout(weights: formats.Weights) -> layouts.Layout:
   for layout in (OFFICIAL, BIG_VISION, TIMM, FUNMATCH):
     if recorded == layout.name:
       return layout
-  names = list(weights.arrays)
+  names = list(weights.names)
   return layouts.detect(weights.path, names, (
       (lambda n: n.startswith(PREFIX), OFFICIAL),
       (lambda n: n.endswith("root_block/conv_root/kernel"), BIG_VISION),
@@ -533,7 +533,8 @@ def detect_layout(weights: formats.Weights) -> layouts.Layout:
 
 
 def load(init_params: Params, weights: Union[str, formats.Weights],
-         dont_load: Sequence[str] = ()) -> Params:
+         dont_load: Sequence[str] = (),
+         strict_head: bool = False) -> Params:
   """Loads BiT weights of any known layout into `Model` params.
 
   Args:
@@ -550,7 +551,8 @@ def load(init_params: Params, weights: Union[str, formats.Weights],
   Returns:
     params with the structure of `init_params`; loaded leaves are float32
     numpy arrays. The head is kept from `init_params` (and logged) when the
-    file's class count differs, or the file has none.
+    file's class count differs, or the file has none (an error instead
+    with `strict_head`, for teachers).
 
   Raises:
     UserError: unreadable file, unknown layout, or names/shapes that do not
@@ -563,7 +565,8 @@ def load(init_params: Params, weights: Union[str, formats.Weights],
                           for p in patterns)
   return layouts.load(
       weights.path, weights.arrays, init_params, detect_layout(weights),
-      head=HEAD, skip=skip, model_description=describe(init_params),
+      head=HEAD, strict_head=strict_head, skip=skip,
+      model_description=describe(init_params),
       hint="set the model's depth and width to those of the checkpoint (e.g. "
       "BiT-M-R50x1 is depth=50, width=1), or use dont_load for names to keep "
       "from init.")
@@ -589,7 +592,7 @@ def num_classes(params: Params) -> int:
 TIMM_NAMED = {(50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4)}
 
 
-def timm_spec(model: Model) -> Dict[str, Any]:
+def timm_spec(model: Model, params: Params) -> Dict[str, Any]:
   """How timm builds a model that computes what `model` computes.
 
   Returns {'model_name' (a `timm.create_model` name or None), 'kwargs'
@@ -597,6 +600,7 @@ def timm_spec(model: Model) -> Dict[str, Any]:
   (the Python that builds it)}. timm's BiT convs standardise with eps 1e-8
   where funmatch uses 1e-10, a difference far below float32 noise.
   """
+  del params  # Everything follows from the model's options.
   layers = list(block_counts(model.depth))
   width = float(model.width)
   width = int(width) if width.is_integer() else width

@@ -21,7 +21,7 @@ import dataclasses
 import json
 import os
 import tempfile
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -38,11 +38,19 @@ _USE_SAFETENSORS = ("re-save its weights as .safetensors (e.g. "
 
 @dataclasses.dataclass
 class Weights:
-  """What a weights file holds: flat arrays, funmatch metadata, its kind."""
+  """What a weights file holds: flat arrays, funmatch metadata, its kind.
+
+  `arrays` is None when only the names were read (`peek`).
+  """
   path: str
-  arrays: Dict[str, np.ndarray]
+  arrays: Optional[Dict[str, np.ndarray]]
   metadata: Dict[str, Any]
   kind: str  # 'npz' | 'safetensors' | 'torch'
+  names: Tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if self.arrays is not None:
+      self.names = tuple(self.arrays)
 
 
 def _reason(error: BaseException) -> str:
@@ -87,9 +95,48 @@ def read(path: str, kind: str = "") -> Weights:
   return Weights(path, arrays, metadata, kind)
 
 
+def peek(path: str) -> Weights:
+  """The names and metadata of a file without reading its arrays.
+
+  npz and safetensors keep a directory of their contents, so this is cheap;
+  a PyTorch file has to be read whole.
+  """
+  kind = kind_of(path)
+  if kind == "torch" or not os.path.isfile(path):
+    return peek_by_reading(path)
+  if kind == "safetensors":
+    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+    try:
+      with safe_open(path, framework="np") as f:
+        header, names = f.metadata() or {}, tuple(f.keys())
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f"weights file {path} is not a valid .safetensors "
+                      f"({_reason(e)}); re-download or re-export it.") \
+          from None
+    metadata = {}
+    if SAFETENSORS_METADATA_KEY in header:
+      metadata = _parse_metadata(path, header[SAFETENSORS_METADATA_KEY])
+    return Weights(path, None, metadata, kind, names)
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      names = tuple(archive.files)
+      text = str(archive[METADATA_KEY]) if METADATA_KEY in names else ""
+  except Exception:  # pylint: disable=broad-except
+    return peek_by_reading(path)
+  metadata = _parse_metadata(path, text) if text else {}
+  return Weights(path, None, metadata, kind,
+                 tuple(n for n in names if n != METADATA_KEY))
+
+
+def peek_by_reading(path: str) -> Weights:
+  """`peek` the slow way, so a damaged file gets `read`'s exact error."""
+  weights = read(path)
+  return Weights(path, None, weights.metadata, weights.kind, weights.names)
+
+
 def read_metadata(path: str) -> Dict[str, Any]:
   """Only the funmatch metadata of a file ({} when it has none)."""
-  return read(path).metadata
+  return peek(path).metadata
 
 
 def _parse_metadata(path: str, text: str) -> Dict[str, Any]:
@@ -190,12 +237,16 @@ def _read_torch(path: str):
     # containers; anything else (a class, a __reduce__ call) is refused.
     loaded = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
-    if isinstance(e, getattr(torch.serialization.pickle, "UnpicklingError",
-                             ())) or "weights_only" in str(e):
+    text = str(e)
+    # The restricted unpickler names the class or function it refused.
+    if "Unsupported global" in text or "Unsupported class" in text:
       raise _pickled(path, "torch.load(weights_only=True) refused it") \
           from None
+    # Its other refusals are long advice texts; the first line is enough.
+    reason = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
     raise UserError(f"weights file {path} is not a valid PyTorch file "
-                    f"({_reason(e)}); re-download or re-export it.") from None
+                    f"({reason[:160]}); re-download or re-export it.") \
+        from None
   tensors = _state_dict(loaded, torch)
   prefix = "module."  # torch.nn.DataParallel wraps every name
   if tensors and all(name.startswith(prefix) for name in tensors):

@@ -26,7 +26,7 @@ from funmatch.errors import UserError
 Params = Mapping[str, Any]
 
 
-def _identity(_name: str, value: np.ndarray) -> np.ndarray:
+def _identity(_name: str, value: np.ndarray, *_shape) -> np.ndarray:
   return value
 
 
@@ -42,7 +42,8 @@ class Layout:
     name: short id recorded in metadata ('bit_official', 'timm', ...).
     file_name: funmatch param name -> the name in the file.
     to_file: (param name, value in funmatch layout) -> value as stored.
-    to_model: (param name, value as stored) -> value in funmatch layout.
+    to_model: (param name, value as stored, the model's shape) -> value in
+      funmatch layout (the shape is None when only the last axis matters).
     prepare: file arrays -> arrays keyed by `file_name`s (e.g. to split a
       fused qkv into its parts, or undo a naming quirk); runs before loading.
     finish: arrays keyed by `file_name`s -> the file's arrays (the inverse of
@@ -52,7 +53,8 @@ class Layout:
   name: str
   file_name: Callable[[str], str]
   to_file: Callable[[str, np.ndarray], np.ndarray] = _identity
-  to_model: Callable[[str, np.ndarray], np.ndarray] = _identity
+  to_model: Callable[[str, np.ndarray, Optional[Tuple[int, ...]]],
+                     np.ndarray] = _identity
   prepare: Callable[[Dict[str, np.ndarray]], Dict[str, np.ndarray]] = (
       _no_change)
   finish: Callable[[Dict[str, np.ndarray]], Dict[str, np.ndarray]] = (
@@ -142,27 +144,49 @@ def _file_shape(layout: Layout, name: str, model_shape) -> list:
   return _shape(layout.to_file(name, np.zeros(model_shape, np.float32)))
 
 
+def _natural(name: str):
+  """Sort key with digit runs compared as numbers (blocks.2 < blocks.10)."""
+  return [int(part) if part.isdigit() else part
+          for part in re.split(r"(\d+)", name)]
+
+
 def _first(items: Sequence[str], count: int = 3) -> str:
   shown = ", ".join(items[:count])
   return shown + (f", ... ({len(items) - count} more)" if len(items) > count
                   else "")
 
 
-def _head_in_use(source, arrays, layout, init_flat, head_kernel) -> bool:
-  """Whether the file's head should be loaded; logs why when not."""
+def _head_in_use(source, arrays, layout, init_flat, head_kernel,
+                 strict: bool) -> bool:
+  """Whether the file's head should be loaded; logs why when not.
+
+  strict (a teacher, whose head is its function): a file without a head,
+  or with another class count, is an error instead.
+  """
   file_kernel = layout.file_name(head_kernel)
   if head_kernel not in init_flat:
     if file_kernel in arrays:
       logging.info("%s: the model has no head; ignoring the file's head.",
                    source)
     return False
+  model_classes = np.shape(init_flat[head_kernel])[-1]
   if file_kernel not in arrays:
+    if strict:
+      raise UserError(f"weights file {source} has no classifier head "
+                      f"({file_kernel}) but the model needs one with "
+                      f"{model_classes} classes; use weights trained on "
+                      "this dataset (e.g. a funmatch-train run).")
     logging.info("%s has no head; keeping the initial head.", source)
     return False
-  file_classes = np.shape(layout.to_model(head_kernel,
-                                          arrays[file_kernel]))[-1]
-  model_classes = np.shape(init_flat[head_kernel])[-1]
+  file_classes = np.shape(layout.to_model(head_kernel, arrays[file_kernel],
+                                          None))[-1]
   if file_classes != model_classes:
+    if strict:
+      raise UserError(f"weights file {source} has a head with "
+                      f"{file_classes} classes but the model has "
+                      f"{model_classes}; use weights trained on this dataset"
+                      " (e.g. a funmatch-train run) or a dataset with the "
+                      "same classes.")
     logging.info("%s: head has %d classes, model %d; keeping the initial "
                  "head.", source, file_classes, model_classes)
     return False
@@ -172,7 +196,8 @@ def _head_in_use(source, arrays, layout, init_flat, head_kernel) -> bool:
 def load(source: str, arrays: Mapping[str, np.ndarray], init_params: Params,
          layout: Layout, *, head: Sequence[str] = (),
          skip: Callable[[str], bool] = lambda name: False,
-         model_description: str = "", hint: str = "") -> Params:
+         strict_head: bool = False, model_description: str = "",
+         hint: str = "") -> Params:
   """Fits a file's arrays, named per `layout`, to the params of a model.
 
   Args:
@@ -184,6 +209,7 @@ def load(source: str, arrays: Mapping[str, np.ndarray], init_params: Params,
     head: the model's head param names (kernel first); a file head of
       another class count is not loaded (the initial head is kept, logged).
     skip: param names whose values are kept from init (dont_load).
+    strict_head: a missing head or one of another class count is an error.
     model_description: e.g. 'bit depth=50, width=1' (for the error).
     hint: what to do about a mismatch (ends the error line).
 
@@ -197,7 +223,7 @@ def load(source: str, arrays: Mapping[str, np.ndarray], init_params: Params,
   by_file = {layout.file_name(name): name for name in init_flat}
   head_names = set(head)
   load_head = bool(head) and _head_in_use(source, arrays, layout, init_flat,
-                                          head[0])
+                                          head[0], strict_head)
   ignored = {layout.file_name(name) for name in head_names}  # used or not
 
   loaded, missing, clashes = {}, [], []
@@ -210,8 +236,8 @@ def load(source: str, arrays: Mapping[str, np.ndarray], init_params: Params,
           f"{file_name} {_file_shape(layout, name, np.shape(init_value))}")
     else:
       stored = np.asarray(arrays[file_name])
-      value = fit_shape(np.asarray(layout.to_model(name, stored), np.float32),
-                        np.shape(init_value))
+      value = layout.to_model(name, stored, np.shape(init_value))
+      value = fit_shape(np.asarray(value, np.float32), np.shape(init_value))
       if value is None:
         clashes.append(
             f"{file_name} file {_shape(stored)} vs model "
@@ -221,7 +247,9 @@ def load(source: str, arrays: Mapping[str, np.ndarray], init_params: Params,
                 if file_name not in by_file and file_name not in ignored
                 and not skip(file_name)]
   if missing or unexpected or clashes:
-    problems = [f"{len(names)} {label} ({_first(sorted(names))})"
+    # Sorted (numbers by value): params pass through jax, which sorts dict
+    # keys, so no creation order survives to be reported.
+    problems = [f"{len(names)} {label} ({_first(sorted(names, key=_natural))})"
                 for label, names in (("shape clashes", clashes),
                                      ("missing", missing),
                                      ("unexpected", unexpected)) if names]
