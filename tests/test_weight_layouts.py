@@ -267,7 +267,8 @@ def test_bit_timm_spec_uses_registered_names():
   model = bit.Model(10, depth=50, width=1, stem_pool_padding="zeros")
   spec = bit.timm_spec(model, None)
   assert spec["model_name"] == "resnetv2_50x1_bit"
-  assert spec["code"] == "timm.create_model('resnetv2_50x1_bit', num_classes=10)"
+  assert spec["code"] == (
+      "timm.create_model('resnetv2_50x1_bit', num_classes=10)")
   arrays = layouts.to_arrays(init_params(model), bit.TIMM)
   network = bit.build_timm(spec)
   assert {k: list(v.shape) for k, v in network.state_dict().items()} == {

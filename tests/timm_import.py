@@ -23,6 +23,7 @@ def import_timm():
       del sys.modules[name]
     sys.modules["torchvision._meta_registrations"] = types.ModuleType(
         "torchvision._meta_registrations")
-    import torchvision  # pylint: disable=import-outside-toplevel,unused-import,redefined-outer-name
+    # pylint: disable-next=import-outside-toplevel,unused-import,reimported
+    import torchvision
   import timm  # pylint: disable=import-outside-toplevel
   return timm

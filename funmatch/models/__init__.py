@@ -16,9 +16,10 @@ its file layouts; nothing here branches on a model's name):
                 format="timm", resolution=224)
 
 A model module provides: `Model`, `load(init_params, weights, dont_load,
-strict_head)`, `detect_layout(weights)`, `SAVE_LAYOUTS` (format -> layout),
-`AUTO_OPTIONS` (optional: options whose 'auto' the weights decide),
-`num_classes(params)`, `timm_spec(model, params)` and `build_timm(spec)`.
+strict_head)`, `save(path, params, model, format, metadata)`,
+`detect_layout(weights)`, `SAVE_LAYOUTS` (format -> layout), `AUTO_OPTIONS`
+(optional: options whose 'auto' the weights decide), `num_classes(params)`,
+`timm_spec(model, params)` and `build_timm(spec)`.
 """
 
 import dataclasses
@@ -32,7 +33,6 @@ import numpy as np
 
 from funmatch.errors import UserError
 from funmatch.models import formats
-from funmatch.models import layouts
 
 # name -> module path holding a `Model` class.
 _REGISTRY = {
@@ -187,12 +187,12 @@ def _architecture(model: nn.Module) -> Dict[str, Any]:
           + _RUNTIME_OPTIONS}
 
 
-def save_params(model_name: str, path: str, params: Any, *,
-                options: Optional[Mapping[str, Any]] = None,
-                resolution: int, format: str = "npz",  # pylint: disable=redefined-builtin
-                preprocessing: Optional[Mapping[str, Any]] = None,
-                metadata: Optional[Mapping[str, Any]] = None
-                ) -> Dict[str, Any]:
+def save_params(
+    model_name: str, path: str, params: Any, *, resolution: int,
+    format: str = "npz",  # pylint: disable=redefined-builtin
+    options: Optional[Mapping[str, Any]] = None,
+    preprocessing: Optional[Mapping[str, Any]] = None,
+    metadata: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
   """Writes params in one of `SAVE_FORMATS`; returns the metadata written.
 
   Formats: 'npz' (BiT in the official BiT naming, others their flax names
@@ -232,18 +232,12 @@ def save_params(model_name: str, path: str, params: Any, *,
   if unresolved:
     raise ValueError(f"options {unresolved} are 'auto': pass the options "
                      "returned by resolve_options")
-  layout = module.SAVE_LAYOUTS[format]
   record = {"producer": "funmatch", "model": model_name,
             "options": architecture, "num_classes": model.num_classes,
-            "layout": layout.name, "resolution": int(resolution),
-            "preprocessing": dict(preprocessing or preprocessing_metadata())}
-  if format == "timm":
-    record["timm"] = module.timm_spec(model, params)
-  record.update(metadata or {})
-  arrays = layouts.to_arrays(params, layout)
-  write = formats.write_npz if format == "npz" else formats.write_safetensors
-  write(path, arrays, record)
-  return record
+            "resolution": int(resolution),
+            "preprocessing": dict(preprocessing or preprocessing_metadata()),
+            **(metadata or {})}
+  return module.save(path, params, model, format, record)
 
 
 def timm_model(path: str):

@@ -429,7 +429,7 @@ def _official_name(name: str) -> str:
   return _flax_to_official(tuple(name.split("/")))
 
 
-def _undo_numbered_convs(arrays: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+def _undo_numbered_convs(arrays: Dict[str, np.ndarray]):
   """Some official dumps number repeated layers `standardized_conv2d_1`."""
   return {re.sub(r"/standardized_conv2d_\d+/", "/standardized_conv2d/", name):
           value for name, value in arrays.items()}
@@ -465,7 +465,7 @@ def _big_vision_value(name: str, value: np.ndarray) -> np.ndarray:
   return value
 
 
-def _strip_params_prefix(arrays: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+def _strip_params_prefix(arrays: Dict[str, np.ndarray]):
   """big_vision checkpoints may keep params under `params/`."""
   prefix = "params/"
   if arrays and all(name.startswith(prefix) for name in arrays):
@@ -570,6 +570,22 @@ def load(init_params: Params, weights: Union[str, formats.Weights],
       hint="set the model's depth and width to those of the checkpoint (e.g. "
       "BiT-M-R50x1 is depth=50, width=1), or use dont_load for names to keep "
       "from init.")
+
+
+def save(path: str, params, model: "Model",
+         format: str = "npz",  # pylint: disable=redefined-builtin
+         metadata: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+  """Writes params as 'npz', 'safetensors' or 'timm' (`SAVE_LAYOUTS`).
+
+  `models.save_params` is the usual entry: it fills `metadata` (options,
+  resolution, preprocessing). A 'timm' file's metadata also says how timm
+  builds it. Returns the metadata written.
+  """
+  record = dict(metadata or {})
+  if format == "timm":
+    record["timm"] = timm_spec(model, params)
+  layouts.save(path, params, SAVE_LAYOUTS[format], record)
+  return {"layout": SAVE_LAYOUTS[format].name, **record}
 
 
 def load_npz(path: str, init_params: Params,

@@ -299,7 +299,8 @@ def write_npz(path: str, arrays: Mapping[str, np.ndarray],
 def write_safetensors(path: str, arrays: Mapping[str, np.ndarray],
                       metadata: Mapping[str, Any]) -> str:
   """Writes arrays (+ metadata) as a .safetensors file; returns path."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from safetensors.numpy import save_file
   tensors = {name: np.ascontiguousarray(value)
              for name, value in arrays.items()}
   header = {"format": "pt",

@@ -135,6 +135,17 @@ def to_arrays(params: Params, layout: Layout) -> Dict[str, np.ndarray]:
   return layout.finish(arrays)
 
 
+def save(path: str, params: Params, layout: Layout,
+         metadata: Mapping[str, Any]) -> str:
+  """Writes params in `layout` with metadata (.npz or .safetensors by name)."""
+  # pylint: disable-next=import-outside-toplevel
+  from funmatch.models import formats
+  arrays = to_arrays(params, layout)
+  write = (formats.write_npz if path.endswith(".npz")
+           else formats.write_safetensors)
+  return write(path, arrays, {"layout": layout.name, **metadata})
+
+
 def _shape(value) -> list:
   return list(np.shape(value))
 

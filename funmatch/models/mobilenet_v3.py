@@ -27,7 +27,8 @@ files use BatchNorm and cannot be loaded faithfully: they are refused.
 
 import functools
 import re
-from typing import Any, Dict, List, Mapping, NamedTuple, Sequence, Union
+from typing import (Any, Dict, List, Mapping, NamedTuple, Optional, Sequence,
+                    Union)
 
 import flax.linen as nn
 import jax
@@ -334,6 +335,22 @@ def load(init_params, weights: Union[str, formats.Weights],
       "dont_load for names to keep from init.")
 
 
+def save(path: str, params, model: "Model",
+         format: str = "npz",  # pylint: disable=redefined-builtin
+         metadata: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+  """Writes params as 'npz', 'safetensors' or 'timm' (`SAVE_LAYOUTS`).
+
+  `models.save_params` is the usual entry: it fills `metadata` (options,
+  resolution, preprocessing). A 'timm' file's metadata also says how timm
+  builds it. Returns the metadata written.
+  """
+  record = dict(metadata or {})
+  if format == "timm":
+    record["timm"] = timm_spec(model, params)
+  layouts.save(path, params, SAVE_LAYOUTS[format], record)
+  return {"layout": SAVE_LAYOUTS[format].name, **record}
+
+
 def num_classes(params) -> int:
   """The head's class count (0 when the params have no head)."""
   kernel = layouts.flat_params(params).get(HEAD[0])
@@ -364,7 +381,8 @@ def _timm_arch_def(model: "Model") -> List[List[str]]:
     if index == 1:
       blocks.append(f"ds_r1_k{spec.kernel}_s{spec.stride}_e1_c{out}{se}{relu}")
     else:
-      blocks.append(f"ir_r1_k{spec.kernel}_s{spec.stride}_e{mid / in_channels!r}"
+      ratio = mid / in_channels  # timm: mid = make_divisible(in * ratio)
+      blocks.append(f"ir_r1_k{spec.kernel}_s{spec.stride}_e{ratio!r}"
                     f"_c{out}{se}{relu}")
     in_channels = out
   stages, start = [], 0
@@ -385,9 +403,10 @@ def timm_spec(model: "Model", params: Mapping[str, Any]) -> Dict[str, Any]:
   {'model_name': None, 'kwargs' (JSON), 'code' (the Python that builds it)}.
   """
   del params  # Everything follows from the model's options.
+  channels = model._channels  # pylint: disable=protected-access
   kwargs = {"arch_def": _timm_arch_def(model),
-            "stem_size": model._channels(STEM_CHANNELS),  # pylint: disable=protected-access
-            "num_features": model._channels(LAST_CHANNELS),  # pylint: disable=protected-access
+            "stem_size": channels(STEM_CHANNELS),
+            "num_features": channels(LAST_CHANNELS),
             "num_classes": int(model.num_classes),
             "gn_groups": GN_GROUPS}
   code = (

@@ -45,7 +45,7 @@ parameters; the block's own attention still uses `num_heads`.
 """
 
 import re
-from typing import Any, Dict, Mapping, NamedTuple, Sequence, Union
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -338,7 +338,8 @@ _TIMM_BLOCK_NAMES = {
 }
 # timm fuses q, k, v into one `qkv`; loading splits it into these parts.
 _QKV = ("query", "key", "value")
-_QKV_PART = re.compile(r"(blocks\.\d+\.attn)\.qkv\.(weight|bias)\((query|key|value)\)")
+_QKV_PART = re.compile(
+    r"(blocks\.\d+\.attn)\.qkv\.(weight|bias)\((query|key|value)\)")
 
 
 def _timm_name(name: str) -> str:
@@ -468,6 +469,22 @@ def load(init_params, weights: Union[str, formats.Weights],
       hint="set the model's variant/width/depth/num_heads/mlp_dim, "
       "patch_size and res to those of the checkpoint, or use dont_load for "
       "names to keep from init.")
+
+
+def save(path: str, params, model: "Model",
+         format: str = "npz",  # pylint: disable=redefined-builtin
+         metadata: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+  """Writes params as 'npz', 'safetensors' or 'timm' (`SAVE_LAYOUTS`).
+
+  `models.save_params` is the usual entry: it fills `metadata` (options,
+  resolution, preprocessing). A 'timm' file's metadata also says how timm
+  builds it. Returns the metadata written.
+  """
+  record = dict(metadata or {})
+  if format == "timm":
+    record["timm"] = timm_spec(model, params)
+  layouts.save(path, params, SAVE_LAYOUTS[format], record)
+  return {"layout": SAVE_LAYOUTS[format].name, **record}
 
 
 def num_classes(params) -> int:
