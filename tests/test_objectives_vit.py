@@ -479,8 +479,8 @@ def vit_param_names(width, heads, depth=4):
   model = vit.Model(10, variant="Ti", width=width, depth=depth, num_heads=heads,
                     mlp_dim=4 * width, patch_size=4)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
-  from funmatch.models import npz
-  return set(npz.flatten(jax.tree.map(lambda s: np.zeros(s.shape), shapes)))
+  from funmatch.models import layouts
+  return set(layouts.flat_params(shapes))
 
 
 def test_tinymim_distils_checkpoints_and_exports(vit_teacher_workdir, tinymim_workdir,

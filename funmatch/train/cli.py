@@ -228,7 +228,8 @@ def export_main(argv=None) -> int:
     # Orbax reads collectively: every process restores, process 0 alone writes.
     step, params = checkpoint.restore_params(workdir, step)
     if process_id == 0:
-      models.save_params(config.student.model, output, params)
+      models.save_params(config.student.model, output, params,
+                         resolution=int(config.student.res))
       print(f"wrote the student of step {step} to {output}", flush=True)
 
   return guarded(main)

@@ -12,24 +12,12 @@ import ml_collections
 
 from funmatch import config_util, models
 from funmatch.errors import UserError
-from funmatch.models import npz
+from funmatch.models import layouts
 
 # Model options that change neither the param names nor their shapes (ViT's
 # stochastic depth and tapped block/heads): a TinyMIM student trained with
 # drop-path and relation heads may serve as the next run's teacher without them.
 _PARAM_FREE_OPTIONS = ("drop_path", "qkv_block", "relation_heads")
-
-
-def check_shapes(source: str, loaded: Any, init_params: Any, what: str) -> None:
-  """`loaded` must have exactly the structure and shapes of `init_params`."""
-  loaded_flat, init_flat = npz.flatten(loaded), npz.flatten(init_params)
-  missing = [k for k in init_flat if k not in loaded_flat]
-  unexpected = [k for k in loaded_flat if k not in init_flat]
-  clashes = [f"{k} {loaded_flat[k].shape} vs {init_flat[k].shape}" for k in init_flat
-             if k in loaded_flat and loaded_flat[k].shape != init_flat[k].shape]
-  if missing or unexpected or clashes:
-    raise UserError(npz.mismatch_message(f"{what} from {source}", missing, unexpected,
-                                         clashes))
 
 
 def _architecture(model_config: dict) -> dict:
@@ -55,7 +43,8 @@ def _from_workdir(workdir: str, model_config, init_params, what: str, check_mode
       raise UserError(f"{what}.init={workdir} holds a {stored_model} model but {what} "
                       f"is configured as {configured}; make them match")
   step, params = checkpoint.restore_params(workdir)
-  check_shapes(f"{workdir} (step {step})", params, init_params, what)
+  layouts.check_same_shapes(f"the student of {workdir} (step {step})", params, init_params,
+                            what, f"configure {what} as that workdir's student")
   logging.info("%s: loaded step %d of %s", what, step, workdir)
   return params
 
@@ -78,6 +67,5 @@ def initial_params(model_config: ml_collections.ConfigDict, init_params: Any, *,
   dont_load: Sequence[str] = () if teacher else tuple(model_config.dont_load)
   params = models.load_params(model_config.model, init, init_params, dont_load,
                               strict_head=teacher)
-  check_shapes(init, params, init_params, what)
   logging.info("%s: loaded %s", what, init)
   return params
