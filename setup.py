@@ -57,6 +57,8 @@ setup(
             "funmatch-train=funmatch.train.cli:train_main",
             "funmatch-eval=funmatch.train.cli:eval_main",
             "funmatch-export=funmatch.train.cli:export_main",
+            "funmatch-predict=funmatch.train.cli:predict_main",
+            "funmatch-fetch=funmatch.train.cli:fetch_main",
             "funmatch-demo=funmatch.train.demo:main",
         ]
     },

@@ -60,6 +60,8 @@ def test_object_array_npz_is_refused_without_running_code(tmp_path):
   message = one_line_error(formats.read, str(path))
   assert str(path) in message and "pickled" in message
   assert "safetensors" in message
+  # Reading only the names (as option resolution does) refuses it too.
+  assert "pickled" in one_line_error(formats.peek, str(path))
   assert not (tmp_path / MARKER).exists()
 
 

@@ -122,11 +122,33 @@ def peek(path: str, kind: str = "") -> Weights:
     with np.load(path, allow_pickle=False) as archive:
       names = tuple(archive.files)
       text = str(archive[METADATA_KEY]) if METADATA_KEY in names else ""
+    pickled = _object_member(path)
   except Exception:  # pylint: disable=broad-except
     return peek_by_reading(path, kind)
+  if pickled:
+    raise _pickled(path, f"array {pickled!r} has dtype object")
   metadata = _parse_metadata(path, text) if text else {}
   return Weights(path, None, metadata, kind,
                  tuple(n for n in names if n != METADATA_KEY))
+
+
+def _object_member(path: str) -> str:
+  """The first member of an .npz whose dtype holds Python objects ('' if none).
+
+  Reads only the .npy headers, so a peek refuses a pickle as `read` would.
+  """
+  import zipfile  # pylint: disable=import-outside-toplevel
+  readers = {(1, 0): np.lib.format.read_array_header_1_0,
+             (2, 0): np.lib.format.read_array_header_2_0}
+  with zipfile.ZipFile(path) as archive:
+    for info in archive.infolist():
+      with archive.open(info) as member:
+        reader = readers.get(np.lib.format.read_magic(member))
+        if reader is None:
+          raise ValueError("an .npy header version this check does not know")
+        if reader(member)[2].hasobject:
+          return info.filename[:-len(".npy")]
+  return ""
 
 
 def peek_by_reading(path: str, kind: str = "") -> Weights:

@@ -148,8 +148,8 @@ def _check_finite(state, step_hint: int, ckpt: checkpoint.Checkpointer) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        mode: str = "distill") -> dict[str, Any]:
   """Trains (distills) until the configured number of steps; returns final evals."""
-  run = build_lib.build(config, mode)
-  workdir_lib.check_resumable(workdir, config, mode)
+  run = build_lib.build(config, mode)  # run.config: the weight-dependent options decided
+  workdir_lib.check_resumable(workdir, run.config, mode)
   # ---- from here on the workdir is written, by one run at a time ----
   with workdir_lib.hold(workdir):
     return _train(run, workdir)
@@ -173,7 +173,7 @@ def _train(run: build_lib.Run, workdir: str) -> dict[str, Any]:
                                  keep_every=config.keep_every_steps)
   state, start_step = _restore_or_init(run, ckpt)
   if jax.process_index() == 0:
-    workdir_lib.write_config(workdir, config, run.mode)
+    workdir_lib.write_config(workdir, config, run.mode, run.data.record())
 
   from funmatch.data import pipeline  # pylint: disable=import-outside-toplevel
   train_batches = pipeline.make_train_iterator(
