@@ -105,7 +105,7 @@ def test_names_and_paths_are_told_apart(tmp_path):
 
 def test_unknown_name_lists_the_known_ones():
   message = one_line(weights.locate, model_config("BiT-M-R50x9"), "config.teacher")
-  assert "unknown weights name 'BiT-M-R50x9'" in message
+  assert "config.teacher.init=BiT-M-R50x9 is neither a file or workdir nor a known" in message
   assert "FunMatch-224px-i1k82.8" in message and "BiT-M-R152x2-ILSVRC2012" in message
 
 

@@ -119,6 +119,10 @@ def names() -> tuple:
   return tuple(ENTRIES)
 
 
+def known(name: str) -> bool:
+  return _strip_suffix(name) in ENTRIES
+
+
 def entry(name: str) -> Entry:
   """The catalog entry of `name`; an unknown name lists the known ones."""
   found = ENTRIES.get(_strip_suffix(name))

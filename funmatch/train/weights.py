@@ -60,6 +60,9 @@ def locate(model_config: ml_collections.ConfigDict, what: str) -> Init:
   if os.path.isfile(init):
     source = Init("file", init)
   elif catalog.is_name(init):
+    if not catalog.known(init):
+      raise UserError(f"{what}.init={init} is neither a file or workdir nor a known weights "
+                      f"name; known names: {', '.join(catalog.names())}")
     found = catalog.entry(init)
     if found.model != model_config.model:
       raise UserError(f"{what}.init={init} holds a {found.model} model but {what}.model "
