@@ -1,8 +1,8 @@
 """Builds a run from its config in stages, validating before anything is written.
 
-    validate (no I/O) -> describe the data -> resolve the models' options from
-      their weights -> build the models (random init) -> load the weights
-      -> the optimizer
+    validate (no I/O) -> resolve the models' options from their weights (file
+      headers, a workdir's config.json) -> describe the data -> build the models
+      (random init) -> load the weights -> the optimizer
 
 `build(config, mode)` runs them all; `build_eval` builds what evaluating a
 checkpoint needs (the eval sets only, no optimizer, optionally no teacher); tools
@@ -204,7 +204,8 @@ def describe_eval_data(config: ml_collections.ConfigDict, num_classes: int) -> D
 
 
 # ---------------------------------------------------------------------------
-# Stage 3: the models' weight-dependent options (reads file headers, configs).
+# Stage 1b, right after validation: the models' weight-dependent options (reads
+# file headers and configs only; the loop decides them before checking the workdir).
 
 
 def resolve_options(config: ml_collections.ConfigDict, spec: Spec,
@@ -212,7 +213,8 @@ def resolve_options(config: ml_collections.ConfigDict, spec: Spec,
   """A copy of `config` with every model's 'auto' options decided from its weights.
 
   `student_from` (evaluating or exporting a workdir's checkpoint): the student's
-  come from that workdir's config.json instead of its init.
+  come from that workdir's config.json instead of its init. A config with nothing
+  left 'auto' reads no file.
   """
   resolved = copy.deepcopy(config)
   for what in ("student", *spec.teacher_names):
@@ -231,7 +233,7 @@ def resolve_options(config: ml_collections.ConfigDict, spec: Spec,
 
 
 # ---------------------------------------------------------------------------
-# Stage 4: the models, with random params.
+# Stage 3: the models, with random params.
 
 
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int,
@@ -264,7 +266,7 @@ def build_models(config: ml_collections.ConfigDict, spec: Spec, num_classes: int
 
 
 # ---------------------------------------------------------------------------
-# Stage 5: the weights.
+# Stage 4: the weights.
 
 
 def load_weights(config: ml_collections.ConfigDict, spec: Spec, built: Models,
@@ -335,11 +337,11 @@ def assemble(config: ml_collections.ConfigDict, mode: str, spec: Spec, data: Dat
              optimizer=optimizer, schedule=schedule)
 
 
-def build(config: ml_collections.ConfigDict, mode: str) -> Run:
-  """Validates the config and builds the run (no workdir writes)."""
-  spec = validate(config, mode)
-  data = describe_data(config)
+def build(config: ml_collections.ConfigDict, mode: str, spec: Spec | None = None) -> Run:
+  """Validates the config (unless `spec` says it was) and builds the run (no writes)."""
+  spec = spec or validate(config, mode)
   config = resolve_options(config, spec)
+  data = describe_data(config)
   built = build_models(config, spec, data.num_classes)
   built = load_weights(config, spec, built)
   return assemble(config, mode, spec, data, built)

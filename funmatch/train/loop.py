@@ -148,8 +148,12 @@ def _check_finite(state, step_hint: int, ckpt: checkpoint.Checkpointer) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        mode: str = "distill") -> dict[str, Any]:
   """Trains (distills) until the configured number of steps; returns final evals."""
-  run = build_lib.build(config, mode)  # run.config: the weight-dependent options decided
-  workdir_lib.check_resumable(workdir, run.config, mode)
+  spec = build_lib.validate(config, mode)
+  # Cheap reads first: decide the weight-dependent options (file headers, a teacher
+  # workdir's config.json), then compare with the run the workdir holds.
+  config = build_lib.resolve_options(config, spec)
+  workdir_lib.check_resumable(workdir, config, mode)
+  run = build_lib.build(config, mode, spec=spec)
   # ---- from here on the workdir is written, by one run at a time ----
   with workdir_lib.hold(workdir):
     return _train(run, workdir)
