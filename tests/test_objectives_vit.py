@@ -471,8 +471,9 @@ def assert_exports_the_student_only(config_args, workdir, student_names, tmp_pat
   output = str(tmp_path / "student.npz")
   code, _, err = run_cli(cli.export_main, [*config_args, f"--output={output}"], capsys)
   assert code == 0, err
+  from funmatch.models import formats
   with np.load(output) as data:
-    assert set(data.files) == student_names
+    assert set(data.files) - {formats.METADATA_KEY} == student_names  # + metadata
 
 
 def vit_param_names(width, heads, depth=4):
