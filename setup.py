@@ -36,10 +36,20 @@ setup(
         "scikit-learn>=1.2",
         "numpy",
         "pillow",
+        # Weight files in and out (numpy API; no torch needed).
+        "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=7", "matplotlib", "precondition-opt==0.3.0"],
+        "test": ["pytest>=7", "matplotlib", "precondition-opt==0.3.0",
+                 # Pinned: torch==2.13.0 resolves to the local CPU wheel where
+                 # there is one; torchvision 0.28.0 is the only release that
+                 # accepts that torch (timm requires it; tests import it via
+                 # tests/timm_import.py, since its C++ ops need CUDA torch).
+                 "safetensors==0.8.0", "torch==2.13.0", "torchvision==0.28.0",
+                 "timm==1.0.29"],
         "plot": ["matplotlib"],
+        # Reading PyTorch .pth/.pt/.bin weights; building exported timm models.
+        "torch": ["torch", "timm"],
     },
     entry_points={
         "console_scripts": [
@@ -47,6 +57,8 @@ setup(
             "funmatch-train=funmatch.train.cli:train_main",
             "funmatch-eval=funmatch.train.cli:eval_main",
             "funmatch-export=funmatch.train.cli:export_main",
+            "funmatch-predict=funmatch.train.cli:predict_main",
+            "funmatch-fetch=funmatch.train.cli:fetch_main",
             "funmatch-demo=funmatch.train.demo:main",
         ]
     },

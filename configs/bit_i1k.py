@@ -5,22 +5,31 @@ clipping at 1.0, temperature 1, 1200 epochs (82.31% top-1 at the paper's longest
 use :epochs=9600 for the longest schedule; :optimizer=shampoo,epochs=1200 for the
 paper's Shampoo run, which matched Adam's 4800-epoch student).
 
-  funmatch-distill --config configs/bit_i1k.py:teacher=/models/BiT-M-R152x2-i1k \
+  funmatch-fetch FunMatch-teacher-224px-i1k     # once, on a machine with network
+  funmatch-distill --config configs/bit_i1k.py \
       --workdir /mnt/gcs/bucket/fm_i1k --config.input.data_dir=/data/tfds
-`teacher` must be an ImageNet-1k fine-tuned R152x2 (an .npz with a 1000-class head, or a
-funmatch-train workdir).
+`teacher` (default: the paper's teacher, by name, see docs/weights.md) must be an
+ImageNet-1k fine-tuned R152x2: a published name, an .npz with a 1000-class head, or a
+funmatch-train workdir.
+
+Stem max-pool padding: the student pads with -inf, as big_vision's bit_paper that
+trained the paper's students; the teacher's follows its weights ('auto'): -inf for the
+published FunMatch teachers, zeros for official BiT and timm files.
 """
 from funmatch import config_util as cu
 
+TEACHER = "FunMatch-teacher-224px-i1k"  # BiT-M R152x2 fine-tuned on ImageNet-1k, 224px
+
 
 def get_config(arg=None):
-  args = cu.parse_arg(arg, teacher="", epochs=1200.0, batch_size=4096, res=224,
+  args = cu.parse_arg(arg, teacher=TEACHER, epochs=1200.0, batch_size=4096, res=224,
                       teacher_res=224, data_dir="", optimizer="adam")
   c = cu.base_config()
   cu.set_imagenet_data(c, args.batch_size, args.data_dir, crop_area_min=0.05)
   c.teacher = cu.model_config("bit", res=args.teacher_res, init=args.teacher,
-                              depth=152, width=2.0)
-  c.student = cu.model_config("bit", res=args.res, depth=50, width=1.0)
+                              depth=152, width=2.0, stem_pool_padding="auto")
+  c.student = cu.model_config("bit", res=args.res, depth=50, width=1.0,
+                              stem_pool_padding="neg_inf")
   c.total_epochs = args.epochs
   cu.set_optimizer(c, args.optimizer)
   c.lr = 0.03

@@ -1,14 +1,16 @@
 """The paper's Flowers102 and Pets recipes (128px, batch 512, warmup 1500 steps).
 
-  funmatch-distill --config configs/flowers_pet.py:data=flowers,variant=fast,teacher=PATH \
+  funmatch-distill --config configs/flowers_pet.py:data=flowers,variant=fast \
       --workdir /tmp/fm_flowers --config.input.data_dir=/data/tfds
 
 variant   Flowers102 epochs / T / lr / wd       Pets epochs / T / lr / wd
 fast      10k  / 10 / 3e-3 / 3e-4                1k  / 5  / 1e-2 / 1e-3
 medium    100k / 1  / 1e-3 / 1e-4                3k  / 10 / 3e-3 / 3e-4
 long      1M   / 1  / 3e-4 / 1e-5                30k / 2  / 3e-3 / 1e-5
-`teacher` is a BiT-M-R152x2 fine-tuned on the dataset (.npz or funmatch-train workdir);
-the student is a BiT-R50x1.
+`teacher` is a BiT-M-R152x2 fine-tuned on the dataset: by default the paper's, by name
+(FunMatch-teacher-128px-flowers / -pet, docs/weights.md), or an .npz or funmatch-train
+workdir; the student is a BiT-R50x1. Stem padding: the student pads with -inf (big_vision's
+bit_paper, as the paper); the teacher's follows its weights.
 
 As the paper's code (big_vision's bigsweep_flowers_pet.py): Pets trains on train[:90%]
 and keeps train[90%:] as `minival` (Flowers: its `validation` split); every eval resizes
@@ -50,8 +52,11 @@ def get_config(arg=None):
     c.evals[eval_name] = cu.eval_config("tfds", split, 512, name=name,
                                         data_dir=args.data_dir, cache_raw=True,
                                         eval_resize_ratio=160 / 128)
-  c.teacher = cu.model_config("bit", res=args.res, init=args.teacher, depth=152, width=2.0)
-  c.student = cu.model_config("bit", res=args.res, depth=50, width=1.0)
+  teacher = args.teacher or f"FunMatch-teacher-128px-{args.data}"
+  c.teacher = cu.model_config("bit", res=args.res, init=teacher, depth=152, width=2.0,
+                              stem_pool_padding="auto")
+  c.student = cu.model_config("bit", res=args.res, depth=50, width=1.0,
+                              stem_pool_padding="neg_inf")
   cu.set_optimizer(c, "adam")
   c.optax.mu_dtype = "bfloat16"
   c.total_epochs = float(epochs)

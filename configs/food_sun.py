@@ -5,8 +5,10 @@ is evaluated on the target dataset's test split. The schedule is the target's
 recipe from configs/flowers_pet.py, counted in steps over the target's train set
 size, so in-domain and out-of-domain runs take the same number of steps.
 
-  funmatch-distill --config configs/food_sun.py:target=pet,source=food,teacher=PATH \
+  funmatch-distill --config configs/food_sun.py:target=pet,source=food \
       --workdir /tmp/fm_pet_food --config.input.data_dir=/data/tfds
+The teacher defaults to the target's published one (FunMatch-teacher-128px-pet /
+-flowers, docs/weights.md); `teacher=` takes another name, file or workdir.
 """
 import math
 

@@ -7,16 +7,17 @@ Published (ImageNet linear probe): MobileNetV3-L 36.3 (self-supervised alone) ->
 EfficientNet-B0 42.2 -> 67.6. The final eval reports val/linear_probe_top1; it holds
 the whole train split's features in host memory (1.28M x 1280 floats, 6.5 GB).
 
-  funmatch-distill --config configs/seed_i1k.py:teacher=/models/BiT-M-R152x2-i1k.npz \
+  funmatch-distill --config configs/seed_i1k.py \
       --workdir /mnt/gcs/bucket/seed_mnv3 --config.input.data_dir=/data/tfds
-`student=bit` distils into BiT-R50x1 instead; `queue_size` must be a multiple of
+The teacher defaults to FunMatch-teacher-224px-i1k (by name, docs/weights.md; its stem
+padding follows its weights). `student=bit` distils into BiT-R50x1 instead; `queue_size` must be a multiple of
 `batch_size`.
 """
 from funmatch import config_util as cu
 
 
 def get_config(arg=None):
-  args = cu.parse_arg(arg, teacher="", epochs=200.0, batch_size=256, res=224,
+  args = cu.parse_arg(arg, teacher="FunMatch-teacher-224px-i1k", epochs=200.0, batch_size=256, res=224,
                       teacher_res=224, data_dir="", student="mobilenet_v3",
                       queue_size=65536, dim=128)
   c = cu.base_config()

@@ -57,7 +57,7 @@ def _convert(key: str, text: str, default: Any) -> Any:
 
 # Keys of a model sub-config that the trainer reads itself; every other key is
 # passed to the model constructor (e.g. depth, width).
-MODEL_META_KEYS = ("model", "res", "init", "dont_load", "dtype")
+MODEL_META_KEYS = ("model", "res", "init", "init_sha256", "dont_load", "dtype")
 
 
 def model_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -66,17 +66,24 @@ def model_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def model_config(model: str, res: int, init: str = "", dtype: str = "float32",
-                 **kwargs: Any) -> ml_collections.ConfigDict:
+                 init_sha256: str = "", **kwargs: Any) -> ml_collections.ConfigDict:
   """A model sub-config: registry name, input resolution, init source, kwargs.
 
   The model's own options are untyped fields (the model validates them), so the
-  command line may give BiT's depth as 50 or as "(1, 1, 2, 2)".
+  command line may give BiT's depth as 50 or as "(1, 1, 2, 2)". Options whose
+  value follows the weights (BiT's stem_pool_padding, ViT's gelu) are present as
+  'auto' unless given; the build decides them from `init` (funmatch/train/weights.py).
+  `init` is a path, a workdir or a published name (docs/weights.md);
+  `init_sha256` (hex) makes the build check the file's digest.
   """
+  from funmatch import models  # pylint: disable=import-outside-toplevel
+  kwargs = {**{k: "auto" for k in models.auto_options(model)}, **kwargs}
   options = {k: config_dict.FieldReference(tuple(v) if isinstance(v, list) else v,
                                            field_type=object)
              for k, v in kwargs.items()}
   return ml_collections.ConfigDict(
-      dict(model=model, res=res, init=init, dont_load=(), dtype=dtype, **options))
+      dict(model=model, res=res, init=init, init_sha256=init_sha256, dont_load=(), dtype=dtype,
+           **options))
 
 
 

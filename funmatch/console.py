@@ -5,14 +5,19 @@ command so that a user's mistake (`UserError`) ends in one line
 `funmatch: error: ...` and its exit code (2), never a traceback; `fail()` prints
 that line and exits.
 """
+import argparse
 import logging
 import os
 import sys
 from typing import Callable
 
 
-def setup() -> None:
-  """Quiet libraries and funmatch's own log format, before anything heavy is imported."""
+def setup(compile_cache: bool = True) -> None:
+  """Quiet libraries and funmatch's own log format, before anything heavy is imported.
+
+  compile_cache: point JAX's persistent compilation cache at <cache>/jax (commands
+  that compile); funmatch-fetch compiles nothing and leaves JAX alone.
+  """
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
@@ -25,8 +30,9 @@ def setup() -> None:
     logging.getLogger(name).setLevel(logging.ERROR)
   if not getattr(sys.unraisablehook, "funmatch", False):
     sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
-  from funmatch import cache  # pylint: disable=import-outside-toplevel
-  cache.enable_compilation_cache()
+  if compile_cache:
+    from funmatch import cache  # pylint: disable=import-outside-toplevel
+    cache.enable_compilation_cache()
 
 
 def _drop_closed_loop_noise(previous):
@@ -65,3 +71,10 @@ def require_module(module: str, extra: str) -> None:
   if importlib.util.find_spec(module) is None:
     raise UserError(f"this needs the optional package '{module}': "
                     f"pip install 'funmatch[{extra}]'")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose usage mistakes end like every other user error: one line, exit 2."""
+
+  def error(self, message: str) -> None:
+    fail(f"{message} (usage: {' '.join(self.format_usage().split()[1:])})")

@@ -53,6 +53,16 @@ def _png(size: int = 16) -> bytes:
   return buffer.getvalue()
 
 
+class _Exploit:
+  """Unpickling this would create `path`: proof that loading ran code."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def __reduce__(self):
+    return (open, (self.path, "w"))
+
+
 class Bench:
   """The files and workdirs the cases point at, made on first use under `root`.
 
@@ -119,7 +129,41 @@ class Bench:
       f.write(data[:len(data) // 2])
     return path
 
+  @functools.cached_property
+  def timm_wide(self) -> str:
+    """A timm ResNetV2 state dict (safetensors) twice as wide as the teacher config."""
+    import functools as ft  # pylint: disable=import-outside-toplevel,reimported
+    from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
+    import timm_import  # pylint: disable=import-outside-toplevel
+    timm = timm_import.import_timm()
+    network = timm.models.resnetv2.ResNetV2(
+        layers=[1, 1, 2, 2], width_factor=1, stem_type="fixed", num_classes=10,
+        conv_layer=ft.partial(timm.layers.StdConv2d, eps=1e-8))
+    path = self._path("timm_wide.safetensors")
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, path)
+    return path
+
+  @functools.cached_property
+  def pickled_pth(self) -> str:
+    import torch  # pylint: disable=import-outside-toplevel
+    path = self._path("pickled.pth")
+    torch.save({"stem.conv.weight": torch.zeros(2),
+                "extra": _Exploit(self._path("executed.marker"))}, path)
+    return path
+
+  @functools.cached_property
+  def pickled_npz(self) -> str:
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    path = self._path("pickled.npz")
+    np.savez(path, kernel=np.array([_Exploit(self._path("executed.marker"))],
+                                   dtype=object))
+    return path
+
   # ---- data ----
+  @functools.cached_property
+  def bad_image(self) -> str:
+    return self._folder("bad_image", {"a/ok.png": _png(), "a/broken.png": b"\x89PNG cut"})
+
   @functools.cached_property
   def empty(self) -> str:
     return self._folder("empty", {})
@@ -200,7 +244,7 @@ class Bench:
 @dataclasses.dataclass(frozen=True)
 class Case:
   name: str
-  tool: str  # distill | train | eval | export
+  tool: str  # distill | train | eval | export | predict | fetch
   args: Callable[[Bench, str], list[str]]  # (bench, fresh workdir path) -> argv
   match: str  # must appear in the error line
   workdir: Callable[[Bench, str], str] = lambda bench, run: run  # what must not change
@@ -287,6 +331,24 @@ CASES = [
     Case("teacher head with 5 classes", "distill", _teacher("five_classes"), "5 classes"),
     Case("teacher workdir with corrupt checkpoints", "distill",
          _teacher("corrupt_trained"), "cannot read the checkpoint"),
+    Case("teacher timm file of another width", "distill", _teacher("timm_wide"),
+         "shape clashes (head.fc.weight file [10, 2048, 1, 1] vs model [10, 1024, 1, 1]"),
+    Case("teacher .pth holding pickled objects", "distill", _teacher("pickled_pth"),
+         "holds pickled Python objects"),
+    Case("teacher .npz holding pickled objects", "distill", _teacher("pickled_npz"),
+         "holds pickled Python objects"),
+    Case("teacher sha256 mismatch", "distill",
+         lambda b, run: distill(b.teacher, run, "--config.teacher.init_sha256=" + "0" * 64),
+         "but config.teacher.init_sha256 is 000"),
+    # Weight names.
+    Case("unknown weight name", "distill", lambda b, run: distill("BiT-M-R50x9", run),
+         "known names: FunMatch-224px-i1k82.8"),
+    Case("weight name not in the cache (offline)", "distill",
+         lambda b, run: distill("FunMatch-teacher-224px-i1k", run),
+         "run `funmatch-fetch FunMatch-teacher-224px-i1k`"),
+    Case("fetch an unknown name", "fetch", lambda b, run: ["BiT-X-R1x1"], "known names"),
+    Case("fetch while offline", "fetch", lambda b, run: ["FunMatch-160px-i1k80.5"],
+         "cannot download", env={"FUNMATCH_WEIGHTS_MIRROR": "http://127.0.0.1:9"}),
     # Data.
     Case("TFDS dataset not prepared", "distill",
          lambda b, run: distill(b.teacher, run, "--config.input.source=tfds",
@@ -337,6 +399,24 @@ CASES = [
     Case("export over an existing file", "export",
          lambda b, run: teacher_run(b.trained, f"--output={b.export_exists}"),
          "already exists", workdir=_on("trained")),
+    Case("export --format onnx", "export",
+         lambda b, run: teacher_run(b.trained, "--format=onnx",
+                                    f"--output={b.root}/student.onnx"), "'onnx'",
+         workdir=_on("trained")),
+    Case("export --format timm to .npz", "export",
+         lambda b, run: teacher_run(b.trained, "--format=timm",
+                                    f"--output={b.root}/student.npz"), ".safetensors",
+         workdir=_on("trained")),
+    # Predict.
+    Case("predict an image that does not decode", "predict",
+         lambda b, run: ["--model", b.trained, "--images", b.bad_image], "broken.png",
+         workdir=_on("trained")),
+    Case("predict with a model that does not exist", "predict",
+         lambda b, run: ["--model", os.path.join(b.root, "nope"), "--images", b.bad_image],
+         "nope"),
+    Case("predict --topk 0", "predict",
+         lambda b, run: ["--model", b.trained, "--images", b.bad_image, "--topk", "0"],
+         "--topk", workdir=_on("trained")),
 ]
 
 

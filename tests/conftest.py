@@ -51,3 +51,21 @@ def teacher_workdir(tmp_path_factory):
                          "--workdir", workdir, *TEACHER_OVERRIDES, *TINY_OVERRIDES])
   assert code == 0
   return workdir
+
+
+def distill_args(teacher, workdir, *extra, steps=None):
+  """funmatch-distill arguments: the tiny digits student of `teacher`."""
+  arg = TINY_STUDENT_ARG + f",teacher={teacher}"
+  if steps:
+    arg = arg.replace("steps=30", f"steps={steps}")
+  return ["--config", repo_path("configs", "digits.py") + ":" + arg,
+          "--workdir", workdir, "--config.teacher.width=0.5", *TINY_OVERRIDES, *extra]
+
+
+@pytest.fixture(scope="session")
+def student_workdir(teacher_workdir, tmp_path_factory):
+  """A tiny BiT student distilled from `teacher_workdir` with funmatch-distill."""
+  from funmatch.train import cli
+  workdir = str(tmp_path_factory.mktemp("student") / "run")
+  assert cli.distill_main(["funmatch-distill", *distill_args(teacher_workdir, workdir)]) == 0
+  return workdir

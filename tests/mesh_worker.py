@@ -46,7 +46,7 @@ def save_restored_params(args: list[str], workdir: str, path: str) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from funmatch import checkpoint  # pylint: disable=import-outside-toplevel
-  from funmatch.models import npz  # pylint: disable=import-outside-toplevel
+  from funmatch.models import layouts  # pylint: disable=import-outside-toplevel
   from funmatch.train import build, cli, loop  # pylint: disable=import-outside-toplevel
   config, _, _ = cli.parse(["prog", *args], "mesh_worker", {})
   state = loop.init_state(build.build(config, "distill"))
@@ -54,7 +54,7 @@ def save_restored_params(args: list[str], workdir: str, path: str) -> None:
   _, restored = ckpt.restore_latest(jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
   ckpt.close()
-  np.savez(path, **npz.flatten(jax.device_get(restored.params)))
+  np.savez(path, **layouts.flat_params(jax.device_get(restored.params)))
 
 
 def main(teacher: str, out_dir: str, *variants: str) -> int:

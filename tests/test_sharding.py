@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import repo_path, run_cli
 from funmatch import checkpoint, parallel
-from funmatch.models import npz
+from funmatch.models import layouts
 from funmatch.train import cli, metrics_io
 from mesh_worker import config_args
 
@@ -83,7 +83,7 @@ def test_checkpoint_from_one_mesh_restores_on_another(mesh_runs, teacher_workdir
   step, restored = checkpoint.restore_params(str(out / "fsdp"))
   assert step == 5
   on_eight = np.load(out / "fsdp_params.npz")
-  on_one = npz.flatten(restored)
+  on_one = layouts.flat_params(restored)
   assert sorted(on_one) == sorted(on_eight.files) and on_one
   for name, value in on_one.items():
     np.testing.assert_array_equal(value, on_eight[name], err_msg=name)

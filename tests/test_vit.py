@@ -366,7 +366,7 @@ def test_registry_builds_a_vit():
 def test_params_export_round_trips(tiny, tmp_path):
   model, params, x, logits, _ = tiny
   path = str(tmp_path / "vit.npz")
-  models.save_params("vit", path, params)
+  models.save_params("vit", path, params, resolution=SIZE)
   with np.load(path) as stored:
     names = set(stored.files)
   # Official JAX ViT names, '/'-joined.

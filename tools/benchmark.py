@@ -150,6 +150,8 @@ def make_run(config, args, notes):
   from funmatch.train import build  # pylint: disable=import-outside-toplevel
   spec = build.validate(config, "distill")
   config, data, data_available = _available_data(config, args, notes)
+  if not args.random_teachers:  # random weights imply nothing about the options
+    config = build.resolve_options(config, spec)
   built = build.build_models(config, spec, data.num_classes)
   if args.random_teachers:
     notes.append("teachers have random weights (--random_teachers)")

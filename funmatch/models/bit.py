@@ -21,6 +21,14 @@ Every parameter also has the official shape: conv kernels HWIO, GroupNorm
 scale/bias [C], head kernel [1, 1, C, num_classes], head bias [num_classes].
 That is also what timm's `resnetv2._load_weights` reads, so `save_npz` files
 load there unchanged.
+
+`load` also reads big_vision's `bit_paper` names (`root_block/conv_root/
+kernel`, `block1/unit01/gn1/scale`, ..., `norm-pre-head/scale`, `head/kernel`),
+timm `ResNetV2` state dicts (`stem.conv.weight`, `stages.0.blocks.0.conv1.
+weight`, ..., `head.fc.weight`; OIHW kernels) and funmatch's own flax names;
+`SAVE_LAYOUTS` says which layout each export format writes. big_vision pads
+the stem max-pool with -inf where the others pad with zeros: the layout
+implies `stem_pool_padding` (see `Model`).
 """
 
 import re
@@ -34,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from funmatch.errors import UserError
-from funmatch.models import npz
+from funmatch.models import formats
+from funmatch.models import layouts
 
 Params = Mapping[str, Any]
 
@@ -49,6 +58,9 @@ GN_GROUPS = 32
 GN_EPSILON = 1e-5
 WS_EPSILON = 1e-10  # As in the official bit_jax / bit_pytorch StdConv.
 PREFIX = "resnet/"
+STEM_POOL_PADDINGS = ("auto", "zeros", "neg_inf")
+# What an 'auto' option means when no weights file says otherwise.
+AUTO_OPTIONS = {"stem_pool_padding": "zeros"}
 _HEAD_NAMES = (PREFIX + "head/conv2d/kernel", PREFIX + "head/conv2d/bias")
 
 
@@ -232,17 +244,26 @@ class Stage(nn.Module):
 
 
 class RootBlock(nn.Module):
-  """7x7/2 StdConv, then ZERO padding of 1 and a 3x3/2 VALID max-pool."""
+  """7x7/2 StdConv, then a 3x3/2 max-pool over a 1-pixel border.
+
+  The border is zeros (`pool_padding='zeros'`: official BiT and timm pad
+  with zeros, then pool VALID) or -inf (`'neg_inf'`: big_vision's
+  `bit_paper` pools with padding, which never picks the border). The two
+  differ because the conv output can be negative here (no ReLU before the
+  pool), so weights must run with the padding they were trained with.
+  """
   features: int
   standardize_weights: bool = True
+  pool_padding: str = "zeros"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     x = StdConv(self.features, 7, 2, self.standardize_weights, self.dtype,
                 name="standardized_conv2d")(x)
-    # Zeros, not -inf: the official model pads with zeros before pooling, and
-    # the conv output can be negative here (no ReLU before the pool).
+    if self.pool_padding == "neg_inf":
+      # flax pads a max-pool with -inf, the identity of max.
+      return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
 
@@ -270,6 +291,10 @@ class Model(nn.Module):
     dtype: activation / compute dtype; params stay float32, logits float32.
     standardize_weights: False runs the convs with kernels as stored, for
       params passed through `prestandardize` (a frozen teacher).
+    stem_pool_padding: what the stem's max-pool pads with: 'zeros' (official
+      BiT, timm), 'neg_inf' (big_vision's bit_paper), or 'auto': whatever
+      the weights file implies, resolved by `models.resolve_options` before
+      the model is built (unresolved, 'auto' runs as 'zeros').
 
   Images are NHWC in [-1, 1]. Taps: `stem` (after the max-pool),
   `stage1`..`stage4` (each stage's output), `pre_logits` ([B, C] pooled).
@@ -279,6 +304,7 @@ class Model(nn.Module):
   width: float = 1
   dtype: Any = jnp.float32
   standardize_weights: bool = True
+  stem_pool_padding: str = "auto"
 
   def __post_init__(self):
     # Fail at construction time (config errors), not deep inside init/jit.
@@ -290,6 +316,9 @@ class Model(nn.Module):
         or isinstance(self.num_classes, bool) or self.num_classes < 0):
       raise UserError(f"BiT num_classes={self.num_classes!r} must be an "
                       "integer >= 0 (0 means no head).")
+    if self.stem_pool_padding not in STEM_POOL_PADDINGS:
+      raise UserError(f"BiT stem_pool_padding={self.stem_pool_padding!r} is "
+                      f"unknown; use one of {', '.join(STEM_POOL_PADDINGS)}.")
     super().__post_init__()
 
   @nn.compact
@@ -299,7 +328,10 @@ class Model(nn.Module):
     common = dict(standardize_weights=self.standardize_weights,
                   dtype=self.dtype)
     taps = {}
-    x = taps["stem"] = RootBlock(width, name="root_block", **common)(images)
+    padding = AUTO_OPTIONS["stem_pool_padding"] if (
+        self.stem_pool_padding == "auto") else self.stem_pool_padding
+    x = taps["stem"] = RootBlock(width, pool_padding=padding,
+                                 name="root_block", **common)(images)
     for stage, units in enumerate(block_counts(self.depth)):
       x = taps[f"stage{stage + 1}"] = Stage(
           units, mid_features=width * 2**stage,
@@ -347,8 +379,12 @@ def to_npz_dict(params: Params) -> Dict[str, np.ndarray]:
 
 
 def save_npz(path: str, params: Params) -> str:
-  """Writes params as an official-format BiT `.npz` (atomically); returns `path`."""
-  return npz.write(path, to_npz_dict(params))
+  """Writes params as an official-format BiT `.npz`; returns `path`.
+
+  The file appears atomically (written beside it, then renamed) so a reader
+  never sees half a file. `models.save_params` also records metadata.
+  """
+  return formats.write_npz(path, to_npz_dict(params), {})
 
 
 def describe(params: Params) -> str:
@@ -382,151 +418,241 @@ def prestandardize(params: Params) -> Params:
 
 
 # --------------------------------------------------------------------------
-# Loading.
+# Weight layouts: official BiT npz, big_vision (bit_paper), timm, funmatch.
 # --------------------------------------------------------------------------
 
+HEAD = ("head/conv2d/kernel", "head/conv2d/bias")
+_UNIT = re.compile(r"block(\d+)/unit(\d+)/([abc])/(.+)")
 
-def _normalize_names(arrays: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-  """Undoes known naming quirks of some official files."""
-  # Some official dumps number repeated layers `standardized_conv2d_1`, ...
+
+def _official_name(name: str) -> str:
+  return _flax_to_official(tuple(name.split("/")))
+
+
+def _undo_numbered_convs(arrays: Dict[str, np.ndarray]):
+  """Some official dumps number repeated layers `standardized_conv2d_1`."""
   return {re.sub(r"/standardized_conv2d_\d+/", "/standardized_conv2d/", name):
           value for name, value in arrays.items()}
 
 
-def _fit_shape(value: np.ndarray,
-               shape: Tuple[int, ...]) -> Optional[np.ndarray]:
-  """`value` reshaped to `shape` if only singleton dims differ, else None.
+def _big_vision_name(name: str) -> str:
+  """funmatch name -> big_vision `bit_paper` name."""
+  unit = _UNIT.fullmatch(name)
+  if unit:
+    block, number, part, rest = unit.groups()
+    i = "abc".index(part) + 1
+    return f"block{block}/unit{number}/" + {
+        "group_norm/scale": f"gn{i}/scale",
+        "group_norm/bias": f"gn{i}/bias",
+        "standardized_conv2d/kernel": f"conv{i}/kernel",
+        "proj/standardized_conv2d/kernel": "conv_proj/kernel",
+    }.get(rest, rest)
+  return {
+      "root_block/standardized_conv2d/kernel": "root_block/conv_root/kernel",
+      "group_norm/scale": "norm-pre-head/scale",
+      "group_norm/bias": "norm-pre-head/bias",
+      "head/conv2d/kernel": "head/kernel",
+      "head/conv2d/bias": "head/bias",
+  }.get(name, name)
 
-  Dropping size-1 dims never reorders elements, so e.g. GN gamma stored as
-  [1, 1, 1, C] or a head kernel stored as [C, K] fit unambiguously, while a
-  transposed [K, C] kernel does not.
+
+def _big_vision_value(name: str, value: np.ndarray) -> np.ndarray:
+  """GN params are [1, 1, 1, C] and the head a Dense [C, K] there."""
+  if name.endswith(("group_norm/scale", "group_norm/bias")):
+    return value.reshape(1, 1, 1, -1)
+  if name == HEAD[0]:
+    return value.reshape(value.shape[-2:])
+  return value
+
+
+def _strip_params_prefix(arrays: Dict[str, np.ndarray]):
+  """big_vision checkpoints may keep params under `params/`."""
+  prefix = "params/"
+  if arrays and all(name.startswith(prefix) for name in arrays):
+    return {name[len(prefix):]: value for name, value in arrays.items()}
+  return arrays
+
+
+def _timm_name(name: str) -> str:
+  """funmatch name -> timm `ResNetV2` state-dict name."""
+  unit = _UNIT.fullmatch(name)
+  if unit:
+    block, number, part, rest = unit.groups()
+    i = "abc".index(part) + 1
+    return f"stages.{int(block) - 1}.blocks.{int(number) - 1}." + {
+        "group_norm/scale": f"norm{i}.weight",
+        "group_norm/bias": f"norm{i}.bias",
+        "standardized_conv2d/kernel": f"conv{i}.weight",
+        "proj/standardized_conv2d/kernel": "downsample.conv.weight",
+    }.get(rest, rest)
+  return {
+      "root_block/standardized_conv2d/kernel": "stem.conv.weight",
+      "group_norm/scale": "norm.weight",
+      "group_norm/bias": "norm.bias",
+      "head/conv2d/kernel": "head.fc.weight",
+      "head/conv2d/bias": "head.fc.bias",
+  }.get(name, name)
+
+
+def _torch_layout(_name: str, value: np.ndarray) -> np.ndarray:
+  return layouts.hwio_to_oihw(value) if value.ndim == 4 else value
+
+
+def _flax_layout(_name: str, value: np.ndarray, _shape=None) -> np.ndarray:
+  return layouts.oihw_to_hwio(value) if value.ndim == 4 else value
+
+
+OFFICIAL = layouts.Layout(
+    "bit_official", _official_name, prepare=_undo_numbered_convs,
+    implies={"stem_pool_padding": "zeros"})
+BIG_VISION = layouts.Layout(
+    "big_vision", _big_vision_name, to_file=_big_vision_value,
+    prepare=_strip_params_prefix, implies={"stem_pool_padding": "neg_inf"})
+# timm's *_bit models pad the stem with zeros ('fixed' stem).
+TIMM = layouts.Layout(
+    "timm", _timm_name, to_file=_torch_layout, to_model=_flax_layout,
+    implies={"stem_pool_padding": "zeros"})
+FUNMATCH = layouts.FUNMATCH
+# The layout each `save` format writes.
+SAVE_LAYOUTS = {"npz": OFFICIAL, "safetensors": FUNMATCH, "timm": TIMM}
+
+
+def detect_layout(weights: formats.Weights) -> layouts.Layout:
+  """The layout of a file, from its metadata or else its names."""
+  recorded = weights.metadata.get("layout")
+  for layout in (OFFICIAL, BIG_VISION, TIMM, FUNMATCH):
+    if recorded == layout.name:
+      return layout
+  names = list(weights.names)
+  return layouts.detect(weights.path, names, (
+      (lambda n: n.startswith(PREFIX), OFFICIAL),
+      (lambda n: n.endswith("root_block/conv_root/kernel"), BIG_VISION),
+      (lambda n: n.startswith("stem.conv."), TIMM),
+      (lambda n: n == "root_block/standardized_conv2d/kernel", FUNMATCH),
+  ), what="BiT")
+
+
+def load(weights: Union[str, formats.Weights], init_params: Params,
+         dont_load: Sequence[str] = (),
+         strict_head: bool = False) -> Params:
+  """Loads BiT weights of any known layout into `Model` params.
+
+  Args:
+    weights: a file path or `formats.read` result: an official BiT `.npz`,
+      a big_vision `bit_paper` `.npz`, a timm `resnetv2_*_bit` state dict
+      (.safetensors / .pth) or a funmatch export. The layout is told by the
+      metadata, else by the names.
+    init_params: params of the target model (from `Model.init`); fix the
+      structure of the result and supply every value not loaded.
+    dont_load: regexes; a param whose funmatch name (`head/conv2d/kernel`)
+      or official name (`resnet/head/conv2d/kernel`) they match (re.search)
+      keeps its value from `init_params`.
+
+  Returns:
+    params with the structure of `init_params`; loaded leaves are float32
+    numpy arrays. The head is kept from `init_params` (and logged) when the
+    file's class count differs, or the file has none (an error instead
+    with `strict_head`, for teachers).
+
+  Raises:
+    UserError: unreadable file, unknown layout, or names/shapes that do not
+      fit the model (naming the first mismatches and both shapes).
   """
-  if value.shape == tuple(shape):
-    return value
-  squeeze = lambda s: tuple(d for d in s if d != 1)
-  if squeeze(value.shape) == squeeze(shape):
-    return value.reshape(shape)
-  return None
+  if isinstance(weights, str):
+    weights = formats.read(weights)
+  patterns = layouts.compile_patterns(dont_load, "BiT dont_load")
+  skip = lambda name: any(p.search(name) or p.search(_official_name(name))
+                          for p in patterns)
+  return layouts.load(
+      weights.path, weights.arrays, init_params, detect_layout(weights),
+      head=HEAD, strict_head=strict_head, skip=skip,
+      model_description=describe(init_params),
+      hint="set the model's depth and width to those of the checkpoint (e.g. "
+      "BiT-M-R50x1 is depth=50, width=1), or use dont_load for names to keep "
+      "from init.")
 
 
-def _compile_patterns(dont_load: Sequence[str]):
-  if isinstance(dont_load, str):
-    dont_load = (dont_load,)
-  patterns = []
-  for pattern in dont_load:
-    try:
-      patterns.append(re.compile(pattern))
-    except re.error as e:
-      raise UserError(f"BiT dont_load pattern {pattern!r} is not a valid "
-                      f"regex ({e}); fix the pattern.") from None
-  return patterns
+def save(path: str, params, model: "Model",
+         format: str = "npz",  # pylint: disable=redefined-builtin
+         metadata: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+  """Writes params as 'npz', 'safetensors' or 'timm' (`SAVE_LAYOUTS`).
 
-
-def _head_in_use(arrays, model_names, init_flat, path, strict: bool) -> bool:
-  """Whether the file's head should be loaded; logs why when not.
-
-  strict (a teacher): a head of another class count is an error, not replaced.
+  `models.save_params` is the usual entry: it fills `metadata` (options,
+  resolution, preprocessing). A 'timm' file's metadata also says how timm
+  builds it. Returns the metadata written.
   """
-  kernel_name = _HEAD_NAMES[0]
-  if kernel_name not in model_names:
-    if any(name in arrays for name in _HEAD_NAMES):
-      logging.info("BiT %s: the model has no head; ignoring the file's head.",
-                   path)
-    return False
-  if kernel_name not in arrays:
-    logging.info("BiT %s has no head; keeping the initial head.", path)
-    return False
-  file_classes = arrays[kernel_name].shape[-1]
-  model_classes = init_flat[model_names[kernel_name]].shape[-1]
-  if file_classes != model_classes and strict:
-    raise UserError(f"{path} has a head with {file_classes} classes but the dataset has "
-                    f"{model_classes}; use a teacher trained on this dataset "
-                    "(funmatch-train) or a dataset with the same classes")
-  if file_classes != model_classes:
-    logging.info("BiT %s: head has %d classes, model %d; keeping the initial "
-                 "head.", path, file_classes, model_classes)
-    return False
-  return True
-
-
-def _first(items, count: int = 3) -> str:
-  shown = ", ".join(items[:count])
-  return shown + (f", ... ({len(items) - count} more)" if len(items) > count
-                  else "")
+  record = dict(metadata or {})
+  if format == "timm":
+    record["timm"] = timm_spec(model, params)
+  layouts.save(path, params, SAVE_LAYOUTS[format], record)
+  return {"layout": SAVE_LAYOUTS[format].name, **record}
 
 
 def load_npz(path: str, init_params: Params, dont_load: Sequence[str] = (),
              strict_head: bool = False) -> Params:
-  """Loads an official BiT `.npz` (or a `save_npz` export) into `Model` params.
-
-  Args:
-    path: the `.npz` file, with official names (`resnet/block1/unit01/...`).
-    init_params: params of the target model (from `Model.init`); fixes the
-      structure of the result and supplies every value not loaded.
-    dont_load: regexes, searched (`re.search`) in the official names, whose
-      values are kept from `init_params` (e.g. `("head/",)`).
-    strict_head: a head of another class count is an error (teachers) instead
-      of being replaced by the initial one (students).
-
-  Returns:
-    params with the structure of `init_params`; loaded leaves are float32
-    numpy arrays, the others are `init_params`' own leaves. The head is kept
-    from `init_params` (and logged) when the file's class count differs.
-
-  Raises:
-    UserError: missing/corrupt file, or names/shapes that do not fit the model.
-  """
-  tree, wrapped = _unwrap(init_params)
-  init_flat = flax.traverse_util.flatten_dict(tree)
-  model_names = official_names(tree)
-  arrays = _normalize_names(npz.read(path))
-  patterns = _compile_patterns(dont_load)
-  skip = lambda name: any(p.search(name) for p in patterns)
-  load_head = _head_in_use(arrays, model_names, init_flat, path, strict_head)
-
-  loaded, missing, clashes = {}, [], []
-  for name, flax_path in model_names.items():
-    init_value = init_flat[flax_path]
-    if skip(name) or (name in _HEAD_NAMES and not load_head):
-      loaded[flax_path] = init_value
-    elif name not in arrays:
-      missing.append(name)
-    else:
-      value = _fit_shape(np.asarray(arrays[name], np.float32),
-                         np.shape(init_value))
-      if value is None:
-        clashes.append(f"{name} file {list(arrays[name].shape)} vs model "
-                       f"{list(np.shape(init_value))}")
-      loaded[flax_path] = value
-  unexpected = [name for name in arrays if name not in model_names
-                and not skip(name) and name not in _HEAD_NAMES]
-
-  if missing or unexpected or clashes:
-    missing, unexpected, clashes = map(sorted, (missing, unexpected, clashes))
-    problems = []
-    if missing:
-      problems.append(f"{len(missing)} missing ({_first(missing)})")
-    if unexpected:
-      problems.append(f"{len(unexpected)} unexpected ({_first(unexpected)})")
-    if clashes:
-      problems.append(f"{len(clashes)} shape clashes ({_first(clashes)})")
-    raise UserError(
-        f"BiT checkpoint {path!r} does not fit the model "
-        f"({describe(tree)}): {'; '.join(problems)}; set the model's depth "
-        "and width to those of the checkpoint (e.g. BiT-M-R50x1 is depth=50, "
-        "width=1), or use dont_load for names to keep from init.")
-  tree = flax.traverse_util.unflatten_dict(loaded)
-  return {"params": tree} if wrapped else tree
-
-
-# --------------------------------------------------------------------------
-# The registry's interface (funmatch/models/__init__.py).
-# --------------------------------------------------------------------------
-
-load = load_npz
-save = save_npz
+  """`load` for a file read as `.npz` whatever its name (kept for callers)."""
+  return load(formats.read(path, kind="npz"), init_params, dont_load,
+              strict_head)
 
 
 def freeze(module: Model, params: Params) -> Tuple[Model, Params]:
-  """A frozen BiT with its conv kernels standardised once, not at every step."""
-  return module.clone(standardize_weights=False), jax.jit(prestandardize)(params)
+  """A frozen BiT: conv kernels standardised once, not at every step."""
+  return (module.clone(standardize_weights=False),
+          jax.jit(prestandardize)(params))
+
+
+def num_classes(params: Params) -> int:
+  """The head's class count (0 when the params have no head)."""
+  kernel = layouts.flat_params(params).get(HEAD[0])
+  return 0 if kernel is None else int(np.shape(kernel)[-1])
+
+
+# --------------------------------------------------------------------------
+# timm.
+# --------------------------------------------------------------------------
+
+# (depth, width) of the BiT models timm registers as resnetv2_{d}x{w}_bit.
+TIMM_NAMED = {(50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4)}
+
+
+def timm_spec(model: Model, params: Params) -> Dict[str, Any]:
+  """How timm builds a model that computes what `model` computes.
+
+  Returns {'model_name' (a `timm.create_model` name or None), 'kwargs'
+  (JSON values for it, or for `timm.models.resnetv2.ResNetV2`), 'code'
+  (the Python that builds it)}. timm's BiT convs standardise with eps 1e-8
+  where funmatch uses 1e-10, a difference far below float32 noise.
+  """
+  del params  # Everything follows from the model's options.
+  layers = list(block_counts(model.depth))
+  width = float(model.width)
+  width = int(width) if width.is_integer() else width
+  padding = model.stem_pool_padding
+  if padding == "auto":
+    raise ValueError("resolve stem_pool_padding='auto' before exporting")
+  depth = {tuple(v): k for k, v in BLOCK_COUNTS.items()}.get(tuple(layers))
+  name = f"resnetv2_{depth}x{width}_bit"
+  classes = int(model.num_classes)
+  if (depth, width) in TIMM_NAMED and padding == "zeros":
+    return {"model_name": name, "kwargs": {"num_classes": classes},
+            "code": f"timm.create_model({name!r}, num_classes={classes})"}
+  # -inf padding is plain PyTorch max-pool padding: timm's stem_type ''.
+  stem_type = "fixed" if padding == "zeros" else ""
+  kwargs = {"layers": layers, "width_factor": width, "stem_type": stem_type,
+            "num_classes": classes}
+  code = ("timm.models.resnetv2.ResNetV2(" +
+          ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) +
+          ", conv_layer=functools.partial(timm.layers.StdConv2d, eps=1e-8))")
+  return {"model_name": None, "kwargs": kwargs, "code": code}
+
+
+def build_timm(spec: Mapping[str, Any]):
+  """The timm module a `timm_spec` describes (imports timm)."""
+  import functools  # pylint: disable=import-outside-toplevel
+  import timm  # pylint: disable=import-outside-toplevel
+  if spec.get("model_name"):
+    return timm.create_model(spec["model_name"], pretrained=False,
+                             **spec["kwargs"])
+  return timm.models.resnetv2.ResNetV2(
+      **spec["kwargs"],
+      conv_layer=functools.partial(timm.layers.StdConv2d, eps=1e-8))

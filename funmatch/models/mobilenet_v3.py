@@ -17,9 +17,18 @@ Taps, one per resolution (for a 224px input):
   stage4  after block 12                    14px, 112
   stage5  after block 15 (before the 960)    7px, 160
   pre_logits  the 1280-d features fed to the classifier, [B, 1280]
+
+Weights: funmatch's own names ('/'-joined flax paths) in .npz or
+.safetensors, and timm `MobileNetV3` state dicts built with GroupNorm(8)
+(`conv_stem`, `bn1`, `blocks.{stage}.{i}.conv_pw|conv_dw|conv_pwl|se`,
+`conv_head`, `classifier`; see `timm_spec`). timm's pretrained MobileNetV3
+files use BatchNorm and cannot be loaded faithfully: they are refused.
 """
 
-from typing import Any, NamedTuple, Sequence
+import functools
+import re
+from typing import (Any, Dict, List, Mapping, NamedTuple, Optional, Sequence,
+                    Union)
 
 import flax.linen as nn
 import jax
@@ -27,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from funmatch.errors import UserError
-from funmatch.models import npz
+from funmatch.models import formats
+from funmatch.models import layouts
 
 GN_GROUPS = 8
 GN_EPSILON = 1e-5
@@ -208,19 +218,233 @@ class Model(nn.Module):
     return logits, taps
 
 
-# The registry's interface (funmatch/models/__init__.py): flat '/'-joined .npz files.
+# --------------------------------------------------------------------------
+# Weight layouts: funmatch names and timm (GroupNorm) state dicts.
+# --------------------------------------------------------------------------
+
+HEAD = ("head/kernel", "head/bias")
+# timm groups the blocks into stages: (stage, index) of block01..block15.
+_TIMM_STAGES = (1, 2, 3, 4, 2, 3)
+_TIMM_POSITION = {
+    block: (stage, index)
+    for stage, block, index in [
+        (stage, 1 + sum(_TIMM_STAGES[:stage]) + index, index)
+        for stage, count in enumerate(_TIMM_STAGES) for index in range(count)]}
+_FINAL_STAGE = len(_TIMM_STAGES)
+_BLOCK = re.compile(r"block(\d\d)/(.+)")
+# Block 1 is timm's DepthwiseSeparableConv (no expansion), the rest
+# InvertedResidual; both name their convs and norms differently.
+_DS_NAMES = {"depthwise/conv": "conv_dw", "depthwise/group_norm": "bn1",
+             "project/conv": "conv_pw", "project/group_norm": "bn2",
+             "se/reduce": "se.conv_reduce", "se/expand": "se.conv_expand"}
+_IR_NAMES = {"expand/conv": "conv_pw", "expand/group_norm": "bn1",
+             "depthwise/conv": "conv_dw", "depthwise/group_norm": "bn2",
+             "se/reduce": "se.conv_reduce", "se/expand": "se.conv_expand",
+             "project/conv": "conv_pwl", "project/group_norm": "bn3"}
+_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 
 
-def load(path: str, init_params: Any, dont_load: Sequence[str] = (),
-         strict_head: bool = False) -> Any:
-  """Params from a flat `.npz` (a funmatch export); any mismatch is an error."""
-  del strict_head  # a head of another class count is a shape clash here
-  return npz.load_flat(path, init_params, dont_load)
+def _timm_name(name: str) -> str:
+  """funmatch name -> timm `MobileNetV3` state-dict name."""
+  *scope, leaf = name.split("/")
+  layer, leaf = "/".join(scope), _LEAVES.get(leaf, leaf)
+  block = _BLOCK.fullmatch(layer)
+  if block and int(block[1]) in _TIMM_POSITION:
+    stage, index = _TIMM_POSITION[int(block[1])]
+    names = _DS_NAMES if int(block[1]) == 1 else _IR_NAMES
+    return f"blocks.{stage}.{index}.{names.get(block[2], block[2])}.{leaf}"
+  layer = {"stem/conv": "conv_stem", "stem/group_norm": "bn1",
+           "final/conv": f"blocks.{_FINAL_STAGE}.0.conv",
+           "final/group_norm": f"blocks.{_FINAL_STAGE}.0.bn1",
+           "pre_logits": "conv_head", "head": "classifier"}.get(layer, layer)
+  return f"{layer}.{leaf}"
 
 
-def save(path: str, params: Any) -> str:
-  return npz.write(path, npz.flatten(params))
+def _to_timm(name: str, value: np.ndarray) -> np.ndarray:
+  if value.ndim == 4:
+    return layouts.hwio_to_oihw(value)
+  if name == "pre_logits/kernel":  # a Dense here, a 1x1 conv in timm
+    return value.T[:, :, None, None]
+  if value.ndim == 2:
+    return value.T
+  return value
 
 
-def freeze(module: Model, params: Any) -> tuple[Model, Any]:
+def _from_timm(name: str, value: np.ndarray, shape=None) -> np.ndarray:
+  if name == "pre_logits/kernel" and value.ndim == 4:
+    return value.reshape(value.shape[:2]).T
+  if value.ndim == 4:
+    return layouts.oihw_to_hwio(value)
+  if value.ndim == 2:
+    return value.T
+  return value
+
+
+TIMM = layouts.Layout("timm", _timm_name, to_file=_to_timm,
+                      to_model=_from_timm)
+FUNMATCH = layouts.FUNMATCH
+SAVE_LAYOUTS = {"npz": FUNMATCH, "safetensors": FUNMATCH, "timm": TIMM}
+
+
+def detect_layout(weights: formats.Weights) -> layouts.Layout:
+  """The layout of a file, from its metadata or else its names."""
+  names = list(weights.names)
+  if any(name.endswith(".running_mean") for name in names):
+    raise UserError(
+        f"weights file {weights.path} is a BatchNorm MobileNetV3 (it has "
+        "running statistics); funmatch's MobileNetV3 uses GroupNorm(8), so "
+        "these weights cannot run faithfully; start from random init or a "
+        "GroupNorm checkpoint (a funmatch export).")
+  recorded = weights.metadata.get("layout")
+  for layout in (TIMM, FUNMATCH):
+    if recorded == layout.name:
+      return layout
+  return layouts.detect(weights.path, names, (
+      (lambda n: n == "stem/conv/kernel", FUNMATCH),
+      (lambda n: n.startswith("conv_stem."), TIMM),
+  ), what="MobileNetV3")
+
+
+def describe(params) -> str:
+  """`width: stem 16 channels, num_classes=10`-style summary of params."""
+  flat = layouts.flat_params(params)
+  stem = np.shape(flat.get("stem/conv/kernel", np.zeros((0,))))[-1]
+  head = flat.get(HEAD[0])
+  classes = 0 if head is None else np.shape(head)[-1]
+  return f"MobileNetV3 with a {stem}-channel stem, num_classes={classes}"
+
+
+def load(weights: Union[str, formats.Weights], init_params,
+         dont_load: Sequence[str] = (), strict_head: bool = False):
+  """Loads MobileNetV3 weights (funmatch export, timm GroupNorm) into params.
+
+  `dont_load` regexes are searched in funmatch's param names; a head of
+  another class count keeps the initial head (logged), or is an error with
+  `strict_head` (teachers). Mismatches raise one UserError naming the first
+  mismatched names and both shapes.
+  """
+  if isinstance(weights, str):
+    weights = formats.read(weights)
+  patterns = layouts.compile_patterns(dont_load, "MobileNetV3 dont_load")
+  return layouts.load(
+      weights.path, weights.arrays, init_params, detect_layout(weights),
+      head=HEAD, strict_head=strict_head,
+      skip=lambda name: any(p.search(name) for p in patterns),
+      model_description=describe(init_params),
+      hint="set the model's width to that of the checkpoint, or use "
+      "dont_load for names to keep from init.")
+
+
+def save(path: str, params, model: "Model",
+         format: str = "npz",  # pylint: disable=redefined-builtin
+         metadata: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+  """Writes params as 'npz', 'safetensors' or 'timm' (`SAVE_LAYOUTS`).
+
+  `models.save_params` is the usual entry: it fills `metadata` (options,
+  resolution, preprocessing). A 'timm' file's metadata also says how timm
+  builds it. Returns the metadata written.
+  """
+  record = dict(metadata or {})
+  if format == "timm":
+    record["timm"] = timm_spec(model, params)
+  layouts.save(path, params, SAVE_LAYOUTS[format], record)
+  return {"layout": SAVE_LAYOUTS[format].name, **record}
+
+
+def freeze(module: "Model", params):
+  """A frozen model runs as it trains: nothing to precompute."""
   return module, params
+
+
+def num_classes(params) -> int:
+  """The head's class count (0 when the params have no head)."""
+  kernel = layouts.flat_params(params).get(HEAD[0])
+  return 0 if kernel is None else int(np.shape(kernel)[-1])
+
+
+# --------------------------------------------------------------------------
+# timm.
+# --------------------------------------------------------------------------
+
+
+def _timm_arch_def(model: "Model") -> List[List[str]]:
+  """timm block strings with funmatch's exact channel counts."""
+  channels = model._channels  # pylint: disable=protected-access
+  in_channels = channels(STEM_CHANNELS)
+  blocks = []
+  for index, spec in enumerate(LARGE_BLOCKS, start=1):
+    mid, out = channels(spec.expanded), channels(spec.out)
+    # timm's block 1 never expands and the others always do; funmatch
+    # expands exactly when mid differs from the input channels.
+    if (index == 1) != (mid == in_channels):
+      raise UserError(
+          f"MobileNetV3 width={model.width} gives block {index} an "
+          f"expansion timm's MobileNetV3 cannot express ({in_channels} -> "
+          f"{mid} channels); export it as 'npz' or 'safetensors' instead.")
+    relu = "_nre" if spec.activation == "relu" else ""
+    se = "_se0.25" if spec.use_se else ""
+    if index == 1:
+      blocks.append(f"ds_r1_k{spec.kernel}_s{spec.stride}_e1_c{out}{se}{relu}")
+    else:
+      ratio = mid / in_channels  # timm: mid = make_divisible(in * ratio)
+      blocks.append(f"ir_r1_k{spec.kernel}_s{spec.stride}_e{ratio!r}"
+                    f"_c{out}{se}{relu}")
+    in_channels = out
+  stages, start = [], 0
+  for count in _TIMM_STAGES:
+    stages.append(blocks[start:start + count])
+    start += count
+  stages.append([f"cn_r1_k1_s1_c{6 * in_channels}"])
+  return stages
+
+
+def timm_spec(model: "Model", params: Mapping[str, Any]) -> Dict[str, Any]:
+  """How timm builds a `MobileNetV3` computing what `model` computes.
+
+  timm's registered `mobilenetv3_large_*` cannot take a GroupNorm (their
+  factory fixes norm_layer), and they scale channels differently below
+  width 1, so the spec is `timm.models.mobilenetv3.MobileNetV3` built from
+  block strings with funmatch's exact channel counts. Returns
+  {'model_name': None, 'kwargs' (JSON), 'code' (the Python that builds it)}.
+  """
+  del params  # Everything follows from the model's options.
+  channels = model._channels  # pylint: disable=protected-access
+  kwargs = {"arch_def": _timm_arch_def(model),
+            "stem_size": channels(STEM_CHANNELS),
+            "num_features": channels(LAST_CHANNELS),
+            "num_classes": int(model.num_classes),
+            "gn_groups": GN_GROUPS}
+  code = (
+      "timm.models.mobilenetv3.MobileNetV3(block_args=timm.models."
+      f"_efficientnet_builder.decode_arch_def({kwargs['arch_def']!r}), "
+      f"stem_size={kwargs['stem_size']}, fix_stem=True, "
+      f"num_features={kwargs['num_features']}, "
+      f"num_classes={kwargs['num_classes']}, "
+      "act_layer=timm.layers.get_act_layer('hard_swish'), "
+      "norm_layer=functools.partial(timm.layers.GroupNormAct, "
+      f"num_groups={GN_GROUPS}), se_layer=functools.partial(timm.models."
+      "_efficientnet_blocks.SqueezeExcite, gate_layer='hard_sigmoid', "
+      "force_act_layer=torch.nn.ReLU, rd_round_fn=timm.models."
+      "_efficientnet_builder.round_channels))")
+  return {"model_name": None, "kwargs": kwargs, "code": code}
+
+
+def build_timm(spec: Mapping[str, Any]):
+  """The timm module a `timm_spec` describes (imports timm and torch)."""
+  # pylint: disable=import-outside-toplevel
+  import timm
+  from timm.models import _efficientnet_blocks as blocks
+  from timm.models import _efficientnet_builder as builder
+  import torch
+  kwargs = spec["kwargs"]
+  return timm.models.mobilenetv3.MobileNetV3(
+      block_args=builder.decode_arch_def(kwargs["arch_def"]),
+      stem_size=kwargs["stem_size"], fix_stem=True,
+      num_features=kwargs["num_features"], num_classes=kwargs["num_classes"],
+      act_layer=timm.layers.get_act_layer("hard_swish"),
+      norm_layer=functools.partial(timm.layers.GroupNormAct,
+                                   num_groups=kwargs["gn_groups"]),
+      se_layer=functools.partial(blocks.SqueezeExcite,
+                                 gate_layer="hard_sigmoid",
+                                 force_act_layer=torch.nn.ReLU,
+                                 rd_round_fn=builder.round_channels))

@@ -24,7 +24,12 @@ with '/' has the official names and shapes:
   head/kernel [D, classes], head/bias [classes]
 
 LayerNorm epsilon is 1e-6 and the GELU is the tanh approximation, both as in
-the official JAX code.
+the official JAX code (`gelu='exact'` runs timm's erf GELU instead).
+
+Weights: `load` reads the official npz (= funmatch's names) and timm
+`VisionTransformer` state dicts (`patch_embed.proj.weight`, `cls_token`,
+`pos_embed`, `blocks.{i}.attn.qkv.weight` fused [3D, D], `mlp.fc1`, `norm`,
+`head`; PyTorch [out, in] layouts). A timm file implies `gelu='exact'`.
 
 Taps (B images, N patches, D width, tokens CLS first):
   block{i}    output tokens of encoder block i, [B, 1 + N, D], i < depth
@@ -39,7 +44,8 @@ split into the teacher's head count for the relation loss, without extra
 parameters; the block's own attention still uses `num_heads`.
 """
 
-from typing import Any, Dict, NamedTuple, Sequence
+import re
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -47,9 +53,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from funmatch.errors import UserError
-from funmatch.models import npz
+from funmatch.models import formats
+from funmatch.models import layouts
 
 LN_EPSILON = 1e-6
+GELUS = ("auto", "tanh", "exact")
+# What an 'auto' option means when no weights file says otherwise.
+AUTO_OPTIONS = {"gelu": "tanh"}
 
 
 class Dims(NamedTuple):
@@ -125,13 +135,15 @@ class MlpBlock(nn.Module):
   """Dense(mlp_dim) -> GELU -> Dense(width)."""
   mlp_dim: int
   dtype: Any = jnp.float32
+  exact_gelu: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     common = dict(dtype=self.dtype, param_dtype=jnp.float32,
                   kernel_init=nn.initializers.xavier_uniform(),
                   bias_init=nn.initializers.normal(stddev=1e-6))
-    h = nn.gelu(nn.Dense(self.mlp_dim, name="Dense_0", **common)(x))
+    h = nn.Dense(self.mlp_dim, name="Dense_0", **common)(x)
+    h = nn.gelu(h, approximate=not self.exact_gelu)
     return nn.Dense(x.shape[-1], name="Dense_1", **common)(h)
 
 
@@ -141,6 +153,7 @@ class EncoderBlock(nn.Module):
   mlp_dim: int
   drop_path: float = 0.0
   dtype: Any = jnp.float32
+  exact_gelu: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool):
@@ -154,7 +167,8 @@ class EncoderBlock(nn.Module):
                        name="MultiHeadDotProductAttention_1")(
                            norm("LayerNorm_0")(x))
     x = x + drop("drop_path_attention")(y)
-    y = MlpBlock(self.mlp_dim, self.dtype, name="MlpBlock_3")(
+    y = MlpBlock(self.mlp_dim, self.dtype, self.exact_gelu,
+                 name="MlpBlock_3")(
         norm("LayerNorm_2")(x))
     x = x + drop("drop_path_mlp")(y)
     return x, qkv
@@ -167,6 +181,7 @@ class Encoder(nn.Module):
   mlp_dim: int
   drop_path: float = 0.0
   dtype: Any = jnp.float32
+  exact_gelu: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool):
@@ -174,6 +189,7 @@ class Encoder(nn.Module):
     outputs, qkvs = [], []
     for i, rate in enumerate(drop_path_rates(self.depth, self.drop_path)):
       x, qkv = EncoderBlock(self.num_heads, self.mlp_dim, rate, self.dtype,
+                            self.exact_gelu,
                             name=f"encoderblock_{i}")(x, train)
       outputs.append(x)
       qkvs.append(qkv)
@@ -197,6 +213,10 @@ class Model(nn.Module):
     qkv_block: the block whose Q, K, V are tapped (negative: from the end).
     relation_heads: heads the tapped Q, K, V are split into (0: num_heads).
     dtype: activation / compute dtype; params stay float32, logits float32.
+    gelu: 'tanh' (the approximation the official JAX ViT and big_vision
+      train with), 'exact' (erf; timm's nn.GELU), or 'auto': whatever the
+      weights file implies, resolved by `models.resolve_options` before the
+      model is built (unresolved, 'auto' runs as 'tanh').
 
   Images are NHWC in [-1, 1]. See the module docstring for the taps.
   """
@@ -211,6 +231,7 @@ class Model(nn.Module):
   qkv_block: int = -1
   relation_heads: int = 0
   dtype: Any = jnp.float32
+  gelu: str = "auto"
 
   def __post_init__(self):
     # Config errors surface at construction, not inside init/jit.
@@ -225,6 +246,9 @@ class Model(nn.Module):
       if not _is_int(value) or value < 0:
         raise UserError(f"ViT {name}={value!r} must be an integer >= 0 "
                         "(0 takes the variant's value).")
+    if self.gelu not in GELUS:
+      raise UserError(f"ViT gelu={self.gelu!r} is unknown; use one of "
+                      f"{', '.join(GELUS)}.")
     if not _is_int(self.patch_size) or self.patch_size < 1:
       raise UserError(f"ViT patch_size={self.patch_size!r} must be a positive "
                       "integer (16 is standard).")
@@ -272,8 +296,10 @@ class Model(nn.Module):
     cls = self.param("cls", nn.initializers.zeros, (1, 1, width), jnp.float32)
     x = jnp.concatenate(
         [jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, width)), x], axis=1)
+    gelu = AUTO_OPTIONS["gelu"] if self.gelu == "auto" else self.gelu
     encoded, outputs, qkvs = Encoder(depth, num_heads, mlp_dim,
                                      float(self.drop_path), self.dtype,
+                                     exact_gelu=gelu == "exact",
                                      name="Transformer")(x, train)
 
     taps: Dict[str, jnp.ndarray] = {
@@ -292,19 +318,236 @@ class Model(nn.Module):
     return logits, taps
 
 
-# The registry's interface (funmatch/models/__init__.py): flat '/'-joined .npz files.
+# --------------------------------------------------------------------------
+# Weight layouts: official ViT npz (= funmatch names) and timm.
+# --------------------------------------------------------------------------
+
+HEAD = ("head/kernel", "head/bias")
+_BLOCK = re.compile(r"Transformer/encoderblock_(\d+)/(.+)")
+_TIMM_BLOCK_NAMES = {
+    "LayerNorm_0/scale": "norm1.weight",
+    "LayerNorm_0/bias": "norm1.bias",
+    "MultiHeadDotProductAttention_1/out/kernel": "attn.proj.weight",
+    "MultiHeadDotProductAttention_1/out/bias": "attn.proj.bias",
+    "LayerNorm_2/scale": "norm2.weight",
+    "LayerNorm_2/bias": "norm2.bias",
+    "MlpBlock_3/Dense_0/kernel": "mlp.fc1.weight",
+    "MlpBlock_3/Dense_0/bias": "mlp.fc1.bias",
+    "MlpBlock_3/Dense_1/kernel": "mlp.fc2.weight",
+    "MlpBlock_3/Dense_1/bias": "mlp.fc2.bias",
+}
+# timm fuses q, k, v into one `qkv`; loading splits it into these parts.
+_QKV = ("query", "key", "value")
+_QKV_PART = re.compile(
+    r"(blocks\.\d+\.attn)\.qkv\.(weight|bias)\((query|key|value)\)")
 
 
-def load(path: str, init_params: Any, dont_load: Sequence[str] = (),
-         strict_head: bool = False) -> Any:
-  """Params from a flat `.npz` (a funmatch export); any mismatch is an error."""
-  del strict_head  # a head of another class count is a shape clash here
-  return npz.load_flat(path, init_params, dont_load)
+def _timm_name(name: str) -> str:
+  """funmatch name -> timm `VisionTransformer` name (q/k/v: a part of qkv)."""
+  block = _BLOCK.fullmatch(name)
+  if block:
+    index, rest = block.groups()
+    parts = rest.split("/")
+    if len(parts) == 3 and parts[1] in _QKV:
+      kind = "weight" if parts[2] == "kernel" else "bias"
+      return f"blocks.{index}.attn.qkv.{kind}({parts[1]})"
+    return f"blocks.{index}." + _TIMM_BLOCK_NAMES.get(rest, rest)
+  return {
+      "embedding/kernel": "patch_embed.proj.weight",
+      "embedding/bias": "patch_embed.proj.bias",
+      "cls": "cls_token",
+      "Transformer/posembed_input/pos_embedding": "pos_embed",
+      "Transformer/encoder_norm/scale": "norm.weight",
+      "Transformer/encoder_norm/bias": "norm.bias",
+      "head/kernel": "head.weight",
+      "head/bias": "head.bias",
+  }.get(name, name)
 
 
-def save(path: str, params: Any) -> str:
-  return npz.write(path, npz.flatten(params))
+def _to_timm(name: str, value: np.ndarray) -> np.ndarray:
+  """funmatch (flax) array -> timm (PyTorch) array."""
+  if name == "embedding/kernel":
+    return layouts.hwio_to_oihw(value)
+  if name.endswith("/kernel"):
+    if value.ndim == 3 and name.endswith("out/kernel"):  # [H, d, D]
+      value = value.reshape(-1, value.shape[-1])
+    elif value.ndim == 3:  # q/k/v [D, H, d]
+      value = value.reshape(value.shape[0], -1)
+    return value.T
+  if value.ndim == 2 and name.endswith(("query/bias", "key/bias",
+                                        "value/bias")):
+    return value.reshape(-1)
+  return value
 
 
-def freeze(module: Model, params: Any) -> tuple[Model, Any]:
+def _from_timm(name: str, value: np.ndarray, shape=None) -> np.ndarray:
+  """timm (PyTorch) array -> funmatch (flax) array of `shape`."""
+  if name == "embedding/kernel" and value.ndim == 4:
+    return layouts.oihw_to_hwio(value)
+  if name.endswith("/kernel") and value.ndim == 2:
+    value = value.T
+  if shape is not None and value.size == int(np.prod(shape)):
+    return value.reshape(shape)  # q/k/v/out heads split back out
+  return value
+
+
+def _split_qkv(arrays: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  out = {}
+  for name, value in arrays.items():
+    fused = re.fullmatch(r"(blocks\.\d+\.attn)\.qkv\.(weight|bias)", name)
+    if fused and value.shape[0] % 3 == 0:
+      for part, piece in zip(_QKV, np.split(value, 3, axis=0)):
+        out[f"{name}({part})"] = piece
+    else:
+      out[name] = value
+  return out
+
+
+def _fuse_qkv(arrays: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  out, parts = {}, {}
+  for name, value in arrays.items():
+    part = _QKV_PART.fullmatch(name)
+    if part:
+      parts.setdefault(f"{part[1]}.qkv.{part[2]}", {})[part[3]] = value
+    else:
+      out[name] = value
+  for name, pieces in parts.items():
+    out[name] = np.concatenate([pieces[p] for p in _QKV], axis=0)
+  return out
+
+
+OFFICIAL = layouts.Layout("vit_official", lambda name: name,
+                          implies={"gelu": "tanh"})
+TIMM = layouts.Layout("timm", _timm_name, to_file=_to_timm,
+                      to_model=_from_timm, prepare=_split_qkv,
+                      finish=_fuse_qkv, implies={"gelu": "exact"})
+FUNMATCH = layouts.FUNMATCH
+SAVE_LAYOUTS = {"npz": OFFICIAL, "safetensors": FUNMATCH, "timm": TIMM}
+
+
+def detect_layout(weights: formats.Weights) -> layouts.Layout:
+  """The layout of a file, from its metadata or else its names."""
+  recorded = weights.metadata.get("layout")
+  for layout in (OFFICIAL, TIMM, FUNMATCH):
+    if recorded == layout.name:
+      return layout
+  return layouts.detect(weights.path, list(weights.names), (
+      (lambda n: n == "embedding/kernel", OFFICIAL),
+      (lambda n: n.startswith("patch_embed."), TIMM),
+  ), what="ViT")
+
+
+def describe(params) -> str:
+  """`width=64, depth=2, patch_size=8, num_classes=10`-style summary."""
+  flat = layouts.flat_params(params)
+  kernel = np.shape(flat.get("embedding/kernel", np.zeros((0, 0, 0, 0))))
+  depth = sum(1 for name in flat
+              if name.endswith("LayerNorm_0/scale"))
+  head = flat.get(HEAD[0])
+  classes = 0 if head is None else np.shape(head)[-1]
+  return (f"ViT width={kernel[-1]}, depth={depth}, patch_size={kernel[0]}, "
+          f"num_classes={classes}")
+
+
+def load(weights: Union[str, formats.Weights], init_params,
+         dont_load: Sequence[str] = (), strict_head: bool = False):
+  """Loads ViT weights (official npz, timm, funmatch export) into params.
+
+  `dont_load` regexes are searched in funmatch's param names; a head of
+  another class count keeps the initial head (logged), or is an error with
+  `strict_head` (teachers). Mismatches raise one UserError naming the first
+  mismatched names and both shapes.
+  """
+  if isinstance(weights, str):
+    weights = formats.read(weights)
+  patterns = layouts.compile_patterns(dont_load, "ViT dont_load")
+  return layouts.load(
+      weights.path, weights.arrays, init_params, detect_layout(weights),
+      head=HEAD, strict_head=strict_head,
+      skip=lambda name: any(p.search(name) for p in patterns),
+      model_description=describe(init_params),
+      hint="set the model's variant/width/depth/num_heads/mlp_dim, "
+      "patch_size and res to those of the checkpoint, or use dont_load for "
+      "names to keep from init.")
+
+
+def save(path: str, params, model: "Model",
+         format: str = "npz",  # pylint: disable=redefined-builtin
+         metadata: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+  """Writes params as 'npz', 'safetensors' or 'timm' (`SAVE_LAYOUTS`).
+
+  `models.save_params` is the usual entry: it fills `metadata` (options,
+  resolution, preprocessing). A 'timm' file's metadata also says how timm
+  builds it. Returns the metadata written.
+  """
+  record = dict(metadata or {})
+  if format == "timm":
+    record["timm"] = timm_spec(model, params)
+  layouts.save(path, params, SAVE_LAYOUTS[format], record)
+  return {"layout": SAVE_LAYOUTS[format].name, **record}
+
+
+def freeze(module: "Model", params):
+  """A frozen model runs as it trains: nothing to precompute."""
   return module, params
+
+
+def num_classes(params) -> int:
+  """The head's class count (0 when the params have no head)."""
+  kernel = layouts.flat_params(params).get(HEAD[0])
+  return 0 if kernel is None else int(np.shape(kernel)[-1])
+
+
+# --------------------------------------------------------------------------
+# timm.
+# --------------------------------------------------------------------------
+
+_TIMM_SIZES = {"Ti": "tiny", "S": "small", "B": "base", "L": "large"}
+# (size, patch) pairs timm registers as vit_{size}_patch{patch}_{224,384}.
+_TIMM_NAMED = {("tiny", 16), ("small", 16), ("small", 32), ("base", 16),
+               ("base", 32), ("large", 16), ("large", 32)}
+
+
+def timm_spec(model: "Model", params: Mapping[str, Any]) -> Dict[str, Any]:
+  """How timm builds a `VisionTransformer` computing what `model` computes.
+
+  Returns {'model_name' (a `timm.create_model` name or None), 'kwargs' (JSON
+  values; they also fit `timm.models.vision_transformer.VisionTransformer`),
+  'code'}. The image size comes from the position embedding in `params`.
+  """
+  width, depth, num_heads, mlp_dim = model.dims
+  if model.gelu == "auto":
+    raise ValueError("resolve gelu='auto' before exporting")
+  pos = layouts.flat_params(params)["Transformer/posembed_input/pos_embedding"]
+  grid = int(round((np.shape(pos)[1] - 1) ** 0.5))
+  mlp_ratio = mlp_dim / width
+  if grid * grid != np.shape(pos)[1] - 1 or int(width * mlp_ratio) != mlp_dim:
+    raise UserError(
+        f"ViT width={width}, mlp_dim={mlp_dim}, {np.shape(pos)[1] - 1} "
+        "patches has no exact timm VisionTransformer (it needs a square "
+        "patch grid and mlp_dim = int(width * mlp_ratio)); export it as "
+        "'npz' or 'safetensors' instead.")
+  kwargs = {"img_size": grid * model.patch_size,
+            "patch_size": model.patch_size, "embed_dim": width,
+            "depth": depth, "num_heads": num_heads, "mlp_ratio": mlp_ratio,
+            "num_classes": int(model.num_classes),
+            "act_layer": "gelu_tanh" if model.gelu == "tanh" else "gelu"}
+  size = {_TIMM_SIZES[k]: v for k, v in VARIANTS.items()}
+  name = None
+  for size_name, dims in size.items():
+    if (dims == model.dims and (size_name, model.patch_size) in _TIMM_NAMED
+        and kwargs["img_size"] in (224, 384)):
+      name = f"vit_{size_name}_patch{model.patch_size}_{kwargs['img_size']}"
+  args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+  code = (f"timm.create_model({name!r}, {args})" if name else
+          f"timm.models.vision_transformer.VisionTransformer({args})")
+  return {"model_name": name, "kwargs": kwargs, "code": code}
+
+
+def build_timm(spec: Mapping[str, Any]):
+  """The timm module a `timm_spec` describes (imports timm)."""
+  import timm  # pylint: disable=import-outside-toplevel
+  if spec.get("model_name"):
+    return timm.create_model(spec["model_name"], pretrained=False,
+                             **spec["kwargs"])
+  return timm.models.vision_transformer.VisionTransformer(**spec["kwargs"])

@@ -1,12 +1,17 @@
 """Builds a run from its config in stages, validating before anything is written.
 
-    validate (no I/O) -> describe the data -> build the models (random init)
-      -> load the weights -> the optimizer
+    validate (no I/O) -> resolve the models' options from their weights (file
+      headers, a workdir's config.json) -> describe the data -> build the models
+      (random init) -> load the weights -> the optimizer
 
-`build(config, mode)` runs them all; tools that need only some (a benchmark with
-random teachers, an export) call the stages themselves. Nothing here writes to the
+`build(config, mode)` runs them all; `build_eval` builds what evaluating a
+checkpoint needs (the eval sets only, no optimizer, optionally no teacher); tools
+that need only some stages (a benchmark with random teachers) call them
+themselves. The run's config is a copy with every weight-dependent model option
+decided: that copy is what the workdir records. Nothing here writes to the
 workdir, so a user mistake found here leaves it untouched.
 """
+import copy
 import dataclasses
 import logging
 import math
@@ -20,6 +25,7 @@ import ml_collections
 from funmatch import config_util, models, parallel, teaching
 from funmatch.distill import objectives
 from funmatch.errors import UserError
+from funmatch.models import layouts
 from funmatch.optim import make_optimizer
 from funmatch.train import weights
 
@@ -43,6 +49,12 @@ class DataInfo:
   train_examples: int
   steps_per_epoch: float
   total_steps: int
+  class_names: tuple[str, ...] | None = None  # when the data names its classes
+
+  def record(self) -> dict[str, Any]:
+    """What config.json keeps of the data (eval and predict read it back)."""
+    names = list(self.class_names) if self.class_names else None
+    return {"num_classes": self.num_classes, "class_names": names}
 
 
 @dataclasses.dataclass
@@ -152,18 +164,72 @@ def total_steps_of(config, train_examples: int) -> tuple[int, float]:
   return total, steps_per_epoch
 
 
-def describe_data(config: ml_collections.ConfigDict) -> DataInfo:
-  """Class count, example count and schedule length of the configured data."""
+def _eval_infos(config: ml_collections.ConfigDict, num_classes: int) -> list:
+  """Describes (and checks) every eval set: it must have the run's classes."""
   from funmatch.data import sources  # pylint: disable=import-outside-toplevel
-  train_info = sources.source_info(config.input, where="input")
-  num_classes = int(config.num_classes or train_info.num_classes)
+  infos = []
   for eval_name, eval_config in config.evals.items():
     info = sources.source_info(eval_config, where=f"evals.{eval_name}")
     if info.num_classes != num_classes:
       raise UserError(f"config.evals.{eval_name} has {info.num_classes} classes but the "
                       f"run has {num_classes}; evaluate on a dataset with the same classes")
+    infos.append(info)
+  return infos
+
+
+def _class_names(infos, num_classes: int) -> tuple[str, ...] | None:
+  """The first class names that fit the run (training data, else an eval set:
+  distilling on other images, the eval set names the classes)."""
+  for info in infos:
+    if info.class_names and len(info.class_names) == num_classes:
+      return tuple(info.class_names)
+  return None
+
+
+def describe_data(config: ml_collections.ConfigDict) -> DataInfo:
+  """Class count, example count and schedule length of the configured data."""
+  from funmatch.data import sources  # pylint: disable=import-outside-toplevel
+  train_info = sources.source_info(config.input, where="input")
+  num_classes = int(config.num_classes or train_info.num_classes)
+  eval_infos = _eval_infos(config, num_classes)
   total_steps, steps_per_epoch = total_steps_of(config, train_info.num_examples)
-  return DataInfo(num_classes, train_info.num_examples, steps_per_epoch, total_steps)
+  return DataInfo(num_classes, train_info.num_examples, steps_per_epoch, total_steps,
+                  _class_names([train_info, *eval_infos], num_classes))
+
+
+def describe_eval_data(config: ml_collections.ConfigDict, num_classes: int) -> DataInfo:
+  """The data of an evaluation: the eval sets only (the training data may be gone)."""
+  infos = _eval_infos(config, num_classes)
+  return DataInfo(num_classes, 0, 0.0, 0, _class_names(infos, num_classes))
+
+
+# ---------------------------------------------------------------------------
+# Stage 1b, right after validation: the models' weight-dependent options (reads
+# file headers and configs only; the loop decides them before checking the workdir).
+
+
+def resolve_options(config: ml_collections.ConfigDict, spec: Spec,
+                    student_from: str = "") -> ml_collections.ConfigDict:
+  """A copy of `config` with every model's 'auto' options decided from its weights.
+
+  `student_from` (evaluating or exporting a workdir's checkpoint): the student's
+  come from that workdir's config.json instead of its init. A config with nothing
+  left 'auto' reads no file.
+  """
+  resolved = copy.deepcopy(config)
+  for what in ("student", *spec.teacher_names):
+    model_config = resolved[what]
+    if what == "student" and student_from:
+      options = weights.workdir_options(student_from, model_config.model)
+    else:
+      options = weights.resolve_options(model_config, f"config.{what}")
+    for key, value in options.items():
+      if key not in model_config:
+        with model_config.unlocked():
+          model_config[key] = value
+      else:
+        model_config[key] = value
+  return resolved
 
 
 # ---------------------------------------------------------------------------
@@ -217,9 +283,9 @@ def load_weights(config: ml_collections.ConfigDict, spec: Spec, built: Models,
   teacher_params = {}
   for name in spec.teacher_names:
     if not config[name].init:
-      raise UserError(f"config.{name}.init is empty: a teacher needs trained weights (an "
-                      "official BiT .npz, a funmatch-export file or a funmatch-train "
-                      "workdir)")
+      raise UserError(f"config.{name}.init is empty: a teacher needs trained weights (a "
+                      "published name such as FunMatch-teacher-224px-i1k, an official "
+                      "BiT .npz, a funmatch-export file or a funmatch-train workdir)")
     teacher_params[name] = weights.initial_params(config[name], built.teacher_params[name],
                                                   what=f"config.{name}", teacher=True)
   return freeze_teachers(config, spec, Models(built.student, student_params, built.teachers,
@@ -253,13 +319,16 @@ def output_shapes(built: Models, views: dict[str, int], batch_size: int = 2):
 
 
 def assemble(config: ml_collections.ConfigDict, mode: str, spec: Spec, data: DataInfo,
-             built: Models) -> Run:
-  """The run from its stages' outputs: teaching plan, output shapes, optimizer."""
+             built: Models, train: bool = True) -> Run:
+  """The run from its stages' outputs: teaching plan, output shapes, optimizer
+  (train=False: an evaluation, no optimizer)."""
   views = {name: int(config[name].res) for name in built.teachers}
   plan = teaching.plan(config, mode, views)
   shapes = output_shapes(built, plan.views)
-  spec.objective.check_models(*shapes)
-  optimizer, schedule = make_optimizer(config, data.total_steps)
+  optimizer = schedule = None
+  if train:
+    spec.objective.check_models(*shapes)
+    optimizer, schedule = make_optimizer(config, data.total_steps)
   logging.info("run: %d classes, %d train examples, %d steps (%.1f per epoch), views %s",
                data.num_classes, data.train_examples, data.total_steps,
                data.steps_per_epoch, plan.views)
@@ -268,10 +337,40 @@ def assemble(config: ml_collections.ConfigDict, mode: str, spec: Spec, data: Dat
              optimizer=optimizer, schedule=schedule)
 
 
-def build(config: ml_collections.ConfigDict, mode: str, load_student: bool = True) -> Run:
+def build(config: ml_collections.ConfigDict, mode: str) -> Run:
   """Validates the config and builds the run (no workdir writes)."""
   spec = validate(config, mode)
+  config = resolve_options(config, spec)
   data = describe_data(config)
   built = build_models(config, spec, data.num_classes)
-  built = load_weights(config, spec, built, load_student=load_student)
+  built = load_weights(config, spec, built)
   return assemble(config, mode, spec, data, built)
+
+
+def build_eval(config: ml_collections.ConfigDict, mode: str, workdir: str,
+               step: int | None = None, student_only: bool = False) -> tuple[Run, int]:
+  """(run, step): the run that evaluates the checkpoint `step` (default: latest) of
+  `workdir`, whose params are the run's student params.
+
+  Needs the eval sets and the teachers' weights (none with student_only), never
+  the training data: the class count comes from the workdir's config.json (or
+  the checkpoint's head) and the student's options from its config.
+  """
+  from funmatch import checkpoint  # pylint: disable=import-outside-toplevel
+  from funmatch.train import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  spec = validate(config, mode)
+  if student_only:
+    spec = dataclasses.replace(spec, teacher_names=())
+  step, student_params = checkpoint.restore_params(workdir, step)
+  stored = workdir_lib.read_config(workdir) or {}
+  num_classes = (stored.get("data") or {}).get("num_classes") or models.num_classes(
+      config.student.model, student_params)
+  data = describe_eval_data(config, int(num_classes))
+  config = resolve_options(config, spec, student_from=workdir)
+  built = build_models(config, spec, data.num_classes)
+  built = load_weights(config, spec, built, load_student=False)
+  layouts.check_same_shapes(f"the checkpoint of step {step} in {workdir}", student_params,
+                            built.student_params, "config.student",
+                            "evaluate with the config the workdir was trained with")
+  built.student_params = student_params
+  return assemble(config, mode, spec, data, built, train=False), step

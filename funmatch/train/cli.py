@@ -1,9 +1,10 @@
-"""Console entry points: funmatch-distill, -train, -eval and -export.
+"""Console entry points: funmatch-distill, -train, -eval, -export, -predict, -fetch.
 
-Each takes `--config FILE.py[:key=value,...]`, `--workdir DIR` and any number of
-`--config.a.b=value` overrides (ml_collections config_flags; the config is
-locked, so a mistyped key is an error, not a new key). User mistakes end in one
-line on stderr and exit code 2.
+The first four take `--config FILE.py[:key=value,...]`, `--workdir DIR` and any
+number of `--config.a.b=value` overrides (ml_collections config_flags; the config
+is locked, so a mistyped key is an error, not a new key). funmatch-predict and
+funmatch-fetch need no config: a workdir, export or name says everything. User
+mistakes end in one line on stderr and exit code 2.
 """
 import logging
 import os
@@ -176,25 +177,43 @@ def _parse_step(text):
     raise UserError(f"--step must be an integer, got '{text}'") from None
 
 
+def _parse_bool(name: str, text) -> bool:
+  from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
+  if text is None:
+    return False
+  lowered = str(text).strip().lower()
+  if lowered not in ("", "true", "false", "1", "0", "yes", "no"):
+    raise UserError(f"--{name} takes no value or true/false, got '{text}'")
+  return lowered in ("", "true", "1", "yes")
+
+
 def eval_main(argv=None) -> int:
-  """funmatch-eval: evaluate a checkpoint on the config's eval sets."""
+  """funmatch-eval: evaluate a checkpoint on the config's eval sets.
+
+  Needs the eval sets and the teachers' weights (none with --student_only), not
+  the training data.
+  """
   setup()
-  config, workdir, extras = parse(argv or sys.argv, "funmatch-eval",
+  argv = [("--student_only=true" if a == "--student_only" else a)
+          for a in (argv or sys.argv)]
+  config, workdir, extras = parse(argv, "funmatch-eval",
                                   {"step": "checkpoint step (default: latest)",
-                                   "output": "JSON file (default WORKDIR/eval_STEP.json)"})
+                                   "output": "JSON file (default WORKDIR/eval_STEP.json)",
+                                   "student_only": "evaluate the student alone (no teacher)"})
 
   def main():
     start_processes(extras)
     import jax  # pylint: disable=import-outside-toplevel
-    from funmatch import checkpoint, parallel  # pylint: disable=import-outside-toplevel
+    from funmatch import parallel  # pylint: disable=import-outside-toplevel
     from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
     from funmatch.train import build, evaluate  # pylint: disable=import-outside-toplevel
     step = _parse_step(extras["step"])
-    run = build.build(config, _mode_of(workdir), load_student=False)
+    student_only = _parse_bool("student_only", extras["student_only"])
+    mode = _mode_of(workdir)
     if not config.evals:
       raise UserError("the config has no config.evals to evaluate on")
-    step, params = checkpoint.restore_params(workdir, step)
-    params = jax.device_put(params, parallel.replicated(run.mesh))
+    run, step = build.build_eval(config, mode, workdir, step, student_only=student_only)
+    params = jax.device_put(run.models.student_params, parallel.replicated(run.mesh))
     results = {"step": step, **evaluate.Evaluator(run)(params)}
     output = extras["output"] or os.path.join(workdir, f"eval_{step}.json")
     if jax.process_index() == 0:
@@ -205,22 +224,38 @@ def eval_main(argv=None) -> int:
   return guarded(main)
 
 
+def _export_format(output: str, requested) -> str:
+  """--format, or the one --output's suffix names."""
+  from funmatch import models  # pylint: disable=import-outside-toplevel
+  from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
+  if requested:
+    models.check_format(requested, output)
+    return requested
+  for format_name in ("npz", "safetensors"):
+    if output.endswith(models.SUFFIXES[format_name]):
+      return format_name
+  raise UserError(f"--output {output} must end in .npz or .safetensors (the format "
+                  "follows the suffix; --format timm writes a .safetensors)")
+
+
 def export_main(argv=None) -> int:
-  """funmatch-export: write the student's params (no teachers, no aux) as .npz."""
+  """funmatch-export: write the student's params (no teachers, no aux) with metadata."""
   setup()
   config, workdir, extras = parse(argv or sys.argv, "funmatch-export",
                                   {"step": "checkpoint step (default: latest)",
-                                   "output": "the .npz file to write"})
+                                   "output": "the file to write (.npz or .safetensors)",
+                                   "format": "npz | safetensors | timm (default: the "
+                                             "--output suffix's)"})
 
   def main():
-    from funmatch import checkpoint, models  # pylint: disable=import-outside-toplevel
+    from funmatch import checkpoint, models, student  # pylint: disable=import-outside-toplevel
     from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
-    from funmatch.train import build  # pylint: disable=import-outside-toplevel
+    from funmatch.train import build, weights  # pylint: disable=import-outside-toplevel
+    from funmatch.train import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
     output = extras["output"]
     if not output:
-      raise UserError("--output FILE.npz is required")
-    if not output.endswith(".npz"):
-      raise UserError(f"--output {output} must end in .npz")
+      raise UserError("--output FILE.npz (or .safetensors) is required")
+    format_name = _export_format(output, extras["format"])
     process_id = start_processes(extras)
     if os.path.exists(output):
       raise UserError(f"--output {output} already exists; choose another path or "
@@ -230,7 +265,83 @@ def export_main(argv=None) -> int:
     # Orbax reads collectively: every process restores, process 0 alone writes.
     step, params = checkpoint.restore_params(workdir, step)
     if process_id == 0:
-      models.save_params(config.student.model, output, params)
-      print(f"wrote the student of step {step} to {output}", flush=True)
+      stored = workdir_lib.read_config(workdir)
+      model = config.student.model
+      options = {**config_options(config.student),
+                 **weights.workdir_options(workdir, model)}
+      data = stored.get("data") or {}
+      extra = {"step": step, "source": os.path.abspath(workdir)}
+      if data.get("class_names"):
+        extra["class_names"] = data["class_names"]
+      models.save_params(model, output, params, format=format_name, options=options,
+                         resolution=int(config.student.res),
+                         preprocessing=student.run_preprocessing(stored["config"]),
+                         metadata=extra)
+      print(f"wrote the student of step {step} to {output} ({format_name})", flush=True)
+
+  return guarded(main)
+
+
+def config_options(model_config) -> dict:
+  """A model config's constructor options (what the model is, not how it runs)."""
+  from funmatch import config_util  # pylint: disable=import-outside-toplevel
+  return {k: (tuple(v) if isinstance(v, list) else v)
+          for k, v in config_util.model_kwargs(model_config).items()}
+
+
+def fetch_main(argv=None) -> int:
+  """funmatch-fetch: download published weights into the cache (needs network)."""
+  setup(compile_cache=False)
+  from funmatch.console import ArgumentParser  # pylint: disable=import-outside-toplevel
+  parser = ArgumentParser(
+      prog="funmatch-fetch",
+      description="Downloads published weights by name into $FUNMATCH_CACHE/weights "
+      "(default ~/.cache/funmatch/weights), where config.<model>.init=NAME finds them. "
+      "Without names, lists the known ones.")
+  parser.add_argument("names", nargs="*", metavar="NAME")
+  parser.add_argument("--source", default="bucket", choices=("bucket", "hub"),
+                      help="the public bucket's https mirror (default) or the timm hub")
+  parser.add_argument("--sha256", default="", help="expected digest (one name only)")
+  parser.add_argument("--force", action="store_true", help="download even if cached")
+  args = parser.parse_args((argv or sys.argv)[1:])
+
+  def main():
+    from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
+    from funmatch.models import catalog  # pylint: disable=import-outside-toplevel
+    if not args.names:
+      print(catalog.table(), flush=True)
+      return 0
+    if args.sha256 and len(args.names) > 1:
+      raise UserError("--sha256 checks one file: give one NAME with it")
+    for name in args.names:
+      catalog.entry(name)  # every name is known before anything is downloaded
+    for name in args.names:
+      catalog.fetch(name, args.source, args.sha256, args.force,
+                    progress=lambda line: print(line, flush=True))
+    return 0
+
+  return guarded(main)
+
+
+def predict_main(argv=None) -> int:
+  """funmatch-predict: classify image files with a student (workdir, export or name)."""
+  setup()
+  from funmatch.console import ArgumentParser  # pylint: disable=import-outside-toplevel
+  parser = ArgumentParser(
+      prog="funmatch-predict",
+      description="Classifies .jpg/.png images with a trained student and prints the "
+      "top classes; --output writes them as JSON. Needs neither the teacher nor the "
+      "training data.")
+  parser.add_argument("--model", required=True,
+                      help="a workdir, a funmatch export or a published name")
+  parser.add_argument("--images", required=True, nargs="+", help="image files or folders")
+  parser.add_argument("--topk", type=int, default=5)
+  parser.add_argument("--output", default="", help="JSON file to write")
+  parser.add_argument("--step", type=int, default=None, help="workdir checkpoint step")
+  args = parser.parse_args((argv or sys.argv)[1:])
+
+  def main():
+    from funmatch import predict  # pylint: disable=import-outside-toplevel
+    return predict.run(args.model, args.images, args.topk, args.output, args.step)
 
   return guarded(main)

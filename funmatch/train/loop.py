@@ -154,7 +154,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   clock = startup.Clock()
   clock.mark("imports")
   spec = build_lib.validate(config, mode)
-  workdir_lib.check_resumable(workdir, config, mode)  # cheap reads first
+  # Cheap reads first: decide the weight-dependent options (file headers, a teacher
+  # workdir's config.json), then compare with the run the workdir holds.
+  config = build_lib.resolve_options(config, spec)
+  workdir_lib.check_resumable(workdir, config, mode)
   clock.mark("config")
   data = build_lib.describe_data(config)
   clock.mark("data")
@@ -186,7 +189,7 @@ def _train(run: build_lib.Run, workdir: str, clock: startup.Clock) -> dict[str, 
                                  keep_every=config.keep_every_steps)
   state, start_step = _restore_or_init(run, ckpt)
   if jax.process_index() == 0:
-    workdir_lib.write_config(workdir, config, run.mode)
+    workdir_lib.write_config(workdir, config, run.mode, run.data.record())
   clock.mark("state")
 
   from funmatch.data import pipeline  # pylint: disable=import-outside-toplevel

@@ -1,5 +1,10 @@
 """The workdir: which run it holds (config.json) and whether a config may resume it.
 
+config.json holds the run's mode, its config as built (the weight-dependent model
+options resolved, see funmatch/train/weights.py) and what the data said
+("data": num_classes and class_names), so eval, export, `funmatch.load_student`
+and funmatch-predict need neither the teacher nor the training data.
+
 Layout: WORKDIR/config.json (the run's config), WORKDIR/checkpoints/ (Orbax),
 WORKDIR/metrics.jsonl, TensorBoard event files, eval_STEP.json files, and
 WORKDIR/.lock (host and pid of the run writing there).
@@ -72,6 +77,7 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict, mode: str) 
   old = read_config(workdir)
   if old is None:
     return
+  old = {key: old[key] for key in ("mode", "config") if key in old}
   new = config_to_json(config, mode)
   differences = config_differences(old, new)
   fatal = [k for k in differences
@@ -138,10 +144,15 @@ def hold(workdir: str):
   return lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict, mode: str) -> None:
+def write_config(workdir: str, config: ml_collections.ConfigDict, mode: str,
+                 data: dict[str, Any] | None = None) -> None:
+  """Writes config.json: mode, config and (if given) what the data said."""
   _make_workdir(workdir)
   path = os.path.join(workdir, CONFIG_FILE)
   tmp = path + ".tmp"
+  content = config_to_json(config, mode)
+  if data is not None:
+    content["data"] = data
   with open(tmp, "w") as f:
-    json.dump(config_to_json(config, mode), f, indent=2, sort_keys=True)
+    json.dump(content, f, indent=2, sort_keys=True)
   os.replace(tmp, path)
