@@ -434,7 +434,7 @@ def test_mismatched_file_names_missing_unexpected_and_clashes(tmp_path):
 def test_missing_and_corrupt_files(tmp_path):
   model = bit.Model(10, depth=[1, 1, 1, 1], width=0.5)
   missing = str(tmp_path / "nope.npz")
-  assert "not found" in _load_error(missing, model)
+  assert "does not exist" in _load_error(missing, model)
 
   garbage = tmp_path / "garbage.npz"
   garbage.write_bytes(os.urandom(1000))
