@@ -76,7 +76,7 @@ class Heads(nn.Module):
     if self.adapt:
       shallow = [nn.Dense(width, name=f"mimic_{i}")(f) for i, f in enumerate(shallow)]
       deep = nn.Dense(width, name="project")(deep)
-    # Stored 1-D: the decoupled weight decay only touches kernels (ndim > 1).
+    # Not a kernel, so config.wd_mask's default leaves it undecayed (as MAE's).
     mask_token = self.param("mask_token", nn.initializers.zeros, (width,), jnp.float32)
     x = jnp.where(masked[..., None], mask_token, deep)
     batch, tokens, _ = x.shape
