@@ -54,6 +54,7 @@ padded (mask False) so every host yields the same number of batches.
 """
 
 import collections
+import logging
 import math
 import re
 import zlib
@@ -70,6 +71,15 @@ from funmatch.errors import UserError
 TEACHING_MODES = ("function_matching", "consistent", "independent", "fixed")
 STUDENT_VIEW = "student"
 _DEVICE_PREFETCH = 2
+# Records per ArrayRecord read call (see _with_examples).
+_READ_CHUNK = 64
+_ACCESS_WORDS = {
+    "memory": "held in memory and read by index",
+    "files": "image files read by index",
+    "array_record": "ArrayRecord files read by index",
+    "streaming": "TFRecord files streamed",
+}
+log = logging.getLogger("funmatch")
 # Seed-stream tags: keep the permutation, per-example and streaming seeds apart.
 _PERMUTATION, _EXAMPLE, _STREAM = 1, 2, 3
 
@@ -176,18 +186,50 @@ def eval_views(raw: tf.Tensor, encoded: bool, views: Mapping[str, int],
           for name, res in views.items()}
 
 
-def _lookup(data: sources.RandomAccessData) -> Callable[[tf.Tensor], tuple]:
-  """index -> (raw example, label) for an in-memory random-access source."""
+def _with_examples(data: Any, stream: tf.data.Dataset) -> tf.data.Dataset:
+  """(key, index) -> (key, index, raw example, label), in stream order.
+
+  In memory (or image files), a lookup per element. From ArrayRecord files,
+  chunks of _READ_CHUNK indices are read per call: the Python call and the
+  reader's per-shard setup are paid once per chunk, the reader releases the
+  GIL while it reads, and AUTOTUNE runs several chunks at once. Order stays
+  deterministic, so the stream is still a pure function of (seed, step).
+  """
+  parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if isinstance(data, sources.ArrayRecordSplit):
+    def read(indices):
+      return np.array(data.read(indices.tolist()), dtype=object)
+
+    def read_chunk(keys, indices):
+      records = tf.numpy_function(read, [indices], tf.string, stateful=False)
+      return keys, indices, tf.reshape(records, tf.shape(indices))
+
+    def parse(key, index, record):
+      return (key, index) + data.parse(record)
+
+    chunks = stream.batch(_READ_CHUNK).map(read_chunk, **parallel)
+    return chunks.unbatch().map(parse, **parallel)
+
   values = tf.constant(data.values)
   labels = tf.constant(data.labels, tf.int32)
 
-  def lookup(index):
+  def lookup(key, index):
     raw = tf.gather(values, index)
     if data.kind == "paths":
       raw = tf.io.read_file(raw)
-    return raw, tf.gather(labels, index)
+    return key, index, raw, tf.gather(labels, index)
 
-  return lookup
+  return stream.map(lookup, **parallel)
+
+
+def _log_access(info: sources.SourceInfo, where: str) -> None:
+  """One line saying how the data is read and whether resume is exact."""
+  if info.random_access:
+    log.info("%s: %s, %s: batch k is a pure function of (seed, k), resume is "
+             "exact", where, info.name, _ACCESS_WORDS[info.access])
+  else:
+    log.warning("%s: %s, %s: resume is NOT exact (a resumed run sees a fresh data "
+                "order); %s", where, info.name, _ACCESS_WORDS[info.access], info.note)
 
 
 # ---------------------------------------------------------------------------
@@ -203,12 +245,13 @@ def train_dataset(cfg: Any, views: Mapping[str, int], *, seed: int,
   'index' is the example's index in the source (-1 for streaming TFDS).
   """
   check_teaching(teaching, views)
-  sources.source_info(cfg, where)
+  info = sources.source_info(cfg, where)
   spec = preprocess.spec_from_config(cfg, where)
   local_batch = local_batch_size(cfg, process_count, where)
   if start_step < 0:
     raise ValueError(f"start_step={start_step} must be >= 0")
-  if sources.is_random_access(cfg):
+  _log_access(info, where)
+  if info.random_access:
     data = sources.load_random_access(cfg, where)
     examples = _random_access_train(
         data, views, spec, teaching, seed, start_step,
@@ -238,17 +281,15 @@ def _random_access_train(data, views, spec, teaching, seed, start_step,
   stream = tf.data.Dataset.counter(first_epoch).flat_map(epoch_positions)
   stream = stream.batch(global_batch).map(
       lambda pos, idx: (pos[lo:lo + local_batch], idx[lo:lo + local_batch]))
-  lookup = _lookup(data)
-  encoded = data.kind != "pixels"
 
-  def make(position, index):
-    raw, label = lookup(index)
-    images = train_views(raw, encoded, example_seed(seed, position), views,
+  def make(position, index, raw, label):
+    images = train_views(raw, data.encoded, example_seed(seed, position), views,
                          teaching, spec)
     return {"images": images, "label": label, "index": index}
 
-  return stream.unbatch().map(make, num_parallel_calls=tf.data.AUTOTUNE,
-                              deterministic=True)
+  examples = _with_examples(data, stream.unbatch())
+  return examples.map(make, num_parallel_calls=tf.data.AUTOTUNE,
+                      deterministic=True)
 
 
 def _stream_seeds(seed: int, start_step: int, process_index: int
@@ -294,20 +335,18 @@ def eval_dataset(cfg: Any, views: Mapping[str, int], *, process_index: int = 0,
   info = sources.source_info(cfg, where)
   spec = preprocess.spec_from_config(cfg, where)
   local_batch = local_batch_size(cfg, process_count, where)
-  if sources.is_random_access(cfg):
+  if info.random_access:
     data = sources.load_random_access(cfg, where)
     ranges = [host_range(data.num_examples, p, process_count)
               for p in range(process_count)]
     sizes = [end - start for start, end in ranges]
     start, end = host_range(data.num_examples, process_index, process_count)
-    lookup = _lookup(data)
-    encoded = data.kind != "pixels"
 
-    def make(index):
-      raw, label = lookup(index)
-      return _eval_example(eval_views(raw, encoded, views, spec), label, index)
+    def make(unused_key, index, raw, label):
+      return _eval_example(eval_views(raw, data.encoded, views, spec), label, index)
 
-    examples = tf.data.Dataset.range(start, end).map(
+    indices = tf.data.Dataset.range(start, end)
+    examples = _with_examples(data, tf.data.Dataset.zip(indices, indices)).map(
         make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   else:
     sizes = sources.tfds_host_sizes(cfg, process_count, where)
@@ -358,7 +397,7 @@ def _check_sharding(batch_size: int, sharding: jax.sharding.Sharding,
                     "device count") from e
 
 
-def _host_batches(ds: tf.data.Dataset, source_name: str) -> Iterator[Batch]:
+def _host_batches(ds: tf.data.Dataset, info: sources.SourceInfo) -> Iterator[Batch]:
   """Numpy batches without 'index'; TF read/decode errors become UserErrors."""
   iterator = ds.as_numpy_iterator()
   while True:
@@ -370,9 +409,11 @@ def _host_batches(ds: tf.data.Dataset, source_name: str) -> Iterator[Batch]:
       # Drop TF's '{{function_node ...}}' noise; keep the decoder's own words.
       reason = re.sub(r"\{\{[^}]*\}\}", "", e.message or "").strip()
       reason = (reason.splitlines() or [type(e).__name__])[0]
-      raise UserError(
-          f"reading {source_name} failed: {reason}; fix or remove the bad file "
-          "(for a folder, verify_images=True names it before training)") from e
+      # ... and tf.data's 'Error in user-defined function ... Iterator::...: '.
+      reason = re.sub(r"^Error in user-defined function .*? with iterator: \S+: ", "",
+                      reason)
+      reason = re.sub(r"^ValueError: ", "", reason)
+      raise UserError(f"reading {info.name} failed: {reason}; {info.repair}") from e
     batch.pop("index", None)
     yield batch
 
@@ -414,7 +455,7 @@ def make_train_iterator(input_cfg: Any, views: Mapping[str, int], *, seed: int,
   ds = train_dataset(input_cfg, views, seed=seed, start_step=start_step,
                      teaching=teaching, process_index=jax.process_index(),
                      process_count=jax.process_count(), where=where)
-  return _prefetch_to_device(_host_batches(ds, info.name),
+  return _prefetch_to_device(_host_batches(ds, info),
                              lambda b: _to_global(b, sharding))
 
 
@@ -437,7 +478,7 @@ class EvalIterable:
     return self.num_batches
 
   def __iter__(self) -> Iterator[Batch]:
-    return _prefetch_to_device(_host_batches(self._ds, self.info.name),
+    return _prefetch_to_device(_host_batches(self._ds, self.info),
                                lambda b: _to_global(b, self._sharding))
 
 
