@@ -363,12 +363,22 @@ def split_shards(builder: tfds.core.DatasetBuilder, split: str) -> list[Shard]:
   return shards
 
 
+def _array_record_module() -> Any:
+  """The ArrayRecord reader module (TFDS installs it on Linux only)."""
+  try:
+    # pylint: disable-next=g-import-not-at-top
+    from array_record.python import array_record_module as module
+  except ImportError as e:
+    raise UserError(f"reading ArrayRecord files needs the array_record package "
+                    f"({e}; it exists for Linux): `pip install array_record`, or set "
+                    "random_access=False to stream TFRecords") from None
+  return module
+
+
 def _array_record_problem(path: str, records_in_file: int) -> Optional[str]:
   """None if the file's header and index (at its end) read back, else why not."""
-  # pylint: disable-next=g-import-not-at-top
-  from array_record.python import array_record_module  # TFDS's own dependency
   try:
-    reader = array_record_module.ArrayRecordReader(path, "readahead_buffer_size:0")
+    reader = _array_record_module().ArrayRecordReader(path, "readahead_buffer_size:0")
   except (RuntimeError, ValueError) as e:
     return f"cannot be opened ({e})"
   try:
@@ -524,10 +534,8 @@ class ArrayRecordSplit:
     if self._readers[k] is None:
       with self._lock:
         if self._readers[k] is None:
-          # pylint: disable-next=g-import-not-at-top
-          from array_record.python import array_record_module
           # No read-ahead: every read is a jump (TFDS's data source does the same).
-          self._readers[k] = array_record_module.ArrayRecordReader(
+          self._readers[k] = _array_record_module().ArrayRecordReader(
               self.shards[k].path, "readahead_buffer_size:0",
               file_reader_buffer_size=32768)
     return self._readers[k]
