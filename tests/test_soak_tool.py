@@ -94,7 +94,7 @@ def test_a_short_real_run(teacher_workdir, tmp_path):
   saves a checkpoint) and writes its report; the verdicts need a longer run."""
   output = tmp_path / "soak.json"
   code = soak.main([
-      "--minutes", "0.75", "--warmup_minutes", "0.25", "--sample_seconds", "2",
+      "--minutes", "0.5", "--warmup_minutes", "0.15", "--sample_seconds", "2",
       "--teacher", teacher_workdir, "--workdir", str(tmp_path / "runs"),
       "--checkpoint_every", "5", "--keep", "2", "--keep_every", "20",
       "--eval_every", "10", "--log_every", "2",

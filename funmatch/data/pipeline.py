@@ -9,15 +9,22 @@ an `ml_collections.ConfigDict`, missing fields take the defaults shown):
     tfds:    name (required); split, TFDS slicing like 'train[:90%]' ('train');
              data_dir (TFDS default); image_key ('image'); label_key ('label').
              Never downloads: an unprepared dataset is a UserError.
+             random_access (None): how the prepared files are read. None picks
+             ArrayRecord files by index when the dataset has them (prepare
+             with `tfds build NAME --file_format=array_record --data_dir DIR`),
+             else streams its TFRecords; True insists on ArrayRecord, False
+             streams TFRecords. Missing, empty or truncated shards are named
+             before anything runs; a garbled one when it is read.
     folder:  root (required): root/<class>/*.jpg|jpeg|png, classes sorted
              alphabetically -> label ids; classes (optional list fixing the
              order); verify_images (True): decode every image up front.
   batch_size       GLOBAL batch size (512); divisible by the process count and
                    the number of data shards.
   cache_raw        (False) keep the encoded images in host memory, every host
-                   all of them. For TFDS this gives random access and so exact
-                   resume; for folders it saves the file reads. Meant for small
-                   datasets (< ~2 GB encoded); digits are always in memory.
+                   all of them: for TFDS, random access (and exact resume)
+                   without ArrayRecord files; for folders, no file reads. Meant
+                   for small datasets (< ~2 GB encoded); digits are always in
+                   memory.
   shuffle_buffer   streaming TFDS shuffle buffer (50_000).
   crop             training crop (inception): 'inception' (area range below,
                    aspect 3/4..4/3), 'random' (a square of the shorter side,
@@ -39,15 +46,23 @@ Teaching modes (`teaching=`; how the views of one example are cropped):
   fixed: the 'student' view gets the random crop + flip, every other view the
       eval preprocessing (the same every epoch).
 
-Order and resume. Random-access sources (digits, folder, TFDS with cache_raw)
-use a global index stream: epoch e is a stateless permutation of range(N) keyed
-by (seed, e); the example at global stream position j = step * B + i gets all
-its random ops seeded by (seed, j). Batch k is thus a pure function of
-(seed, k): `start_step=k` resumes exactly and reads nothing before it. Host p of
-P takes positions [p*B/P, (p+1)*B/P) of every global batch.
+Order and resume. Random-access sources (digits, folder, TFDS with cache_raw,
+TFDS in ArrayRecord files) use a global index stream: epoch e is a stateless
+permutation of range(N) keyed by (seed, e); the example at global stream
+position j = step * B + i gets all its random ops seeded by (seed, j). Batch k
+is thus a pure function of (seed, k): `start_step=k` resumes exactly and reads
+nothing before it. Host p of P takes positions [p*B/P, (p+1)*B/P) of every
+global batch, so P may change between runs as long as B does not.
+A TFDS index i is the i-th example of the (sliced) split in the order TFDS
+wrote its files; ArrayRecord reads, cache_raw and TFRecord streaming all see
+that order, so a run may switch between cache_raw and ArrayRecord. ArrayRecord
+records are read in chunks of _READ_CHUNK indices per call, several chunks at
+once, then parsed, decoded (only the crop window of a JPEG) and resized in
+tf.data (AUTOTUNE, deterministic order).
 Streaming TFDS cannot resume exactly: each host reads its own sub-split, and
 its file-order, shuffle and augmentation seeds are derived from
 (seed, start_step, process_index), so a resumed run sees a fresh order.
+`train_dataset` logs which of these a run gets.
 
 Eval: deterministic, no shuffling; host p reads a contiguous part of the split,
 padded (mask False) so every host yields the same number of batches.
