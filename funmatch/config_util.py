@@ -125,6 +125,10 @@ def data_config(source: str = "digits", **kwargs) -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict(dict(
       source=source, name="", split="train", data_dir="", root="", image_size=32,
       batch_size=512, cache_raw=False, shuffle_buffer=50_000, crop="inception",
+      # TFDS: unset (None) reads ArrayRecord files by index when they are prepared
+      # (exact resume), else streams TFRecords; True / False force one. A typed
+      # placeholder, so --config.input.random_access=True|False parses.
+      random_access=ml_collections.config_dict.placeholder(bool),
       crop_area_min=0.05, crop_area_max=1.0, random_crop_pad=0, flip=True,
       eval_crop="resize_small_central", eval_resize_ratio=1.143))
   d.update(kwargs)

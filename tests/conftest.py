@@ -51,3 +51,11 @@ def teacher_workdir(tmp_path_factory):
                          "--workdir", workdir, *TEACHER_OVERRIDES, *TINY_OVERRIDES])
   assert code == 0
   return workdir
+
+
+@pytest.fixture(scope="session")
+def jpeg_tfds(tmp_path_factory):
+  """One small TFDS dataset of JPEGs, prepared as ArrayRecord, as TFRecord and as
+  both: {'array_record', 'tfrecord', 'both', 'jpegs': dir} (tests/tfds_testdata.py)."""
+  import tfds_testdata  # pylint: disable=import-outside-toplevel
+  return tfds_testdata.prepare_all(str(tmp_path_factory.mktemp("jpeg_tfds")))
