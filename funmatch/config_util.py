@@ -136,8 +136,14 @@ def data_config(source: str = "digits", **kwargs) -> ml_collections.ConfigDict:
 
 
 def eval_config(source: str, split: str, batch_size: int, **kwargs):
-  """An eval set: the same keys as the training data (crops are unused)."""
-  return data_config(source, split=split, batch_size=batch_size, **kwargs)
+  """An eval set: the training data's keys (crops unused), plus its cost on long runs.
+
+  every_steps: evaluate this set every N steps (0: config.eval_every_steps);
+  max_examples: only the split's first N examples (0: all of it). A quick minival
+  often and the full test set rarely keep periodic evals from stalling training.
+  """
+  return data_config(source, split=split, batch_size=batch_size,
+                     **{"every_steps": 0, "max_examples": 0, **kwargs})
 
 
 def set_imagenet_data(c: ml_collections.ConfigDict, batch_size: int, data_dir: str,

@@ -38,6 +38,8 @@ an `ml_collections.ConfigDict`, missing fields take the defaults shown):
                    resize_small), then the central res x res;
                    'resize': whole image squashed (bilinear) to res x res.
   eval_resize_ratio  (1.143 = 256/224).
+  max_examples     eval sets only (0): evaluate the split's first N examples, in
+                   split order (a quick minival); 0 = the whole split.
   resize_antialias   antialias the bilinear resizes (False, like big_vision).
 
 Crops (`crops=`, from the run's teaching plan, funmatch/teaching.py):
@@ -65,8 +67,9 @@ its file-order, shuffle and augmentation seeds are derived from
 (seed, start_step, process_index), so a resumed run sees a fresh order.
 `train_dataset` logs which of these a run gets.
 
-Eval: deterministic, no shuffling; host p reads a contiguous part of the split,
-padded (mask False) so every host yields the same number of batches.
+Eval: deterministic, no shuffling; host p reads a contiguous part of the split
+(of its first `max_examples` examples when set), padded (mask False) so every
+host yields the same number of batches and each example counts exactly once.
 """
 
 import collections
@@ -339,24 +342,35 @@ def _streaming_train(cfg, views, spec, crops, seed, start_step,
                             deterministic=True)
 
 
+def eval_size(cfg: Any, split_examples: int, where: str = "eval") -> int:
+  """How many examples an eval pass covers: the first `max_examples` of the split
+  (0 or unset: all of it)."""
+  limit = cfg.get("max_examples", 0)
+  if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+    raise UserError(f"{where}.max_examples={limit!r} must be an integer >= 0 (0: the "
+                    "whole split)")
+  return min(limit, split_examples) if limit else split_examples
+
+
 def eval_dataset(cfg: Any, views: Mapping[str, int], *, process_index: int = 0,
                  process_count: int = 1, where: str = "eval"
                  ) -> tuple[tf.data.Dataset, int, int]:
   """One pass of local eval batches: {'images', 'label', 'mask', 'index'}.
 
-  Returns (dataset, number of examples in the whole split, batches per host).
-  'index' is the example's position in the split (-1 on padding).
+  Returns (dataset, number of examples the pass covers, batches per host).
+  'index' is the example's position in the split (-1 on padding). With
+  `max_examples` N the pass covers the split's first N examples, split between
+  hosts like a whole split, so each is still counted exactly once.
   """
   check_views(views)
   info = sources.source_info(cfg, where)
   spec = preprocess.spec_from_config(cfg, where)
   local_batch = local_batch_size(cfg, process_count, where)
+  num_examples = eval_size(cfg, info.num_examples, where)
   if info.random_access:
     data = sources.load_random_access(cfg, where)
-    ranges = [host_range(data.num_examples, p, process_count)
-              for p in range(process_count)]
-    sizes = [end - start for start, end in ranges]
-    start, end = host_range(data.num_examples, process_index, process_count)
+    ranges = [host_range(num_examples, p, process_count) for p in range(process_count)]
+    start, end = ranges[process_index]
 
     def make(unused_key, index, raw, label):
       return _eval_example(eval_views(raw, data.encoded, views, spec), label, index)
@@ -365,26 +379,37 @@ def eval_dataset(cfg: Any, views: Mapping[str, int], *, process_index: int = 0,
     examples = _with_examples(data, tf.data.Dataset.zip(indices, indices)).map(
         make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   else:
-    sizes = sources.tfds_host_sizes(cfg, process_count, where)
-    offset = sum(sizes[:process_index])
-    ds, _ = sources.tfds_dataset(cfg, process_index=process_index,
-                                 process_count=process_count, shuffle_seed=None,
-                                 where=where)
+    if num_examples < info.num_examples:
+      # The first N of the split, in order, each host up to its own part (a
+      # minival is small; the records a host skips are not decoded).
+      ranges = [host_range(num_examples, p, process_count)
+                for p in range(process_count)]
+      start, end = ranges[process_index]
+      ds, _ = sources.tfds_dataset(cfg, process_index=0, process_count=1,
+                                   shuffle_seed=None, where=where)
+      ds = ds.skip(start).take(end - start)
+    else:  # the whole split: each host reads only its own sub-split
+      ends = np.cumsum(sources.tfds_host_sizes(cfg, process_count, where)).tolist()
+      ranges = list(zip([0] + ends[:-1], ends))
+      start, _ = ranges[process_index]
+      ds, _ = sources.tfds_dataset(cfg, process_index=process_index,
+                                   process_count=process_count, shuffle_seed=None,
+                                   where=where)
 
     def make_streamed(count, example):
       raw, label = example
-      return _eval_example(eval_views(raw, True, views, spec), label,
-                           count + offset)
+      return _eval_example(eval_views(raw, True, views, spec), label, count + start)
 
     examples = ds.enumerate().map(make_streamed,
                                   num_parallel_calls=tf.data.AUTOTUNE,
                                   deterministic=True)
+  sizes = [end - start for start, end in ranges]
   num_batches = max(1, math.ceil(max(sizes) / local_batch))
   num_pad = num_batches * local_batch - sizes[process_index]
   padding = tf.data.Dataset.from_tensors(_padding_example(views)).repeat(num_pad)
   ds = examples.concatenate(padding).batch(local_batch, drop_remainder=True)
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
-  return ds, info.num_examples, num_batches
+  return ds, num_examples, num_batches
 
 
 def _eval_example(images, label, index) -> Batch:
@@ -472,11 +497,11 @@ class EvalIterable:
   """
 
   def __init__(self, ds: tf.data.Dataset, info: sources.SourceInfo,
-               num_batches: int, sharding: jax.sharding.Sharding):
+               num_examples: int, num_batches: int, sharding: jax.sharding.Sharding):
     self._ds = ds
     self._sharding = sharding
     self.info = info
-    self.num_examples = info.num_examples
+    self.num_examples = num_examples  # what one pass covers (max_examples)
     self.num_batches = num_batches
 
   def __len__(self) -> int:
@@ -492,8 +517,8 @@ def make_eval_iterator(eval_cfg: Any, views: Mapping[str, int], *,
                        where: str = "eval") -> EvalIterable:
   """A re-iterable pass over an eval split (see `EvalIterable`)."""
   info = sources.source_info(eval_cfg, where)
-  ds, _, num_batches = eval_dataset(
+  ds, num_examples, num_batches = eval_dataset(
       eval_cfg, views, process_index=jax.process_index(),
       process_count=jax.process_count(), where=where)
-  return EvalIterable(ds, info, num_batches, sharding)
+  return EvalIterable(ds, info, num_examples, num_batches, sharding)
 
