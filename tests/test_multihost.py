@@ -272,3 +272,17 @@ def test_launch_tpu_missing_arguments_exit_2_with_usage(args, expected):
   assert result.returncode == 2
   assert expected in result.stderr and "usage:" in result.stderr
   assert result.stdout == ""
+
+
+def test_multi_process_cpu_runs_compile_afresh():
+  """Executables from the persistent cache time out gloo's first collective (a warm
+  cache broke two-process CPU resumes), so CPU runs of several processes skip it."""
+  from funmatch import distributed  # pylint: disable=import-outside-toplevel
+  assert jax.default_backend() == "cpu"
+  before = jax.config.jax_enable_compilation_cache
+  try:
+    jax.config.update("jax_enable_compilation_cache", True)
+    distributed._no_compilation_cache_on_cpu()  # pylint: disable=protected-access
+    assert not jax.config.jax_enable_compilation_cache
+  finally:
+    jax.config.update("jax_enable_compilation_cache", before)
