@@ -9,6 +9,15 @@ paper's Shampoo run, which matched Adam's 4800-epoch student).
       --workdir /mnt/gcs/bucket/fm_i1k --config.input.data_dir=/data/tfds
 `teacher` must be an ImageNet-1k fine-tuned R152x2 (an .npz with a 1000-class head, or a
 funmatch-train workdir).
+
+Data: TFDS imagenet2012 in ArrayRecord files, read by index, so the run resumes exactly
+after every preemption. Download the ImageNet tars by hand, then once:
+  tfds build imagenet2012 --file_format=array_record --manual_dir /data/imagenet_tars \
+      --data_dir /data/tfds
+or, beside an existing TFRecord copy (same examples, same order):
+  tfds convert_format --dataset_version_dir /data/tfds/imagenet2012/5.1.0 \
+      --out_file_format array_record
+(TFRecords alone also work; they stream, and resume with a fresh data order.)
 """
 from funmatch import config_util as cu
 

@@ -7,6 +7,7 @@ the student cost of 224px.
   funmatch-distill --config configs/bit_i1k_160.py:teacher=/models/BiT-M-R152x2-i1k.npz \
       --workdir /mnt/gcs/bucket/fm_i1k_160 --config.input.data_dir=/data/tfds
 Takes configs/bit_i1k.py's arguments (res defaults to 160 here).
+Data: imagenet2012 in ArrayRecord files, prepared as configs/bit_i1k.py says.
 """
 from funmatch import config_util
 

@@ -5,6 +5,7 @@ otherwise the recipe of configs/bit_i1k.py.
 
   funmatch-distill --config configs/mobilenet_i1k.py:teacher=/models/BiT-M-R152x2-i1k.npz,epochs=300 \
       --workdir /mnt/gcs/bucket/fm_mnv3 --config.input.data_dir=/data/tfds
+Data: imagenet2012 in ArrayRecord files, prepared as configs/bit_i1k.py says.
 """
 from funmatch import config_util as cu
 

@@ -82,6 +82,29 @@ def test_step_time_drift_is_measured_on_logged_steps_after_warmup():
     _analyse(_samples(count=3), warmup_s=1e6)
 
 
+def test_eval_seconds_per_call_are_reported_per_eval_set():
+  evals = [{"step": step, "test/seconds": 2.0 if step <= 2000 else 3.0,
+            "minival/seconds": 0.5, "test/kl": 0.1} for step in range(100, 4001, 100)]
+  rows = sorted(_rows() + evals, key=lambda r: r["step"])
+  results = _analyse(_samples(), rows=rows)
+  test = results["eval_seconds"]["test"]
+  assert test["calls"] == 40 and (test["first_s"], test["last_s"]) == (2.0, 3.0)
+  assert test["drift_pct"] == pytest.approx(50)
+  assert results["eval_seconds"]["minival"]["drift_pct"] == 0
+  assert results["step_time"]["drift_pct"] == 0  # eval rows have no step time
+  assert "eval test" in soak.table(results) and results["ok"]  # reported, not judged
+
+
+def test_config_overrides_pass_through_and_other_flags_fail(capsys):
+  args = soak.parse_args(["--minutes", "1", "--config.teacher.width=0.5"])
+  assert args.overrides == ["--config.teacher.width=0.5"]
+  assert "--config.teacher.width=0.5" in soak.distill_command(args, "/t", "/run")
+  with pytest.raises(SystemExit) as exit_info:
+    soak.parse_args(["--minutes", "1", "--bogus=3"])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.count("funmatch: error:") == 1
+
+
 def test_windows_and_slope_helpers():
   assert soak.windows([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]) == (2, 9)
   assert soak.windows([5, 7]) == (6, 6)
@@ -99,7 +122,8 @@ def test_a_short_real_run(teacher_workdir, tmp_path):
       "--checkpoint_every", "5", "--keep", "2", "--keep_every", "20",
       "--eval_every", "10", "--log_every", "2",
       "--recipe_arg", "batch_size=32,res=16,teacher_res=16",
-      "--set", "teacher.width=0.5", "--output", str(output)])
+      "--config.teacher.width=0.5", "--config.evals.test.max_examples=64",
+      "--output", str(output)])
   assert code in (0, 1)  # verdicts depend on the machine's load
   report = json.loads(output.read_text())
   assert report["exit_code"] == 0 and report["saved_on_sigterm"]
@@ -109,4 +133,7 @@ def test_a_short_real_run(teacher_workdir, tmp_path):
   assert 0 < len(report["final_checkpoints"]) <= soak.checkpoint_bound(
       max(report["final_checkpoints"]), 2, 20)
   assert set(report["results"]) >= {"rss", "fds", "checkpoints", "step_time", "ok"}
+  assert "--config.evals.test.max_examples=64" in report["command"]
+  if "eval_seconds" in report["results"]:  # an eval after the warm-up (load-dependent)
+    assert report["results"]["eval_seconds"]["test"]["last_s"] > 0
   assert os.path.exists(report["log"])

@@ -11,6 +11,7 @@ subprocess and samples it every --sample_seconds:
   ckpt_bytes     size of WORKDIR/checkpoints, and which steps it holds
   metrics_bytes  size of WORKDIR/metrics.jsonl
   step           the last logged step (its step time comes from metrics.jsonl)
+and reads from metrics.jsonl each eval call's seconds (`<eval>/seconds`).
 
 --minutes of training after its first logged step (compilation comes before),
 it sends SIGTERM (the run saves and exits 0) and compares, after a warm-up
@@ -26,6 +27,7 @@ last fifth:
                                         also CPU seconds per step, which a
                                         shared machine's load disturbs less)
   metrics.jsonl         grows by the same bytes per logged step (reported)
+  eval seconds          per call and eval set, first vs last calls (reported)
 
 It prints a table and writes --output JSON (settings, every sample, results).
 Without --teacher it first trains a tiny teacher (configs/digits_teacher.py:
@@ -33,7 +35,9 @@ steps=50). Numbers depend on the machine's load: run the 20-minute check on a
 quiet machine.
 
   python tools/soak.py --minutes 20 --output /tmp/soak.json
-  python tools/soak.py --minutes 3 --teacher /tmp/digits_teacher --checkpoint_every 25
+  python tools/soak.py --minutes 3 --teacher /tmp/digits_teacher --checkpoint_every 25 \
+      --config.evals.test.max_examples=200
+Any `--config.KEY=VALUE` is passed on to funmatch-distill.
 """
 import argparse
 import json
@@ -80,10 +84,13 @@ def parse_args(argv):
   p.add_argument("--log_every", type=int, default=10)
   p.add_argument("--recipe_arg", default="",
                  help="extra configs/digits.py arguments, e.g. batch_size=64,res=16")
-  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="a config override passed on as --config.KEY=VALUE (repeatable)")
   p.add_argument("--output", default="", help="write settings, samples and results here")
-  args = p.parse_args(argv)
+  # Any --config.KEY=VALUE goes to funmatch-distill as it is (the CLI checks it).
+  args, overrides = p.parse_known_args(argv)
+  unknown = [a for a in overrides if not a.startswith("--config.")]
+  if unknown:
+    p.error(f"unrecognized arguments: {' '.join(unknown)}")
+  args.overrides = overrides
   if args.minutes <= 0 or args.sample_seconds <= 0:
     p.error("--minutes and --sample_seconds must be positive")
   if args.warmup_minutes < 0:
@@ -136,7 +143,8 @@ def checkpoint_steps(ckpt_dir: str) -> list[int]:
 
 
 def read_metrics(path: str) -> list[dict]:
-  """Rows of metrics.jsonl with a step time; a torn last line is skipped."""
+  """Rows of metrics.jsonl (train rows with a step time, eval rows with
+  `<eval>/seconds`); a torn last line is skipped."""
   rows = []
   try:
     with open(path) as f:
@@ -147,7 +155,8 @@ def read_metrics(path: str) -> list[dict]:
           pass
   except FileNotFoundError:
     pass
-  return [r for r in rows if "step" in r and r.get("img_per_sec")]
+  return [r for r in rows if "step" in r and (
+      r.get("img_per_sec") or any(k.endswith("/seconds") for k in r))]
 
 
 def workdir_sample(workdir: str) -> dict:
@@ -232,7 +241,8 @@ def analyse(samples: list[dict], rows: list[dict], *, warmup_s: float, keep: int
       "keep": keep, "keep_every": keep_every, "ok": not over}
 
   first_step = settled[0]["step"]
-  times = [batch_size / r["img_per_sec"] for r in rows if r["step"] > first_step]
+  times = [batch_size / r["img_per_sec"] for r in rows
+           if r["step"] > first_step and r.get("img_per_sec")]
   if times:
     first, last = windows(times)
     results["step_time"] = {"first_s": first, "last_s": last,
@@ -253,6 +263,15 @@ def analyse(samples: list[dict], rows: list[dict], *, warmup_s: float, keep: int
     first, last = windows(cpu_per_step)
     results["cpu_per_step"] = {"first_s": first, "last_s": last,
                                "drift_pct": percent_change(first, last)}
+
+  # Seconds per eval call, per eval set (the first calls compile: after warm-up).
+  for key in sorted({k for r in rows for k in r if k.endswith("/seconds")}):
+    calls = [r[key] for r in rows if key in r and r["step"] > first_step]
+    if calls:
+      first, last = windows(calls, least=1)
+      results.setdefault("eval_seconds", {})[key.removesuffix("/seconds")] = {
+          "calls": len(calls), "first_s": first, "last_s": last,
+          "drift_pct": percent_change(first, last)}
 
   grown = [(s["step"], s["metrics_bytes"]) for s in settled if s["step"] > first_step]
   if len(grown) >= 2 and grown[-1][0] > grown[0][0]:
@@ -292,6 +311,10 @@ def table(results: dict) -> str:
     lines.append(f"{'CPU time per step':<22} {1000 * p['first_s']:.1f} -> "
                  f"{1000 * p['last_s']:.1f} ms ({p['drift_pct']:+.2f} %)".ljust(67)
                  + f"{'(load-robust)':<16} info")
+  for name, e in r.get("eval_seconds", {}).items():
+    lines.append(f"{'eval ' + name:<22} {e['first_s']:.2f} -> {e['last_s']:.2f} s per call "
+                 f"({e['calls']} calls, {e['drift_pct']:+.1f} %)".ljust(67)
+                 + f"{'(cost)':<16} info")
   if "metrics_jsonl" in r:
     m = r["metrics_jsonl"]
     lines.append(f"{'metrics.jsonl':<22} {m['bytes_per_step']:.1f} bytes/step, "
@@ -329,8 +352,7 @@ def distill_command(args, teacher: str, run_dir: str) -> list[str]:
           f"--config.checkpoint_every_steps={args.checkpoint_every}",
           f"--config.keep_checkpoints={args.keep}",
           f"--config.keep_every_steps={args.keep_every}",
-          f"--config.eval_every_steps={args.eval_every}",
-          *[f"--config.{item}" for item in args.set]]
+          f"--config.eval_every_steps={args.eval_every}", *args.overrides]
 
 
 def soak(args) -> dict:
