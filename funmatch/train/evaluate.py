@@ -1,4 +1,4 @@
-"""Evaluation: accuracy, teacher agreement and KL over whole eval splits.
+"""Evaluation: accuracy, teacher agreement and KL over eval splits (or their first N).
 
 Each eval set has its own cadence and size, so a long run can check a quick
 minival often and the full test set rarely: `config.evals.<name>.every_steps`
