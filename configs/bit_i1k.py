@@ -15,6 +15,15 @@ funmatch-train workdir.
 Stem max-pool padding: the student pads with -inf, as big_vision's bit_paper that
 trained the paper's students; the teacher's follows its weights ('auto'): -inf for the
 published FunMatch teachers, zeros for official BiT and timm files.
+
+Data: TFDS imagenet2012 in ArrayRecord files, read by index, so the run resumes exactly
+after every preemption. Download the ImageNet tars by hand, then once:
+  tfds build imagenet2012 --file_format=array_record --manual_dir /data/imagenet_tars \
+      --data_dir /data/tfds
+or, beside an existing TFRecord copy (same examples, same order):
+  tfds convert_format --dataset_version_dir /data/tfds/imagenet2012/5.1.0 \
+      --out_file_format array_record
+(TFRecords alone also work; they stream, and resume with a fresh data order.)
 """
 from funmatch import config_util as cu
 

@@ -8,6 +8,7 @@ the student cost of 224px.
       --workdir /mnt/gcs/bucket/fm_i1k_160 --config.input.data_dir=/data/tfds
 Takes configs/bit_i1k.py's arguments (res defaults to 160 here; the teacher defaults to
 FunMatch-teacher-224px-i1k; stem padding as in bit_i1k.py).
+Data: imagenet2012 in ArrayRecord files, prepared as configs/bit_i1k.py says.
 """
 from funmatch import config_util
 

@@ -10,6 +10,7 @@ the paper). Evaluation reports each teacher, the ensemble and the agreement.
 The teachers default to the paper's, by name (`teacher=`, `teacher384=` take other
 names, files or workdirs); their stem padding follows their weights (-inf for these).
 `ensemble=sum_kl` sums the per-teacher KLs instead of averaging logits.
+Data: imagenet2012 in ArrayRecord files, prepared as configs/bit_i1k.py says.
 """
 from funmatch import config_util as cu
 

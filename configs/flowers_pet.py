@@ -16,6 +16,11 @@ As the paper's code (big_vision's bigsweep_flowers_pet.py): Pets trains on train
 and keeps train[90%:] as `minival` (Flowers: its `validation` split); every eval resizes
 the shorter side to 160 and takes the central 128 (resize_small(160)|central_crop(128),
 ratio 1.25); Adam keeps its first moment in bfloat16.
+
+Data, once: `tfds build oxford_flowers102 --file_format=array_record --data_dir /data/tfds`
+(Pets: oxford_iiit_pet). The splits are held in memory (cache_raw=True), which resumes
+exactly from ArrayRecord or TFRecord files; --config.input.cache_raw=False reads the
+ArrayRecord files by index instead (less host memory, still exact).
 """
 from funmatch import config_util as cu
 from funmatch.errors import UserError

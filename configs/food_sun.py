@@ -9,6 +9,11 @@ size, so in-domain and out-of-domain runs take the same number of steps.
       --workdir /tmp/fm_pet_food --config.input.data_dir=/data/tfds
 The teacher defaults to the target's published one (FunMatch-teacher-128px-pet /
 -flowers, docs/weights.md); `teacher=` takes another name, file or workdir.
+
+Data, once: the target's dataset (configs/flowers_pet.py) and the source's,
+  tfds build food101 --file_format=array_record --data_dir /data/tfds   # or sun397
+Food101 and SUN397 are too big for memory: their ArrayRecord files are read by index,
+so the run resumes exactly (TFRecords alone stream, with a fresh order on resume).
 """
 import math
 

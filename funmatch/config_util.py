@@ -132,6 +132,10 @@ def data_config(source: str = "digits", **kwargs) -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict(dict(
       source=source, name="", split="train", data_dir="", root="", image_size=32,
       batch_size=512, cache_raw=False, shuffle_buffer=50_000, crop="inception",
+      # TFDS: unset (None) reads ArrayRecord files by index when they are prepared
+      # (exact resume), else streams TFRecords; True / False force one. A typed
+      # placeholder, so --config.input.random_access=True|False parses.
+      random_access=ml_collections.config_dict.placeholder(bool),
       crop_area_min=0.05, crop_area_max=1.0, random_crop_pad=0, flip=True,
       eval_crop="resize_small_central", eval_resize_ratio=1.143))
   d.update(kwargs)
@@ -139,8 +143,14 @@ def data_config(source: str = "digits", **kwargs) -> ml_collections.ConfigDict:
 
 
 def eval_config(source: str, split: str, batch_size: int, **kwargs):
-  """An eval set: the same keys as the training data (crops are unused)."""
-  return data_config(source, split=split, batch_size=batch_size, **kwargs)
+  """An eval set: the training data's keys (crops unused), plus its cost on long runs.
+
+  every_steps: evaluate this set every N steps (0: config.eval_every_steps);
+  max_examples: only the split's first N examples (0: all of it). A quick minival
+  often and the full test set rarely keep periodic evals from stalling training.
+  """
+  return data_config(source, split=split, batch_size=batch_size,
+                     **{"every_steps": 0, "max_examples": 0, **kwargs})
 
 
 def set_imagenet_data(c: ml_collections.ConfigDict, batch_size: int, data_dir: str,

@@ -256,6 +256,20 @@ def _use_cpu_collectives() -> None:
     pass  # an older JAX without the option (or without gloo)
 
 
+def _no_compilation_cache_on_cpu() -> None:
+  """A CPU run of several processes compiles everything afresh.
+
+  Executables loaded from JAX's persistent cache (funmatch/cache.py) do not meet
+  over gloo: the processes' first collective times out after 30 s ("Gloo context
+  initialization failed", jax 0.10.2). Such runs are tests and small CPU clusters;
+  GPU and TPU hosts keep the cache.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.default_backend() == "cpu" and jax.config.jax_enable_compilation_cache:
+    jax.config.update("jax_enable_compilation_cache", False)
+    log.info("multi-process CPU run: the persistent compilation cache is off")
+
+
 def _jax_initialize(what: str, address: str | None, **kwargs) -> None:
   """jax.distributed.initialize, then the backend: its start is collective too.
 
@@ -269,6 +283,7 @@ def _jax_initialize(what: str, address: str | None, **kwargs) -> None:
   try:
     jax.distributed.initialize(**kwargs)
     jax.devices()
+    _no_compilation_cache_on_cpu()
   except Exception as e:  # pylint: disable=broad-except  (JaxRuntimeError, ValueError)
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
     if address:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from typing import Callable, Optional, Sequence
 
+import tfds_testdata
 from conftest import (TEACHER_OVERRIDES, TINY_OVERRIDES, TINY_STUDENT_ARG,
                       TINY_TEACHER_ARG, repo_path)
 
@@ -67,12 +68,15 @@ class Bench:
   """The files and workdirs the cases point at, made on first use under `root`.
 
   `trained` is a finished funmatch-train workdir of `teacher_run`; without one the
-  bench trains it (about half a minute).
+  bench trains it (about half a minute). `jpeg_tfds` is conftest's fixture of the
+  same name (tests/tfds_testdata.py); without one the bench prepares it.
   """
 
-  def __init__(self, root: str, trained: Optional[str] = None):
+  def __init__(self, root: str, trained: Optional[str] = None,
+               jpeg_tfds: Optional[dict[str, str]] = None):
     self.root = root
     self._trained = trained
+    self._jpeg_tfds = jpeg_tfds
     self._held = contextlib.ExitStack()
 
   def close(self) -> None:
@@ -187,6 +191,41 @@ class Bench:
   def zero_byte_jpg(self) -> str:
     return self._folder("zero_byte_jpg", {"cat/ok.png": _png(), "dog/empty.jpg": b""})
 
+  # ---- TFDS (ArrayRecord / TFRecord) ----
+  @functools.cached_property
+  def jpeg_tfds(self) -> dict[str, str]:
+    if self._jpeg_tfds is None:
+      self._jpeg_tfds = tfds_testdata.prepare_all(self._path("jpeg_tfds", ""))
+    return self._jpeg_tfds
+
+  def _damaged_copy(self, name: str, damage: Callable[[str], None]) -> str:
+    """A copy of the ArrayRecord dataset with train shard 1 damaged by `damage`."""
+    data_dir = tfds_testdata.copy_dataset(self.jpeg_tfds["array_record"],
+                                          self._path(name))
+    damage(tfds_testdata.shard_path(data_dir, "array_record", 1))
+    return data_dir
+
+  @functools.cached_property
+  def missing_shard(self) -> str:
+    return self._damaged_copy("missing_shard", os.remove)
+
+  @functools.cached_property
+  def truncated_shard(self) -> str:
+    """Cut in half: the record index at the file's end is gone."""
+    return self._damaged_copy("truncated_shard",
+                              lambda path: os.truncate(path, os.path.getsize(path) // 2))
+
+  @functools.cached_property
+  def garbled_shard(self) -> str:
+    """Header and record index intact, a record near the start overwritten: the
+    up-front check passes, a read finds it (by its chunk checksum). The tiny run's
+    first batch (64 > 40 examples) reads every record."""
+    def garble(path):
+      with open(path, "r+b") as f:
+        f.seek(100)
+        f.write(bytes(range(200)))
+    return self._damaged_copy("garbled_shard", garble)
+
   # ---- configs ----
   @functools.cached_property
   def broken_config(self) -> str:
@@ -268,6 +307,23 @@ def _folder(attr):
                                 f"--config.input.root={getattr(b, attr)}")
 
 
+def _tfds(attr, *extra):
+  """Distillation from a TFDS dataset of bench.jpeg_tfds (3 classes, so the run takes
+  the 10-class digits teacher's class count: the food_sun.py way)."""
+  def args(b, run):
+    data_dir = getattr(b, attr) if not attr.startswith("jpeg:") else \
+        b.jpeg_tfds[attr.removeprefix("jpeg:")]
+    return distill(b.teacher, run, "--config.input.source=tfds",
+                   f"--config.input.name={tfds_testdata.NAME}",
+                   f"--config.input.data_dir={data_dir}", "--config.num_classes=10",
+                   *extra)
+  return args
+
+
+# The damaged file of the ArrayRecord cases (messages name its full path).
+SHARD_1 = f"{tfds_testdata.NAME}-train.array_record-00001-of-{tfds_testdata.NUM_SHARDS:05d}"
+
+
 def _teacher(attr):
   return lambda b, run: distill(getattr(b, attr), run)
 
@@ -297,6 +353,10 @@ CASES = [
     Case("negative mixup probability", "distill", _d("--config.mixup.p=-0.5"),
          "config.mixup.p"),
     Case("unknown dtype", "distill", _d("--config.student.dtype=float8"), "dtype"),
+    Case("negative eval cadence", "distill", _d("--config.evals.test.every_steps=-1"),
+         "config.evals.test.every_steps=-1"),
+    Case("negative eval size", "distill", _d("--config.evals.test.max_examples=-5"),
+         "config.evals.test.max_examples=-5"),
     Case("unknown data source", "distill", _d("--config.input.source=s3"),
          "input.source"),
     Case("unknown digits split", "distill", _d("--config.input.split=validation"),
@@ -354,6 +414,15 @@ CASES = [
          lambda b, run: distill(b.teacher, run, "--config.input.source=tfds",
                                 "--config.input.name=mnist",
                                 f"--config.input.data_dir={b.empty}"), "mnist"),
+    Case("TFRecord-only TFDS with random_access=True", "distill",
+         _tfds("jpeg:tfrecord", "--config.input.random_access=True"),
+         "input.random_access=True but TFDS"),
+    Case("missing ArrayRecord shard", "distill", _tfds("missing_shard"),
+         f"{SHARD_1} is missing"),
+    Case("truncated ArrayRecord shard", "distill", _tfds("truncated_shard"),
+         f"{SHARD_1} is damaged"),
+    Case("garbled ArrayRecord shard (found by reading)", "distill",
+         _tfds("garbled_shard"), f"{SHARD_1} is damaged"),
     Case("image folder without classes", "distill", _folder("empty"), "no class"),
     Case("empty class folder (empty split)", "distill", _folder("empty_class"),
          "dog has no"),

@@ -69,3 +69,11 @@ def student_workdir(teacher_workdir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("student") / "run")
   assert cli.distill_main(["funmatch-distill", *distill_args(teacher_workdir, workdir)]) == 0
   return workdir
+
+
+@pytest.fixture(scope="session")
+def jpeg_tfds(tmp_path_factory):
+  """One small TFDS dataset of JPEGs, prepared as ArrayRecord, as TFRecord and as
+  both: {'array_record', 'tfrecord', 'both', 'jpegs': dir} (tests/tfds_testdata.py)."""
+  import tfds_testdata  # pylint: disable=import-outside-toplevel
+  return tfds_testdata.prepare_all(str(tmp_path_factory.mktemp("jpeg_tfds")))

@@ -214,6 +214,44 @@ def test_eval_covers_every_example_once(process_count):
   assert len(set(batch_counts)) == 1  # every host yields as many batches
 
 
+def _eval_pass(cfg, process_count):
+  """(positions, labels, teacher images, batches per host) of one eval pass."""
+  positions, labels, images, counts = [], [], [], []
+  for p in range(process_count):
+    ds, num_examples, num_batches = pipeline.eval_dataset(
+        cfg, VIEWS, process_index=p, process_count=process_count)
+    batches = list(ds.as_numpy_iterator())
+    assert len(batches) == num_batches
+    counts.append(num_batches)
+    for batch in batches:
+      mask = batch["mask"]
+      positions.extend(batch["index"][mask])
+      labels.extend(batch["label"][mask])
+      images.extend(batch["images"]["teacher"][mask])
+  return num_examples, positions, labels, np.stack(images), counts
+
+
+@pytest.mark.parametrize("process_count", [1, 2, 3])
+def test_max_examples_evaluates_the_first_n_once(process_count):
+  """A minival: the split's first N examples, each once over all hosts."""
+  whole = _eval_pass(_digits(split="test", batch_size=12), 1)
+  num_examples, positions, labels, images, counts = _eval_pass(
+      _digits(split="test", batch_size=12, max_examples=100), process_count)
+  assert num_examples == 100 and positions == list(range(100))
+  assert len(set(counts)) == 1  # every host yields as many batches
+  np.testing.assert_array_equal(labels, whole[2][:100])
+  np.testing.assert_array_equal(images, whole[3][:100])
+
+
+def test_max_examples_beyond_the_split_or_bad():
+  cfg = _digits(split="test", batch_size=60, max_examples=10_000)
+  assert pipeline.eval_dataset(cfg, VIEWS)[1] == 445
+  for bad in (-1, 2.5, True, "10"):
+    with pytest.raises(UserError, match=r"evals.x.max_examples=.* integer >= 0"):
+      pipeline.eval_dataset(_digits(split="test", max_examples=bad), VIEWS,
+                            where="evals.x")
+
+
 def test_host_range_partitions_contiguously():
   for n in (0, 1, 7, 445):
     for count in (1, 2, 3, 8):
@@ -316,6 +354,17 @@ def test_tfds_eval_covers_every_example_once(tfds_dir, process_count):
   assert len(lengths) == 1
   assert len(seen) == NUM_TFDS - 5 and len(set(seen)) == NUM_TFDS - 5
   assert positions == list(range(NUM_TFDS - 5))  # hosts' parts in split order
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_tfds_streaming_max_examples_reads_the_first_n_once(tfds_dir, process_count):
+  whole = _eval_pass(_tfds(tfds_dir, split="train[5:]", batch_size=4), 1)
+  num_examples, positions, labels, images, counts = _eval_pass(
+      _tfds(tfds_dir, split="train[5:]", batch_size=4, max_examples=17), process_count)
+  assert num_examples == 17 and positions == list(range(17))
+  assert len(set(counts)) == 1
+  np.testing.assert_array_equal(_ids(images), _ids(whole[3][:17]))
+  np.testing.assert_array_equal(labels, whole[2][:17])
 
 
 def test_tfds_streaming_train_shards_hosts_and_reshuffles_on_resume(tfds_dir):

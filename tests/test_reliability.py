@@ -21,6 +21,7 @@ import pytest
 import bad_inputs
 from conftest import repo_path, run_cli
 from funmatch import checkpoint
+from funmatch.errors import UserError
 from funmatch.train import cli, metrics_io
 from funmatch.train import workdir as workdir_lib
 
@@ -203,3 +204,29 @@ def test_resume_logs_the_changed_keys(tmp_path, caplog):
   with caplog.at_level(logging.INFO):
     workdir_lib.check_resumable(workdir, config, "train")
   assert "resuming with changed total_steps: 20 -> 30" in caplog.text
+
+
+def test_workdirs_older_than_the_data_and_eval_keys_resume(tmp_path, caplog):
+  """A config.json written before input.random_access and evals.<name>.every_steps /
+  max_examples existed resumes; the new keys are logged as changes."""
+  import json  # pylint: disable=import-outside-toplevel
+  from funmatch import config_util  # pylint: disable=import-outside-toplevel
+  config = config_util.base_config()
+  config.evals.test = config_util.eval_config("digits", "test", 64)
+  workdir = str(tmp_path)
+  workdir_lib.write_config(workdir, config, "train")
+  path = tmp_path / workdir_lib.CONFIG_FILE
+  stored = json.loads(path.read_text())
+  del stored["config"]["input"]["random_access"]
+  for key in ("every_steps", "max_examples"):
+    del stored["config"]["evals"]["test"][key]
+  path.write_text(json.dumps(stored))
+  config.input.random_access = True
+  config.evals.test.every_steps = 100
+  with caplog.at_level(logging.INFO):
+    workdir_lib.check_resumable(workdir, config, "train")
+  assert "resuming with changed input.random_access: '<absent>' -> True" in caplog.text
+  assert "resuming with changed evals.test.every_steps: '<absent>' -> 100" in caplog.text
+  config.input.crop = "random"  # not resumable: it changes the run
+  with pytest.raises(UserError, match="holds another run"):
+    workdir_lib.check_resumable(workdir, config, "train")

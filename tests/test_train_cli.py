@@ -169,3 +169,32 @@ def test_shampoo_distills_and_resumes_bit_identically(teacher_workdir, tmp_path,
   _, got = checkpoint.restore_params(resumed, 20)
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_each_eval_set_has_its_own_cadence_size_and_cost(tmp_path):
+  """A quick minival (the test split's first 100) every 2 steps, the full test set
+  at config.eval_every_steps (3), both at the last step; each call's seconds in the
+  metrics."""
+  from funmatch import config_util
+  from funmatch.train import loop
+  config, _, _ = cli.parse([
+      "prog", "--config", repo_path("configs", "digits_labels.py") +
+      ":steps=6,batch_size=32,res=16", "--config.log_every_steps=2",
+      "--config.eval_every_steps=3", "--config.checkpoint_every_steps=6"],
+      "test", {}, needs_workdir=False)
+  with config.unlocked():
+    config.evals.minival = config_util.eval_config(
+        "digits", "test", 32, image_size=16, eval_crop="resize", every_steps=2,
+        max_examples=100)
+  workdir = str(tmp_path / "run")
+  results = loop.train_and_evaluate(config, workdir, "train")
+  rows = metrics_io.read_metrics(workdir)
+  minival = [r for r in rows if "minival/examples" in r]
+  test = [r for r in rows if "test/examples" in r]
+  assert [r["step"] for r in minival] == [2, 4, 6]
+  assert [r["step"] for r in test] == [3, 6]
+  assert {r["minival/examples"] for r in minival} == {100}
+  assert {r["test/examples"] for r in test} == {445}
+  assert all(r["minival/seconds"] > 0 for r in minival)
+  assert all(r["test/seconds"] > 0 for r in test)
+  assert results["minival/examples"] == 100 and results["test/examples"] == 445

@@ -9,15 +9,22 @@ an `ml_collections.ConfigDict`, missing fields take the defaults shown):
     tfds:    name (required); split, TFDS slicing like 'train[:90%]' ('train');
              data_dir (TFDS default); image_key ('image'); label_key ('label').
              Never downloads: an unprepared dataset is a UserError.
+             random_access (None): how the prepared files are read. None picks
+             ArrayRecord files by index when the dataset has them (prepare
+             with `tfds build NAME --file_format=array_record --data_dir DIR`),
+             else streams its TFRecords; True insists on ArrayRecord, False
+             streams TFRecords. Missing, empty or truncated shards are named
+             before anything runs; a garbled one when it is read.
     folder:  root (required): root/<class>/*.jpg|jpeg|png, classes sorted
              alphabetically -> label ids; classes (optional list fixing the
              order); verify_images (True): decode every image up front.
   batch_size       GLOBAL batch size (512); divisible by the process count and
                    the number of data shards.
   cache_raw        (False) keep the encoded images in host memory, every host
-                   all of them. For TFDS this gives random access and so exact
-                   resume; for folders it saves the file reads. Meant for small
-                   datasets (< ~2 GB encoded); digits are always in memory.
+                   all of them: for TFDS, random access (and exact resume)
+                   without ArrayRecord files; for folders, no file reads. Meant
+                   for small datasets (< ~2 GB encoded); digits are always in
+                   memory.
   shuffle_buffer   streaming TFDS shuffle buffer (50_000).
   crop             training crop (inception): 'inception' (area range below,
                    aspect 3/4..4/3), 'random' (a square of the shorter side,
@@ -31,6 +38,8 @@ an `ml_collections.ConfigDict`, missing fields take the defaults shown):
                    resize_small), then the central res x res;
                    'resize': whole image squashed (bilinear) to res x res.
   eval_resize_ratio  (1.143 = 256/224).
+  max_examples     eval sets only (0): evaluate the split's first N examples, in
+                   split order (a quick minival); 0 = the whole split.
   resize_antialias   antialias the bilinear resizes (False, like big_vision).
 
 Crops (`crops=`, from the run's teaching plan, funmatch/teaching.py):
@@ -40,21 +49,31 @@ Crops (`crops=`, from the run's teaching plan, funmatch/teaching.py):
   fixed: the 'student' view gets the random crop + flip, every other view the
       eval preprocessing (the same every epoch).
 
-Order and resume. Random-access sources (digits, folder, TFDS with cache_raw)
-use a global index stream: epoch e is a stateless permutation of range(N) keyed
-by (seed, e); the example at global stream position j = step * B + i gets all
-its random ops seeded by (seed, j). Batch k is thus a pure function of
-(seed, k): `start_step=k` resumes exactly and reads nothing before it. Host p of
-P takes positions [p*B/P, (p+1)*B/P) of every global batch.
+Order and resume. Random-access sources (digits, folder, TFDS with cache_raw,
+TFDS in ArrayRecord files) use a global index stream: epoch e is a stateless
+permutation of range(N) keyed by (seed, e); the example at global stream
+position j = step * B + i gets all its random ops seeded by (seed, j). Batch k
+is thus a pure function of (seed, k): `start_step=k` resumes exactly and reads
+nothing before it. Host p of P takes positions [p*B/P, (p+1)*B/P) of every
+global batch, so P may change between runs as long as B does not.
+A TFDS index i is the i-th example of the (sliced) split in the order TFDS
+wrote its files; ArrayRecord reads, cache_raw and TFRecord streaming all see
+that order, so a run may switch between cache_raw and ArrayRecord. ArrayRecord
+records are read in chunks of _READ_CHUNK indices per call, several chunks at
+once, then parsed, decoded (only the crop window of a JPEG) and resized in
+tf.data (AUTOTUNE, deterministic order).
 Streaming TFDS cannot resume exactly: each host reads its own sub-split, and
 its file-order, shuffle and augmentation seeds are derived from
 (seed, start_step, process_index), so a resumed run sees a fresh order.
+`train_dataset` logs which of these a run gets.
 
-Eval: deterministic, no shuffling; host p reads a contiguous part of the split,
-padded (mask False) so every host yields the same number of batches.
+Eval: deterministic, no shuffling; host p reads a contiguous part of the split
+(of its first `max_examples` examples when set), padded (mask False) so every
+host yields the same number of batches and each example counts exactly once.
 """
 
 import collections
+import logging
 import math
 import re
 import zlib
@@ -71,6 +90,15 @@ from funmatch.teaching import STUDENT_VIEW
 
 CROPS = ("shared", "independent", "fixed")
 _DEVICE_PREFETCH = 2
+# Records per ArrayRecord read call (see _with_examples).
+_READ_CHUNK = 64
+_ACCESS_WORDS = {
+    "memory": "held in memory and read by index",
+    "files": "image files read by index",
+    "array_record": "ArrayRecord files read by index",
+    "streaming": "TFRecord files streamed",
+}
+log = logging.getLogger("funmatch")
 # Seed-stream tags: keep the permutation, per-example and streaming seeds apart.
 _PERMUTATION, _EXAMPLE, _STREAM = 1, 2, 3
 
@@ -177,18 +205,50 @@ def eval_views(raw: tf.Tensor, encoded: bool, views: Mapping[str, int],
           for name, res in views.items()}
 
 
-def _lookup(data: sources.RandomAccessData) -> Callable[[tf.Tensor], tuple]:
-  """index -> (raw example, label) for an in-memory random-access source."""
+def _with_examples(data: Any, stream: tf.data.Dataset) -> tf.data.Dataset:
+  """(key, index) -> (key, index, raw example, label), in stream order.
+
+  In memory (or image files), a lookup per element. From ArrayRecord files,
+  chunks of _READ_CHUNK indices are read per call: the Python call and the
+  reader's per-shard setup are paid once per chunk, the reader releases the
+  GIL while it reads, and AUTOTUNE runs several chunks at once. Order stays
+  deterministic, so the stream is still a pure function of (seed, step).
+  """
+  parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if isinstance(data, sources.ArrayRecordSplit):
+    def read(indices):
+      return np.array(data.read(indices.tolist()), dtype=object)
+
+    def read_chunk(keys, indices):
+      records = tf.numpy_function(read, [indices], tf.string, stateful=False)
+      return keys, indices, tf.reshape(records, tf.shape(indices))
+
+    def parse(key, index, record):
+      return (key, index) + data.parse(record)
+
+    chunks = stream.batch(_READ_CHUNK).map(read_chunk, **parallel)
+    return chunks.unbatch().map(parse, **parallel)
+
   values = tf.constant(data.values)
   labels = tf.constant(data.labels, tf.int32)
 
-  def lookup(index):
+  def lookup(key, index):
     raw = tf.gather(values, index)
     if data.kind == "paths":
       raw = tf.io.read_file(raw)
-    return raw, tf.gather(labels, index)
+    return key, index, raw, tf.gather(labels, index)
 
-  return lookup
+  return stream.map(lookup, **parallel)
+
+
+def _log_access(info: sources.SourceInfo, where: str) -> None:
+  """One line saying how the data is read and whether resume is exact."""
+  if info.random_access:
+    log.info("%s: %s, %s: batch k is a pure function of (seed, k), resume is "
+             "exact", where, info.name, _ACCESS_WORDS[info.access])
+  else:
+    log.warning("%s: %s, %s: resume is NOT exact (a resumed run sees a fresh data "
+                "order); %s", where, info.name, _ACCESS_WORDS[info.access], info.note)
 
 
 # ---------------------------------------------------------------------------
@@ -204,12 +264,13 @@ def train_dataset(cfg: Any, views: Mapping[str, int], *, seed: int,
   'index' is the example's index in the source (-1 for streaming TFDS).
   """
   check_crops(crops, views)
-  sources.source_info(cfg, where)
+  info = sources.source_info(cfg, where)
   spec = preprocess.spec_from_config(cfg, where)
   local_batch = local_batch_size(cfg, process_count, where)
   if start_step < 0:
     raise ValueError(f"start_step={start_step} must be >= 0")
-  if sources.is_random_access(cfg):
+  _log_access(info, where)
+  if info.random_access:
     data = sources.load_random_access(cfg, where)
     examples = _random_access_train(
         data, views, spec, crops, seed, start_step,
@@ -239,17 +300,15 @@ def _random_access_train(data, views, spec, crops, seed, start_step,
   stream = tf.data.Dataset.counter(first_epoch).flat_map(epoch_positions)
   stream = stream.batch(global_batch).map(
       lambda pos, idx: (pos[lo:lo + local_batch], idx[lo:lo + local_batch]))
-  lookup = _lookup(data)
-  encoded = data.kind != "pixels"
 
-  def make(position, index):
-    raw, label = lookup(index)
-    images = train_views(raw, encoded, example_seed(seed, position), views,
+  def make(position, index, raw, label):
+    images = train_views(raw, data.encoded, example_seed(seed, position), views,
                          crops, spec)
     return {"images": images, "label": label, "index": index}
 
-  return stream.unbatch().map(make, num_parallel_calls=tf.data.AUTOTUNE,
-                              deterministic=True)
+  examples = _with_examples(data, stream.unbatch())
+  return examples.map(make, num_parallel_calls=tf.data.AUTOTUNE,
+                      deterministic=True)
 
 
 def _stream_seeds(seed: int, start_step: int, process_index: int
@@ -283,54 +342,74 @@ def _streaming_train(cfg, views, spec, crops, seed, start_step,
                             deterministic=True)
 
 
+def eval_size(cfg: Any, split_examples: int, where: str = "eval") -> int:
+  """How many examples an eval pass covers: the first `max_examples` of the split
+  (0 or unset: all of it)."""
+  limit = cfg.get("max_examples", 0)
+  if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+    raise UserError(f"{where}.max_examples={limit!r} must be an integer >= 0 (0: the "
+                    "whole split)")
+  return min(limit, split_examples) if limit else split_examples
+
+
 def eval_dataset(cfg: Any, views: Mapping[str, int], *, process_index: int = 0,
                  process_count: int = 1, where: str = "eval"
                  ) -> tuple[tf.data.Dataset, int, int]:
   """One pass of local eval batches: {'images', 'label', 'mask', 'index'}.
 
-  Returns (dataset, number of examples in the whole split, batches per host).
-  'index' is the example's position in the split (-1 on padding).
+  Returns (dataset, number of examples the pass covers, batches per host).
+  'index' is the example's position in the split (-1 on padding). With
+  `max_examples` N the pass covers the split's first N examples, split between
+  hosts like a whole split, so each is still counted exactly once.
   """
   check_views(views)
   info = sources.source_info(cfg, where)
   spec = preprocess.spec_from_config(cfg, where)
   local_batch = local_batch_size(cfg, process_count, where)
-  if sources.is_random_access(cfg):
+  num_examples = eval_size(cfg, info.num_examples, where)
+  if info.random_access:
     data = sources.load_random_access(cfg, where)
-    ranges = [host_range(data.num_examples, p, process_count)
-              for p in range(process_count)]
-    sizes = [end - start for start, end in ranges]
-    start, end = host_range(data.num_examples, process_index, process_count)
-    lookup = _lookup(data)
-    encoded = data.kind != "pixels"
+    ranges = [host_range(num_examples, p, process_count) for p in range(process_count)]
+    start, end = ranges[process_index]
 
-    def make(index):
-      raw, label = lookup(index)
-      return _eval_example(eval_views(raw, encoded, views, spec), label, index)
+    def make(unused_key, index, raw, label):
+      return _eval_example(eval_views(raw, data.encoded, views, spec), label, index)
 
-    examples = tf.data.Dataset.range(start, end).map(
+    indices = tf.data.Dataset.range(start, end)
+    examples = _with_examples(data, tf.data.Dataset.zip(indices, indices)).map(
         make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   else:
-    sizes = sources.tfds_host_sizes(cfg, process_count, where)
-    offset = sum(sizes[:process_index])
-    ds, _ = sources.tfds_dataset(cfg, process_index=process_index,
-                                 process_count=process_count, shuffle_seed=None,
-                                 where=where)
+    if num_examples < info.num_examples:
+      # The first N of the split, in order, each host up to its own part (a
+      # minival is small; the records a host skips are not decoded).
+      ranges = [host_range(num_examples, p, process_count)
+                for p in range(process_count)]
+      start, end = ranges[process_index]
+      ds, _ = sources.tfds_dataset(cfg, process_index=0, process_count=1,
+                                   shuffle_seed=None, where=where)
+      ds = ds.skip(start).take(end - start)
+    else:  # the whole split: each host reads only its own sub-split
+      ends = np.cumsum(sources.tfds_host_sizes(cfg, process_count, where)).tolist()
+      ranges = list(zip([0] + ends[:-1], ends))
+      start, _ = ranges[process_index]
+      ds, _ = sources.tfds_dataset(cfg, process_index=process_index,
+                                   process_count=process_count, shuffle_seed=None,
+                                   where=where)
 
     def make_streamed(count, example):
       raw, label = example
-      return _eval_example(eval_views(raw, True, views, spec), label,
-                           count + offset)
+      return _eval_example(eval_views(raw, True, views, spec), label, count + start)
 
     examples = ds.enumerate().map(make_streamed,
                                   num_parallel_calls=tf.data.AUTOTUNE,
                                   deterministic=True)
+  sizes = [end - start for start, end in ranges]
   num_batches = max(1, math.ceil(max(sizes) / local_batch))
   num_pad = num_batches * local_batch - sizes[process_index]
   padding = tf.data.Dataset.from_tensors(_padding_example(views)).repeat(num_pad)
   ds = examples.concatenate(padding).batch(local_batch, drop_remainder=True)
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
-  return ds, info.num_examples, num_batches
+  return ds, num_examples, num_batches
 
 
 def _eval_example(images, label, index) -> Batch:
@@ -349,7 +428,7 @@ def _padding_example(views: Mapping[str, int]) -> Batch:
 # Device side: global jax.Arrays, prefetched.
 
 
-def _host_batches(ds: tf.data.Dataset, source_name: str) -> Iterator[Batch]:
+def _host_batches(ds: tf.data.Dataset, info: sources.SourceInfo) -> Iterator[Batch]:
   """Numpy batches without 'index'; TF read/decode errors become UserErrors."""
   iterator = ds.as_numpy_iterator()
   while True:
@@ -361,9 +440,11 @@ def _host_batches(ds: tf.data.Dataset, source_name: str) -> Iterator[Batch]:
       # Drop TF's '{{function_node ...}}' noise; keep the decoder's own words.
       reason = re.sub(r"\{\{[^}]*\}\}", "", e.message or "").strip()
       reason = (reason.splitlines() or [type(e).__name__])[0]
-      raise UserError(
-          f"reading {source_name} failed: {reason}; fix or remove the bad file "
-          "(for a folder, verify_images=True names it before training)") from e
+      # ... and tf.data's 'Error in user-defined function ... Iterator::...: '.
+      reason = re.sub(r"^Error in user-defined function .*? with iterator: \S+: ", "",
+                      reason)
+      reason = re.sub(r"^ValueError: ", "", reason)
+      raise UserError(f"reading {info.name} failed: {reason}; {info.repair}") from e
     batch.pop("index", None)
     yield batch
 
@@ -404,7 +485,7 @@ def make_train_iterator(input_cfg: Any, views: Mapping[str, int], *, seed: int,
   ds = train_dataset(input_cfg, views, seed=seed, start_step=start_step,
                      crops=crops, process_index=jax.process_index(),
                      process_count=jax.process_count(), where=where)
-  return _prefetch_to_device(_host_batches(ds, info.name),
+  return _prefetch_to_device(_host_batches(ds, info),
                              lambda b: _to_global(b, sharding))
 
 
@@ -416,18 +497,18 @@ class EvalIterable:
   """
 
   def __init__(self, ds: tf.data.Dataset, info: sources.SourceInfo,
-               num_batches: int, sharding: jax.sharding.Sharding):
+               num_examples: int, num_batches: int, sharding: jax.sharding.Sharding):
     self._ds = ds
     self._sharding = sharding
     self.info = info
-    self.num_examples = info.num_examples
+    self.num_examples = num_examples  # what one pass covers (max_examples)
     self.num_batches = num_batches
 
   def __len__(self) -> int:
     return self.num_batches
 
   def __iter__(self) -> Iterator[Batch]:
-    return _prefetch_to_device(_host_batches(self._ds, self.info.name),
+    return _prefetch_to_device(_host_batches(self._ds, self.info),
                                lambda b: _to_global(b, self._sharding))
 
 
@@ -436,8 +517,8 @@ def make_eval_iterator(eval_cfg: Any, views: Mapping[str, int], *,
                        where: str = "eval") -> EvalIterable:
   """A re-iterable pass over an eval split (see `EvalIterable`)."""
   info = sources.source_info(eval_cfg, where)
-  ds, _, num_batches = eval_dataset(
+  ds, num_examples, num_batches = eval_dataset(
       eval_cfg, views, process_index=jax.process_index(),
       process_count=jax.process_count(), where=where)
-  return EvalIterable(ds, info, num_batches, sharding)
+  return EvalIterable(ds, info, num_examples, num_batches, sharding)
 

@@ -5,10 +5,13 @@ preprocessing fields) and describes the source, WITHOUT building a tf.data
 pipeline, so the trainer can reject a bad config before touching the workdir.
 
 Two access patterns feed the pipeline:
-  * random access (`load_random_access`): digits, folder, and TFDS with
-    `cache_raw=True`; example i is addressable by index, which makes training
-    batches a pure function of (seed, step) and resumes exact.
-  * streaming (`tfds_dataset`): TFDS read from its TFRecord files.
+  * random access (`load_random_access`): digits, folder, TFDS with
+    `cache_raw=True`, and TFDS prepared as ArrayRecord files (read by index
+    through a TFDS data source, nothing held in memory); example i is
+    addressable by index, which makes training batches a pure function of
+    (seed, step) and resumes exact.
+  * streaming (`tfds_dataset`): TFDS read in sequence from its TFRecord files.
+`SourceInfo.access` says which one a config gets (see the TFDS section).
 
 Digits split (fixed on every machine, no RNG involved): within each class, in
 the order `load_digits()` returns the examples, every 4th example (rank % 4 ==
@@ -19,8 +22,10 @@ construction. No random generator means no dependence on library versions.
 import concurrent.futures
 import dataclasses
 import functools
+import logging
 import os
-from typing import Any, Optional, Sequence
+import threading
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
@@ -30,6 +35,9 @@ from funmatch.data import preprocess
 from funmatch.errors import UserError
 
 SOURCES = ("digits", "tfds", "folder")
+# SourceInfo.access: how examples are read. Every mode but 'streaming' reads
+# by index, which is what makes resume exact.
+ACCESS_MODES = ("memory", "files", "array_record", "streaming")
 DIGITS_SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _DIGITS_TEST_EVERY = 4
@@ -44,6 +52,9 @@ class SourceInfo:
   num_classes: int
   class_names: Optional[tuple[str, ...]] = None
   random_access: bool = True  # True: exact resume of the training order.
+  access: str = "memory"  # one of ACCESS_MODES
+  repair: str = "fix or remove the bad file"  # what to do when a read fails
+  note: str = ""  # streaming: how to get exact resume
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +72,10 @@ class RandomAccessData:
   @property
   def num_examples(self) -> int:
     return len(self.labels)
+
+  @property
+  def encoded(self) -> bool:
+    return self.kind != "pixels"
 
 
 # ---------------------------------------------------------------------------
@@ -95,15 +110,22 @@ def source_info(cfg: Any, where: str = "input") -> SourceInfo:
   if not isinstance(shuffle_buffer, int) or shuffle_buffer <= 0:
     raise UserError(f"{where}.shuffle_buffer={shuffle_buffer!r} must be a "
                     "positive integer")
-  if source == "digits":
-    return _digits_info(cfg, where)
   if source == "tfds":
     return _tfds_info(cfg, where)
+  if _random_access_setting(cfg, where) is False:
+    raise UserError(f"{where}.random_access=False: a {source} source is always read "
+                    "by index; only TFDS can stream (remove the setting)")
+  if source == "digits":
+    return _digits_info(cfg, where)
   return _folder_info(cfg, where)
 
 
-def load_random_access(cfg: Any, where: str = "input") -> RandomAccessData:
-  """Loads a random-access source (digits, folder, or TFDS with cache_raw)."""
+def load_random_access(cfg: Any, where: str = "input"
+                       ) -> Union[RandomAccessData, "ArrayRecordSplit"]:
+  """A source read by index: in memory, image files, or ArrayRecord files.
+
+  For TFDS, `source_info(cfg)` must have validated the config first.
+  """
   source = source_type(cfg, where)
   if source == "digits":
     images, labels = digits(_digits_split(cfg, where), _digits_size(cfg, where))
@@ -113,17 +135,16 @@ def load_random_access(cfg: Any, where: str = "input") -> RandomAccessData:
     if cfg.get("cache_raw", False):  # small folders: no disk reads per epoch
       return RandomAccessData("encoded", _read_files(paths), labels)
     return RandomAccessData("paths", np.array(paths, dtype=object), labels)
-  if not cfg.get("cache_raw", False):
-    raise ValueError(f"{where}: TFDS without cache_raw is a streaming source")
   name, split, data_dir = _tfds_fields(cfg, where)
   image_key, label_key = _tfds_keys(cfg)
-  _tfds_builder(cfg, where)  # validates
-  encoded, labels = _cached_tfds_split(name, split, data_dir, image_key, label_key)
+  access, file_format = _tfds_access(cfg, _tfds_builder(cfg, where), where)
+  if access == "array_record":
+    return _array_record_split(name, split, data_dir, image_key, label_key)
+  if access != "memory":
+    raise ValueError(f"{where}: TFDS {name!r} is streamed, not read by index")
+  encoded, labels = _cached_tfds_split(name, split, data_dir, image_key, label_key,
+                                       file_format)
   return RandomAccessData("encoded", encoded, labels)
-
-
-def is_random_access(cfg: Any) -> bool:
-  return cfg.get("source") != "tfds" or bool(cfg.get("cache_raw", False))
 
 
 # ---------------------------------------------------------------------------
@@ -185,11 +206,32 @@ def _digits_info(cfg: Any, where: str) -> SourceInfo:
   split = _digits_split(cfg, where)
   _digits_size(cfg, where)
   return SourceInfo(f"digits[{split}]", len(digits_split_indices(split)), 10,
-                    tuple(str(i) for i in range(10)), True)
+                    tuple(str(i) for i in range(10)), access="memory")
 
 
 # ---------------------------------------------------------------------------
 # TFDS.
+#
+# How a prepared split is read (`SourceInfo.access`), decided by `_tfds_access`:
+#   'memory'        cache_raw=True: the encoded split is loaded once into host memory.
+#   'array_record'  its ArrayRecord files, read by index through a TFDS data source.
+#   'streaming'     its TFRecord files, read in sequence (no seeking: no exact resume).
+# `random_access` None picks 'array_record' when the prepared files include
+# ArrayRecord and 'streaming' otherwise; True insists on ArrayRecord, False streams.
+# Index i is the i-th example of the (sliced) split in the order TFDS wrote it:
+# the same in every mode, so a run may switch between them and keep its order.
+
+ARRAY_RECORD, TFRECORD = "array_record", "tfrecord"
+_READABLE_FORMATS = (ARRAY_RECORD, TFRECORD)
+
+
+class Shard(NamedTuple):
+  """Records [skip, skip + count) of one file hold `count` examples of a split."""
+
+  path: str
+  skip: int
+  count: int
+  records_in_file: int
 
 
 def _tfds_fields(cfg: Any, where: str) -> tuple[str, str, Optional[str]]:
@@ -206,8 +248,29 @@ def _tfds_keys(cfg: Any) -> tuple[str, str]:
   return cfg.get("image_key", "image"), cfg.get("label_key", "label")
 
 
-def _tfds_builder(cfg: Any, where: str) -> tfds.core.DatasetBuilder:
-  """A builder for a PREPARED dataset; never downloads."""
+def _tfds_root(builder: tfds.core.DatasetBuilder, data_dir: Optional[str]) -> str:
+  """The data_dir to name in messages (builder.data_dir is ROOT/name/version)."""
+  return data_dir or os.path.dirname(os.path.dirname(str(builder.data_dir)))
+
+
+def _build_command(name: str, root: str, file_format: str = ARRAY_RECORD) -> str:
+  return f"`tfds build {name} --file_format={file_format} --data_dir {root}`"
+
+
+def _add_array_record(builder: tfds.core.DatasetBuilder) -> str:
+  """How to give a TFRecord-only dataset its ArrayRecord files."""
+  return (f"`tfds convert_format --dataset_version_dir {builder.data_dir} "
+          f"--out_file_format array_record` beside the TFRecords, or "
+          f"{_build_command(builder.name, 'NEW_DIR')} into a new data_dir")
+
+
+def _tfds_builder(cfg: Any, where: str, file_format: Optional[str] = None
+                  ) -> tfds.core.DatasetBuilder:
+  """A builder for a PREPARED dataset, set to read `file_format`; never downloads.
+
+  Datasets TFDS does not know by name (your own) are read from their files in
+  data_dir alone: no builder class is needed.
+  """
   name, _, data_dir = _tfds_fields(cfg, where)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -215,14 +278,64 @@ def _tfds_builder(cfg: Any, where: str) -> tfds.core.DatasetBuilder:
     raise UserError(f"{where}.name={name!r}: TFDS dataset not found "
                     f"({str(e).splitlines()[0]}); check the name") from e
   if not builder.is_prepared():
-    looked = data_dir or os.path.dirname(os.path.dirname(str(builder.data_dir)))
+    looked = _tfds_root(builder, data_dir)
     raise UserError(
         f"TFDS dataset {name!r} is not prepared in data_dir {looked} (looked for "
         f"{builder.data_dir}); funmatch never downloads: on a machine with network "
-        f"run `tfds build {name} --data_dir {looked}` (or "
+        f"run {_build_command(name, looked)} (or "
         f"tfds.builder({name!r}, data_dir=...).download_and_prepare()) and set "
         f"{where}.data_dir to that directory")
+  if file_format:
+    _use_format(builder, file_format)
   return builder
+
+
+def _use_format(builder: tfds.core.DatasetBuilder, file_format: str) -> None:
+  """Points the builder's split files at `file_format` (one of its prepared formats)."""
+  if builder.info.file_format.value != file_format:
+    # A dataset prepared in several formats lists the others as alternatives.
+    builder.info.set_file_format(file_format, override=True,
+                                 override_if_initialized=True)
+
+
+def _random_access_setting(cfg: Any, where: str) -> Optional[bool]:
+  value = cfg.get("random_access", None)
+  if value is not None and not isinstance(value, bool):
+    raise UserError(f"{where}.random_access={value!r} must be True, False or None "
+                    "(None: read by index when ArrayRecord files exist)")
+  return value
+
+
+def _tfds_access(cfg: Any, builder: tfds.core.DatasetBuilder,
+                 where: str) -> tuple[str, str]:
+  """(access mode, file format it reads) for a prepared dataset; see above."""
+  name, _, data_dir = _tfds_fields(cfg, where)
+  wanted = _random_access_setting(cfg, where)
+  formats = {f.value for f in builder.info.available_file_formats()}
+  have = " and ".join(sorted(formats)) or "no known"
+  root = _tfds_root(builder, data_dir)
+  readable = [f for f in _READABLE_FORMATS if f in formats]
+  if not readable:
+    raise UserError(f"TFDS {name!r} in {builder.data_dir} has {have} files; funmatch "
+                    "reads ArrayRecord or TFRecord files: run "
+                    f"{_build_command(name, root)}")
+  if cfg.get("cache_raw", False):
+    if wanted is False:
+      raise UserError(f"{where}.cache_raw=True reads the split by index from memory, "
+                      f"but {where}.random_access=False asks to stream it; drop one")
+    return "memory", readable[0]
+  if wanted is None:
+    wanted = ARRAY_RECORD in formats
+  if wanted and ARRAY_RECORD not in formats:
+    raise UserError(f"{where}.random_access=True but TFDS {name!r} in "
+                    f"{builder.data_dir} has only {have} files; add ArrayRecord files "
+                    f"({_add_array_record(builder)}) or drop the setting to "
+                    "stream them (resume is then not exact)")
+  if not wanted and TFRECORD not in formats:
+    raise UserError(f"{where}.random_access=False but TFDS {name!r} in "
+                    f"{builder.data_dir} has only {have} files, which TFDS cannot "
+                    "stream; drop the setting to read them by index")
+  return ("array_record", ARRAY_RECORD) if wanted else ("streaming", TFRECORD)
 
 
 def _tfds_check_split(builder: tfds.core.DatasetBuilder, split: Any,
@@ -238,9 +351,103 @@ def _tfds_check_split(builder: tfds.core.DatasetBuilder, split: Any,
     ) from e
 
 
+def split_shards(builder: tfds.core.DatasetBuilder, split: str) -> list[Shard]:
+  """The files (in the builder's format) that hold `split`, in index order."""
+  shards = []
+  for instruction in builder.info.splits[split].file_instructions:
+    count = (instruction.take if instruction.take >= 0
+             else instruction.examples_in_shard - instruction.skip)
+    if count > 0:
+      shards.append(Shard(os.fspath(instruction.filename), instruction.skip, count,
+                          instruction.examples_in_shard))
+  return shards
+
+
+def _array_record_module() -> Any:
+  """The ArrayRecord reader module (TFDS installs it on Linux only)."""
+  try:
+    # pylint: disable-next=g-import-not-at-top
+    from array_record.python import array_record_module as module
+  except ImportError as e:
+    raise UserError(f"reading ArrayRecord files needs the array_record package "
+                    f"({e}; it exists for Linux): `pip install array_record`, or set "
+                    "random_access=False to stream TFRecords") from None
+  return module
+
+
+def _array_record_problem(path: str, records_in_file: int) -> Optional[str]:
+  """None if the file's header and index (at its end) read back, else why not."""
+  try:
+    reader = _array_record_module().ArrayRecordReader(path, "readahead_buffer_size:0")
+  except (RuntimeError, ValueError) as e:
+    return f"cannot be opened ({e})"
+  try:
+    if not reader.ok():
+      return ("is damaged: its record index cannot be read (a truncated or "
+              "overwritten copy?)")
+    if reader.num_records() != records_in_file:
+      return (f"holds {reader.num_records()} records where dataset_info.json says "
+              f"{records_in_file}")
+    return None
+  finally:
+    try:
+      reader.close()
+    except RuntimeError:
+      pass
+
+
+# Shards whose cheap checks passed, keyed by (path, size, mtime): source_info
+# runs several times per run, and ImageNet has 1024 training shards.
+_CHECKED_SHARDS: set[tuple[str, int, int]] = set()
+
+
+def _check_shards(name: str, shards: Sequence[Shard], file_format: str,
+                  repair: str) -> None:
+  """UserError naming the first missing or damaged shard; reads no records.
+
+  Cheap enough for every start: a stat per file, and for ArrayRecord the
+  header and the index at the file's end (which a truncated copy loses). A
+  chunk garbled in the middle is caught by its checksum when it is read.
+  """
+  def problem(shard: Shard) -> Optional[str]:
+    if file_format == ARRAY_RECORD and "://" in shard.path:
+      return ("is not on a local file system; ArrayRecord files are read with "
+              "local file reads: mount the bucket (e.g. gcsfuse) and point data_dir "
+              "at the mount, or set random_access=False to stream TFRecords")
+    try:
+      stat = tf.io.gfile.stat(shard.path)
+    except tf.errors.NotFoundError:
+      return "is missing"
+    key = (shard.path, stat.length, stat.mtime_nsec)
+    if key in _CHECKED_SHARDS:
+      return None
+    if stat.length == 0:
+      return "is empty"
+    if file_format == ARRAY_RECORD:
+      why = _array_record_problem(shard.path, shard.records_in_file)
+      if why:
+        return why
+    _CHECKED_SHARDS.add(key)
+    return None
+
+  workers = max(1, min(32, len(shards)))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    problems = list(pool.map(problem, shards))
+  for shard, why in zip(shards, problems):
+    if why:
+      raise UserError(f"TFDS {name!r}: shard {shard.path} {why}; {repair}")
+
+
+def _tfds_repair(name: str, root: str, file_format: str) -> str:
+  return (f"copy the file again or re-create the dataset with "
+          f"{_build_command(name, root, file_format)}")
+
+
 def _tfds_info(cfg: Any, where: str) -> SourceInfo:
-  name, split, _ = _tfds_fields(cfg, where)
+  name, split, data_dir = _tfds_fields(cfg, where)
   builder = _tfds_builder(cfg, where)
+  access, file_format = _tfds_access(cfg, builder, where)
+  _use_format(builder, file_format)
   num_examples = _tfds_check_split(builder, split, where)
   if num_examples == 0:
     raise UserError(f"{where}.split={split!r} of TFDS {name!r} has no examples")
@@ -254,23 +461,157 @@ def _tfds_info(cfg: Any, where: str) -> SourceInfo:
   if not isinstance(label, tfds.features.ClassLabel):
     raise UserError(f"TFDS {name!r} has no class-label feature {label_key!r} "
                     f"(features: {list(features)}); set {where}.label_key")
+  root = _tfds_root(builder, data_dir)
+  repair = _tfds_repair(name, root, file_format)
+  _check_shards(name, split_shards(builder, split), file_format, repair)
+  note = "" if access != "streaming" else (
+      f"for exact resume add ArrayRecord files: {_add_array_record(builder)}")
   return SourceInfo(f"TFDS {name}[{split}] in {builder.data_dir}", num_examples,
                     int(label.num_classes), tuple(label.names),
-                    bool(cfg.get("cache_raw", False)))
+                    random_access=access != "streaming", access=access,
+                    repair=repair, note=note)
+
+
+class ArrayRecordSplit:
+  """A TFDS split in ArrayRecord files, read by index; nothing held in memory.
+
+  Index i of the (sliced) split is record `skip + i - first` of the shard whose
+  examples [first, first + count) contain i, shards in the order of TFDS's file
+  instructions: the mapping `tfds.data_source` uses, and the order TFDS wrote
+  the examples, which TFRecord streaming and cache_raw read too.
+
+  Reads go straight to one ArrayRecord reader per shard, opened on first use
+  and shared by all threads (it is thread-safe and releases the GIL while it
+  reads). Not through the data source's `__getitems__`: that starts a Python
+  thread pool on every call, up to one thread per shard touched, and under
+  tf.data's threads those pools deadlocked in our stress runs. Records come
+  back serialized; `parse` (a TF function) takes out the encoded image and the
+  label, so decoding stays in tf.data.
+  """
+
+  encoded = True
+
+  def __init__(self, name: str, shards: Sequence[Shard], features: Any,
+               image_key: str, label_key: str):
+    self.name = name
+    self.shards = tuple(shards)
+    self.features = features  # a FeaturesDict of just the image and the label
+    self.image_key, self.label_key = image_key, label_key
+    self._starts = np.cumsum([0] + [s.count for s in self.shards])
+    self._readers: list[Any] = [None] * len(self.shards)
+    self._lock = threading.Lock()
+
+  @property
+  def num_examples(self) -> int:
+    return int(self._starts[-1])
+
+  def read(self, indices: Sequence[int]) -> list[bytes]:
+    """Serialized examples at `indices`; ValueError naming a damaged shard."""
+    indices = np.asarray(indices, np.int64)
+    if np.any((indices < 0) | (indices >= self.num_examples)):
+      raise IndexError(f"indices outside [0, {self.num_examples}) of {self.name}")
+    owners = np.searchsorted(self._starts, indices, side="right") - 1
+    records: list[bytes] = [b""] * len(indices)
+    for k in np.unique(owners):
+      rows = np.flatnonzero(owners == k)
+      positions = indices[rows] - self._starts[k] + self.shards[k].skip
+      try:
+        found = self._reader(k).read(positions.tolist())
+      except (RuntimeError, ValueError, OSError) as e:
+        raise ValueError(f"ArrayRecord shard {self.shards[k].path} is damaged "
+                         f"({_first_line(e)})") from None
+      for row, record in zip(rows, found):
+        records[row] = record
+    return records
+
+  def parse(self, serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Serialized example -> (encoded image bytes, int32 label)."""
+    example = self.features.deserialize_example(
+        serialized, decoders={self.image_key: tfds.decode.SkipDecoding()})
+    return example[self.image_key], tf.cast(example[self.label_key], tf.int32)
+
+  def _reader(self, k: int) -> Any:
+    if self._readers[k] is None:
+      with self._lock:
+        if self._readers[k] is None:
+          # No read-ahead: every read is a jump (TFDS's data source does the same).
+          self._readers[k] = _array_record_module().ArrayRecordReader(
+              self.shards[k].path, "readahead_buffer_size:0",
+              file_reader_buffer_size=32768)
+    return self._readers[k]
+
+
+def _first_line(error: Exception) -> str:
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+# Open splits by (dataset dir, split, keys, shard stats): each holds one open
+# reader per shard, and tf.data keeps the Python function that reads them alive
+# for the life of the process, so a split opened twice would hold its files twice.
+_OPEN_SPLITS: dict[tuple[Any, ...], ArrayRecordSplit] = {}
+_FILE_LIMIT_HEADROOM = 1024
+
+
+def _array_record_split(name: str, split: str, data_dir: Optional[str],
+                        image_key: str, label_key: str) -> ArrayRecordSplit:
+  """The split's ArrayRecord files, opened once per process (see _OPEN_SPLITS)."""
+  builder = tfds.builder(name, data_dir=data_dir)
+  _use_format(builder, ARRAY_RECORD)
+  shards = tuple(split_shards(builder, split))
+  stats = tuple((s.path, os.stat(s.path).st_size, os.stat(s.path).st_mtime_ns)
+                for s in shards)
+  key = (str(builder.data_dir), str(split), image_key, label_key, stats)
+  if key not in _OPEN_SPLITS:
+    _allow_open_files(sum(len(s.shards) for s in _OPEN_SPLITS.values()) + len(shards))
+    features = builder.info.features
+    wanted = tfds.features.FeaturesDict({image_key: features[image_key],
+                                         label_key: features[label_key]})
+    _OPEN_SPLITS[key] = ArrayRecordSplit(
+        f"TFDS {name}[{split}] in {builder.data_dir}", shards, wanted, image_key,
+        label_key)
+  return _OPEN_SPLITS[key]
+
+
+def _allow_open_files(shard_count: int) -> None:
+  """Raises the soft open-file limit for one reader per shard (ImageNet: 1024
+  training shards, the common default limit)."""
+  import resource  # pylint: disable=g-import-not-at-top
+  soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+  need = shard_count + _FILE_LIMIT_HEADROOM
+  if soft == resource.RLIM_INFINITY or soft >= need:
+    return
+  target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+  if target > soft:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+  if target < need:
+    logging.getLogger("funmatch").warning(
+        "the open-file limit (ulimit -n %d) is low for %d ArrayRecord shards; raise "
+        "it (ulimit -n %d) if reads fail with 'Too many open files'", hard,
+        shard_count, need)
 
 
 @functools.lru_cache(maxsize=4)
 def _cached_tfds_split(name: str, split: str, data_dir: Optional[str],
-                       image_key: str, label_key: str
+                       image_key: str, label_key: str, file_format: str
                        ) -> tuple[np.ndarray, np.ndarray]:
   """Reads all (encoded image, label) pairs of a split into host memory once."""
-  builder = tfds.builder(name, data_dir=data_dir)
-  ds = builder.as_dataset(
-      split=split, shuffle_files=False,
-      decoders={image_key: tfds.decode.SkipDecoding()})
-  ds = ds.map(lambda ex: (ex[image_key], ex[label_key])).batch(1024)
+  if file_format == ARRAY_RECORD:
+    data = _array_record_split(name, split, data_dir, image_key, label_key)
+    serialized = np.empty(data.num_examples, dtype=object)
+    for start in range(0, data.num_examples, 4096):
+      chunk = data.read(range(start, min(start + 4096, data.num_examples)))
+      serialized[start:start + len(chunk)] = chunk
+    ds = tf.data.Dataset.from_tensor_slices(serialized).map(
+        data.parse, num_parallel_calls=tf.data.AUTOTUNE)
+  else:
+    builder = tfds.builder(name, data_dir=data_dir)
+    _use_format(builder, TFRECORD)
+    ds = builder.as_dataset(
+        split=split, shuffle_files=False,
+        decoders={image_key: tfds.decode.SkipDecoding()})
+    ds = ds.map(lambda ex: (ex[image_key], ex[label_key]))
   encoded, labels = [], []
-  for images, label in ds.as_numpy_iterator():
+  for images, label in ds.batch(1024).as_numpy_iterator():
     encoded.extend(images)
     labels.append(label)
   values = np.empty(len(encoded), dtype=object)
@@ -281,7 +622,7 @@ def _cached_tfds_split(name: str, split: str, data_dir: Optional[str],
 def tfds_dataset(cfg: Any, *, process_index: int, process_count: int,
                  shuffle_seed: Optional[int], where: str = "input"
                  ) -> tuple[tf.data.Dataset, int]:
-  """This host's part of a TFDS split as (encoded image, int32 label) pairs.
+  """This host's part of a TFDS split streamed from TFRecords: (image bytes, label).
 
   Hosts read disjoint contiguous sub-splits (`tfds.even_splits`). With a
   `shuffle_seed`, the files are read in a shuffled order that is reshuffled on
@@ -289,7 +630,7 @@ def tfds_dataset(cfg: Any, *, process_index: int, process_count: int,
   number of examples.
   """
   _, split, _ = _tfds_fields(cfg, where)
-  builder = _tfds_builder(cfg, where)
+  builder = _tfds_builder(cfg, where, TFRECORD)
   _tfds_check_split(builder, split, where)
   host_split = host_tfds_split(split, process_index, process_count)
   num_examples = _tfds_check_split(builder, host_split, where)
@@ -445,4 +786,7 @@ def _folder_info(cfg: Any, where: str) -> SourceInfo:
   paths, labels, names = _folder_listing(cfg, where)
   if cfg.get("verify_images", True):
     verify_images(paths, root)
-  return SourceInfo(f"folder {root}", len(labels), len(names), tuple(names), True)
+  return SourceInfo(
+      f"folder {root}", len(labels), len(names), tuple(names),
+      access="memory" if cfg.get("cache_raw", False) else "files",
+      repair="fix or remove the bad file (verify_images=True names it before training)")

@@ -27,7 +27,7 @@ from funmatch.distill import objectives
 from funmatch.errors import UserError
 from funmatch.models import layouts
 from funmatch.optim import make_optimizer
-from funmatch.train import weights
+from funmatch.train import evaluate, weights
 
 MODES = ("distill", "train")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -139,6 +139,7 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> Spec:
   parallel.check_batch_size(int(config.input.batch_size), mesh)
   for name, eval_config in config.evals.items():
     parallel.check_batch_size(int(eval_config.batch_size), mesh, f"evals.{name}.batch_size")
+  evaluate.check_settings(config)
   for group in ("student", "aux", *names):
     parallel.strategy(config, group, mesh)
   parallel.fsdp_min_size(config)

@@ -1,16 +1,18 @@
 """The host loop: data in, jitted steps, periodic logs, evals and checkpoints.
 
-    build the run (validated) -> hold the workdir -> restore or init the state
-      -> for each step: train step; at log steps read metrics; eval; checkpoint
+    build the run (validated) -> read the first batch -> hold the workdir
+      -> restore or init the state
+      -> for each step: train step; at log steps read metrics; due evals; checkpoint
       -> on SIGTERM/SIGINT: save and exit 0
 
 The loop reads device values only at logging, eval and checkpoint steps, so the
 host keeps dispatching steps ahead of the device.
 """
+import itertools
 import logging
 import signal
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import ml_collections
@@ -166,9 +168,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   built = build_lib.load_weights(config, spec, built)
   clock.mark("weights")
   run = build_lib.assemble(config, mode, spec, data, built)
+  # The first batches are read before anything is written, so a data file that
+  # fails to read (a garbled shard) leaves the workdir as it was.
+  start_step = max(checkpoint.saved_steps(workdir), default=0)
+  batches = _train_batches(run, start_step)
+  clock.mark("input pipeline")
   # ---- from here on the workdir is written, by one run at a time ----
   with workdir_lib.hold(workdir):
-    return _train(run, workdir, clock)
+    return _train(run, workdir, clock, start_step, batches)
+
+
+def _train_batches(run: build_lib.Run, start_step: int) -> Iterator[Any] | None:
+  """Global batches from `start_step + 1` on, the first already read (None: the
+  run is finished)."""
+  if start_step >= run.total_steps:
+    return None
+  from funmatch.data import pipeline  # pylint: disable=import-outside-toplevel
+  batches = pipeline.make_train_iterator(
+      run.config.input, run.plan.views, seed=int(run.config.seed), start_step=start_step,
+      sharding=parallel.batch_sharding(run.mesh), crops=run.plan.crops)
+  return itertools.chain([next(batches)], batches)
 
 
 def _restore_or_init(run, ckpt) -> tuple[state_lib.TrainState, int]:
@@ -181,26 +200,25 @@ def _restore_or_init(run, ckpt) -> tuple[state_lib.TrainState, int]:
   return state, 0
 
 
-def _train(run: build_lib.Run, workdir: str, clock: startup.Clock) -> dict[str, Any]:
-  """The loop itself, once the workdir is held."""
+def _train(run: build_lib.Run, workdir: str, clock: startup.Clock, planned_step: int,
+           train_batches: Iterator[Any] | None) -> dict[str, Any]:
+  """The loop itself, once the workdir is held and its batches are flowing."""
   config = run.config
   ckpt = checkpoint.Checkpointer(workdir, save_every=config.checkpoint_every_steps,
                                  keep=config.keep_checkpoints,
                                  keep_every=config.keep_every_steps)
   state, start_step = _restore_or_init(run, ckpt)
+  if start_step != planned_step:  # the latest checkpoint did not restore
+    train_batches = _train_batches(run, start_step)
   if jax.process_index() == 0:
     workdir_lib.write_config(workdir, config, run.mode, run.data.record())
   clock.mark("state")
 
-  from funmatch.data import pipeline  # pylint: disable=import-outside-toplevel
-  train_batches = pipeline.make_train_iterator(
-      config.input, run.plan.views, seed=int(config.seed), start_step=start_step,
-      sharding=parallel.batch_sharding(run.mesh), crops=run.plan.crops)
   evaluator = evaluate_lib.Evaluator(run)
   train_step = jit_train_step(run, state)
   writer = metrics_io.make_writer(workdir)
   progress = Progress(run, writer, config.log_every_steps)
-  clock.mark("input and eval pipelines")
+  clock.mark("eval pipelines")
   total = run.total_steps
   results: dict[str, Any] = {}
   try:
@@ -218,9 +236,10 @@ def _train(run: build_lib.Run, workdir: str, clock: startup.Clock) -> dict[str, 
             print(progress.line(step, scalars["train/loss"]), flush=True)
           writer.write_scalars(step, {**scalars, **progress.rates,
                                       "epoch": step / run.data.steps_per_epoch})
-        if _every(step, config.eval_every_steps, total) and evaluator.sets:
+        due = evaluator.due(step, total)
+        if due:
           with progress.timed("eval", wait_jax_async_dispatch=False):
-            results = evaluator(state.params)
+            results = evaluator(state.params, due)
           writer.write_scalars(step, results)
           log.info("eval at step %d: %s", step, evaluate_lib.summary(results))
         if _every(step, config.checkpoint_every_steps, total) or stop.received:

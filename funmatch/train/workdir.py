@@ -25,13 +25,16 @@ CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 
 # Keys a user may change when resuming: schedule length, logging, evaluation,
-# checkpoint cadence, data locations, and where arrays live (mesh, sharding:
-# a preempted run may resume on another slice). Anything else would change the run.
+# checkpoint cadence, data locations and how they are read (cache_raw,
+# random_access: the same examples, by index or streamed), and where arrays live
+# (mesh, sharding: a preempted run may resume on another slice). Anything else
+# would change the run. Workdirs older than a key show it as '<absent>' -> default.
 RESUMABLE_PREFIXES = (
     "total_epochs", "total_steps", "log_every_steps", "eval_every_steps",
     "checkpoint_every_steps", "keep_checkpoints", "keep_every_steps", "evals",
-    "input.data_dir", "input.root", "input.cache_raw", "input.shuffle_buffer",
-    "input.prefetch", "progress_every_seconds", "mesh", "sharding",
+    "input.data_dir", "input.root", "input.cache_raw", "input.random_access",
+    "input.shuffle_buffer", "input.prefetch", "progress_every_seconds", "mesh",
+    "sharding",
 )
 
 
