@@ -419,7 +419,7 @@ def check_reachable(path: Any, what: str) -> None:
     client = gcs_client()
   except google.auth.exceptions.GoogleAuthError as e:
     raise UserError(f"{what} {path}: no Google Cloud credentials found "
-                    f"({_first_line(e)}); {AUTH_HELP}") from None
+                    f"({one_line(e)}); {AUTH_HELP}") from None
   try:
     blobs = client.list_blobs(bucket_name, prefix=key, max_results=1,
                               timeout=_CHECK_TIMEOUT_S,
@@ -431,14 +431,14 @@ def check_reachable(path: Any, what: str) -> None:
   except (gexc.Forbidden, gexc.Unauthorized) as e:
     account = getattr(client._credentials, "service_account_email", None)  # pylint: disable=protected-access
     who = f" for {account}" if isinstance(account, str) and "@" in account else ""
-    raise UserError(f"{what} {path}: permission denied{who} ({_first_line(e)}); grant "
+    raise UserError(f"{what} {path}: permission denied{who} ({one_line(e)}); grant "
                     f"storage access to gs://{bucket_name}, or {AUTH_HELP}") from None
   except google.auth.exceptions.GoogleAuthError as e:
     raise UserError(f"{what} {path}: the Google Cloud credentials do not work "
-                    f"({_first_line(e)}); {AUTH_HELP}") from None
+                    f"({one_line(e)}); {AUTH_HELP}") from None
   except (gexc.GoogleAPIError, OSError, ValueError) as e:
     raise UserError(f"{what} {path}: cannot reach Cloud Storage ({type(e).__name__}: "
-                    f"{_first_line(e)}); check the network and the URL") from None
+                    f"{one_line(e)}); check the network and the URL") from None
 
 
 def gcs_client():
@@ -457,6 +457,6 @@ def gcs_client():
   return storage.Client(project=project or "unknown", credentials=credentials)
 
 
-def _first_line(e: BaseException) -> str:
-  text = " ".join(str(e).split())
-  return text[:200]
+def one_line(e: BaseException) -> str:
+  """An exception's message on one line, at most 200 characters (for UserErrors)."""
+  return " ".join(str(e).split())[:200]
