@@ -84,6 +84,15 @@ def join(path: Any, *parts: str) -> str:
   return os.path.join(path, *parts)
 
 
+def abspath(path: Any) -> str:
+  """Local paths made absolute (and ~ expanded); URLs unchanged (os.path.abspath
+  would turn gs://b/run into ./gs:/b/run)."""
+  path = os.fspath(path)
+  if is_remote(path):
+    return path
+  return os.path.abspath(os.path.expanduser(path))
+
+
 def dirname(path: Any) -> str:
   path = os.fspath(path)
   if is_remote(path):
@@ -151,6 +160,19 @@ def listdir(path: Any) -> list[str]:
   if is_remote(path):
     return sorted(p.name for p in epath.Path(path).iterdir())
   return sorted(os.listdir(path))
+
+
+def scandir(path: Any) -> list[tuple[str, bool]]:
+  """(name, is_directory) of each entry of a directory, sorted by name; one
+  listing request on object storage (not one per entry, as listdir + isdir)."""
+  if is_remote(path):
+    fs, key = _fs(os.fspath(path))
+    entries = fs.ls(key.rstrip("/"), detail=True)
+    found = {posixpath.basename(e["name"].rstrip("/")): e["type"] == "directory"
+             for e in entries}
+    return sorted((name, is_dir) for name, is_dir in found.items() if name)
+  with os.scandir(path) as entries:
+    return sorted((e.name, e.is_dir()) for e in entries)
 
 
 def getsize(path: Any) -> int:

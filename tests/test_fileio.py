@@ -34,6 +34,8 @@ def test_write_read_list_and_remove(root):
   assert fileio.isdir(run) and fileio.isdir(fileio.join(run, "checkpoints"))
   assert json.loads(fileio.read_text(config)) == {"seed": 1}
   assert fileio.listdir(run) == ["checkpoints", "config.json"]
+  assert fileio.scandir(run) == [("checkpoints", True), ("config.json", False)]
+  assert fileio.abspath(run) == run  # tmp_path is absolute; a URL stays as it is
   assert fileio.getsize(fileio.join(run, "checkpoints", "10", "data")) == 100
   assert fileio.basename(config) == "config.json" and fileio.dirname(config) == run
   fileio.remove(config)
