@@ -2,7 +2,7 @@
 
 Users keep workdirs, teachers and data in Cloud Storage and get preempted, so the
 product must not care whether a path is `/data/run` or `gs://bucket/run`. Local
-paths keep exactly today's os/shutil behaviour (flock, os.replace, errno
+paths keep exactly today's os/shutil behaviour (os.replace, os.rename, errno
 messages); URLs (`gs://`, and any scheme etils.epath/fsspec knows) go through
 `etils.epath` on its fsspec backend (gcsfs for gs://), plus fsspec itself for
 the two things epath cannot do safely: uploads that never publish half a file,
