@@ -196,7 +196,8 @@ def makedirs(path: Any) -> None:
     os.makedirs(path, exist_ok=True)
 
 
-def open(path: Any, mode: str = "r", **kwargs: Any) -> IO[Any]:  # pylint: disable=redefined-builtin
+# pylint: disable-next=redefined-builtin
+def open(path: Any, mode: str = "r", **kwargs: Any) -> IO[Any]:
   """`builtins.open` for local paths; for URLs reads stream and writes are atomic.
 
   On a URL, 'w'/'wb' publish the file on close (nothing on an exception) and
@@ -451,7 +452,8 @@ def check_reachable(path: Any, what: str) -> None:
     raise UserError(f"{what} {path}: bucket gs://{bucket_name} does not exist (or "
                     "is not visible to these credentials); check the bucket name") from None
   except (gexc.Forbidden, gexc.Unauthorized) as e:
-    account = getattr(client._credentials, "service_account_email", None)  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    account = getattr(client._credentials, "service_account_email", None)
     who = f" for {account}" if isinstance(account, str) and "@" in account else ""
     raise UserError(f"{what} {path}: permission denied{who} ({one_line(e)}); grant "
                     f"storage access to gs://{bucket_name}, or {AUTH_HELP}") from None
@@ -467,13 +469,13 @@ def gcs_client():
   """A google-cloud-storage client: anonymous against an emulator
   (STORAGE_EMULATOR_HOST), else Application Default Credentials."""
   # pylint: disable=import-outside-toplevel
+  import google.auth
+  from google.auth.credentials import AnonymousCredentials
   from google.cloud import storage
   # pylint: enable=import-outside-toplevel
   if os.environ.get("STORAGE_EMULATOR_HOST"):
-    from google.auth.credentials import AnonymousCredentials  # pylint: disable=import-outside-toplevel
     return storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "emulator"),
                           credentials=AnonymousCredentials())
-  import google.auth  # pylint: disable=import-outside-toplevel
   credentials, project = google.auth.default(
       scopes=["https://www.googleapis.com/auth/devstorage.read_write"])
   return storage.Client(project=project or "unknown", credentials=credentials)
