@@ -418,7 +418,7 @@ AUTH_HELP = ("authenticate with `gcloud auth application-default login`, or set 
              "TPU/GCE VM give the VM a service account with storage access and the "
              "cloud-platform (or devstorage.read_write) scope")
 _CHECK_TIMEOUT_S = (5.0, 15.0)  # (connect, read): fail in seconds, not minutes
-_CHECK_DEADLINE_S = 20.0         # total time retries on transient errors may take
+_CHECK_DEADLINE_S = 10.0         # total time retries on transient errors may take
 
 
 def check_reachable(path: Any, what: str) -> None:
