@@ -23,6 +23,7 @@ coordinator that never answers) raise `UserError` before JAX is asked, because
 JAX aborts the whole process (no exception) when it cannot reach the
 coordinator.
 """
+import contextlib
 import errno
 import inspect
 import logging
@@ -266,6 +267,12 @@ def _jax_initialize(what: str, address: str | None, **kwargs) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   known = inspect.signature(jax.distributed.initialize).parameters
   kwargs = {k: v for k, v in kwargs.items() if k in known}  # older JAX lack some
+  # funmatch agrees on preemption itself (funmatch/train/preemption.py). JAX's
+  # preemption service would install a C++ SIGTERM handler that only records the
+  # signal: until the loop's own handler replaces it, SIGTERM would not end
+  # the process.
+  with contextlib.suppress(AttributeError, ValueError):
+    jax.config.update("jax_enable_preemption_service", False)
   try:
     jax.distributed.initialize(**kwargs)
     jax.devices()
