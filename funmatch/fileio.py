@@ -181,6 +181,18 @@ def getsize(path: Any) -> int:
   return os.path.getsize(path)
 
 
+def version(path: Any) -> tuple[int, str]:
+  """(size, a token that changes with every rewrite) of a file: the mtime
+  locally, the object's generation on GCS; for caching checks of a file."""
+  if is_remote(path):
+    fs, key = _fs(os.fspath(path))
+    info = fs.info(key)
+    token = info.get("generation") or info.get("updated") or info.get("mtime") or ""
+    return int(info["size"]), str(token)
+  stat = os.stat(path)
+  return stat.st_size, str(stat.st_mtime_ns)
+
+
 # --------------------------------------------------------------------------
 # Reading and writing.
 # --------------------------------------------------------------------------
@@ -293,6 +305,20 @@ class _UploadOnClose:
   def writelines(self, lines) -> None:
     self._staged.writelines(lines)
 
+  # np.savez takes only objects with read() for files, and zipfile seeks back
+  # to write member headers: both act on the staged bytes.
+  def read(self, size: int = -1):
+    return self._staged.read(size)
+
+  def seekable(self) -> bool:
+    return True
+
+  def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+    return self._staged.seek(offset, whence)
+
+  def tell(self) -> int:
+    return self._staged.tell()
+
   def flush(self) -> None:
     self._staged.flush()
     if self._append and not self._closed:
@@ -335,6 +361,17 @@ def _upload(local_path: str, url: str) -> None:
   # finalised at the end: the object appears whole or not at all.
   fs, remote = _fs(url)
   fs.put_file(local_path, remote)
+
+
+def upload_file(local_path: Any, path: Any) -> None:
+  """Publishes a local file at `path` whole (one upload on object storage, a
+  copy beside the target and a rename locally)."""
+  local_path, path = os.fspath(local_path), os.fspath(path)
+  if is_remote(path):
+    _upload(local_path, path)
+    return
+  with atomic_open(path, "wb") as target, builtins.open(local_path, "rb") as source:
+    shutil.copyfileobj(source, target)
 
 
 # --------------------------------------------------------------------------

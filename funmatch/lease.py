@@ -105,6 +105,8 @@ def _flock(workdir: str) -> Iterator[None]:
   except OSError as e:
     raise UserError(f"cannot create --workdir {workdir} ({e.strerror or e}); choose a "
                     "writable path") from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise UserError(f"--workdir {workdir} is not writable; choose a writable path")
   path = os.path.join(workdir, LOCK_FILE)
   try:
     handle = open(path, "a+")  # pylint: disable=consider-using-with

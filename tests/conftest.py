@@ -53,6 +53,48 @@ def teacher_workdir(tmp_path_factory):
   return workdir
 
 
+def train_state(workdir, step):
+  """Every array of the train state saved at `step` (a path or gs://), by its key."""
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+  from funmatch import checkpoint, fileio
+  path = fileio.join(checkpoint.checkpoint_dir(workdir), str(step), "default")
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(path)
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+
+def assert_same_state(workdir, reference, step):
+  """Params, optimizer state, rng and step of `step` equal the reference's, bit for bit."""
+  import numpy as np
+  want, got = train_state(reference, step), train_state(workdir, step)
+  assert sorted(got) == sorted(want)
+  assert any("opt_state" in key for key in want)
+  for key, value in want.items():
+    np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def student_args(teacher, workdir, *extra, steps=None):
+  """funmatch-distill arguments of the tiny digits student of `teacher`."""
+  arg = TINY_STUDENT_ARG + f",teacher={teacher}"
+  if steps:
+    arg = arg.replace("steps=30", f"steps={steps}")
+  return ["--config", repo_path("configs", "digits.py") + ":" + arg,
+          "--workdir", workdir, "--config.teacher.width=0.5", *TINY_OVERRIDES, *extra]
+
+
+@pytest.fixture(scope="session")
+def student_workdir(teacher_workdir, tmp_path_factory):
+  """The tiny student distilled from `teacher_workdir` without interruption, on a
+  local disk: the reference of the resume tests (tests/test_gcs_run.py too)."""
+  from funmatch.train import cli
+  workdir = str(tmp_path_factory.mktemp("student") / "run")
+  assert cli.distill_main(["funmatch-distill", *student_args(teacher_workdir, workdir)]) == 0
+  return workdir
+
+
 @pytest.fixture(scope="session")
 def gcs():
   """A Cloud Storage emulator for the whole session (tests/gcs_emulator.py);

@@ -5,24 +5,10 @@ import os
 import numpy as np
 import pytest
 
-from conftest import TINY_OVERRIDES, TINY_STUDENT_ARG, repo_path, run_cli
+from conftest import TINY_STUDENT_ARG, repo_path, run_cli
+from conftest import student_args as distill_args
 from funmatch import checkpoint
 from funmatch.train import cli, metrics_io
-
-
-def distill_args(teacher_workdir, workdir, *extra, steps=None):
-  arg = TINY_STUDENT_ARG + f",teacher={teacher_workdir}"
-  if steps:
-    arg = arg.replace("steps=30", f"steps={steps}")
-  return ["--config", repo_path("configs", "digits.py") + ":" + arg,
-          "--workdir", workdir, "--config.teacher.width=0.5", *TINY_OVERRIDES, *extra]
-
-
-@pytest.fixture(scope="module")
-def student_workdir(teacher_workdir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("student") / "run")
-  assert cli.distill_main(["funmatch-distill", *distill_args(teacher_workdir, workdir)]) == 0
-  return workdir
 
 
 def test_teacher_learns_digits(teacher_workdir):

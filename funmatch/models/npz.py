@@ -3,28 +3,29 @@
 Loading never runs code from a file: `np.load(allow_pickle=False)` refuses object
 arrays. Models whose flax names already are the official ones (ViT) or that have
 no other layout (MobileNetV3) store their params flat: the flax path joined by '/'.
+Files are read and written through funmatch.fileio: a path or a gs:// URL.
 """
-import os
 import re
-import tempfile
 from typing import Any, Sequence
 
 import flax
 import numpy as np
 
+from funmatch import fileio
 from funmatch.errors import UserError
 
 
 def read(path: str) -> dict[str, np.ndarray]:
   """All arrays of an `.npz`, or a one-line UserError naming the path."""
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     raise UserError(f"weights file not found: {path}; check the path")
   try:
-    archive = np.load(path, allow_pickle=False)
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-      raise ValueError("a single .npy array, not an .npz archive")
-    with archive:
-      return {name: np.asarray(archive[name]) for name in archive.files}
+    with fileio.open(path, "rb") as f:  # zip members are read by seeking
+      archive = np.load(f, allow_pickle=False)
+      if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError("a single .npy array, not an .npz archive")
+      with archive:
+        return {name: np.asarray(archive[name]) for name in archive.files}
   except Exception as e:  # pylint: disable=broad-except
     # Whatever the parser trips on (bad zip, truncated member, pickles, ...), the
     # cause is the file: say so in one line.
@@ -34,18 +35,9 @@ def read(path: str) -> dict[str, np.ndarray]:
 
 
 def write(path: str, arrays: dict[str, np.ndarray]) -> str:
-  """Writes `arrays` to `path` atomically (beside it, then renamed); returns `path`."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp_path = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
+  """Writes `arrays` to `path` whole or not at all (fileio.atomic_open); returns `path`."""
+  with fileio.atomic_open(path, "wb") as f:
+    np.savez(f, **arrays)
   return path
 
 

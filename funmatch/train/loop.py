@@ -2,13 +2,13 @@
 
     build the run (validated) -> hold the workdir -> restore or init the state
       -> for each step: train step; at log steps read metrics; eval; checkpoint
-      -> on SIGTERM/SIGINT: save and exit 0
+      -> on SIGTERM/SIGINT (agreed by all processes, preemption.py): save, exit 0
 
 The loop reads device values only at logging, eval and checkpoint steps, so the
-host keeps dispatching steps ahead of the device.
+host keeps dispatching steps ahead of the device. The workdir may be a path or a
+gs:// URL: every file goes through funmatch.fileio, checkpoints through Orbax.
 """
 import logging
-import signal
 import time
 from typing import Any
 
@@ -20,7 +20,7 @@ from funmatch import checkpoint, parallel
 from funmatch.errors import UserError
 from funmatch.train import build as build_lib
 from funmatch.train import evaluate as evaluate_lib
-from funmatch.train import metrics_io, state as state_lib, step as step_lib
+from funmatch.train import metrics_io, preemption, state as state_lib, step as step_lib
 from funmatch.train import workdir as workdir_lib
 
 log = logging.getLogger("funmatch")
@@ -29,30 +29,6 @@ log = logging.getLogger("funmatch")
 class TrainingDiverged(UserError):
   """The loss became non-finite; the last good checkpoint is kept."""
   exit_code = 3
-
-
-class StopSignal:
-  """Remembers SIGTERM/SIGINT so the loop can save and exit between steps."""
-
-  def __init__(self):
-    self.received = None
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not in the main thread (e.g. tests): no handler
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.received = signal.Signals(signum).name
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 class Progress(periodic_actions.ReportProgress):
@@ -148,11 +124,11 @@ def _check_finite(state, step_hint: int, ckpt: checkpoint.Checkpointer) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        mode: str = "distill") -> dict[str, Any]:
   """Trains (distills) until the configured number of steps; returns final evals."""
-  run = build_lib.build(config, mode)
+  run = build_lib.build(config, mode, workdir=workdir)
   workdir_lib.check_resumable(workdir, config, mode)
   # ---- from here on the workdir is written, by one run at a time ----
-  with workdir_lib.hold(workdir):
-    return _train(run, workdir)
+  with workdir_lib.hold(workdir) as hold:
+    return _train(run, workdir, hold)
 
 
 def _restore_or_init(run, ckpt) -> tuple[state_lib.TrainState, int]:
@@ -165,8 +141,8 @@ def _restore_or_init(run, ckpt) -> tuple[state_lib.TrainState, int]:
   return state, 0
 
 
-def _train(run: build_lib.Run, workdir: str) -> dict[str, Any]:
-  """The loop itself, once the workdir is held."""
+def _train(run: build_lib.Run, workdir: str, hold) -> dict[str, Any]:
+  """The loop itself, once the workdir is held (`hold`: funmatch.lease)."""
   config = run.config
   ckpt = checkpoint.Checkpointer(workdir, save_every=config.checkpoint_every_steps,
                                  keep=config.keep_checkpoints,
@@ -181,12 +157,12 @@ def _train(run: build_lib.Run, workdir: str) -> dict[str, Any]:
       sharding=parallel.batch_sharding(run.mesh), crops=run.plan.crops)
   evaluator = evaluate_lib.Evaluator(run)
   train_step = jit_train_step(run, state)
-  writer = metrics_io.make_writer(workdir)
+  writer = metrics_io.make_writer(workdir, hold)
   progress = Progress(run, writer, config.log_every_steps)
   total = run.total_steps
   results: dict[str, Any] = {}
   try:
-    with StopSignal() as stop:
+    with preemption.Stops(hold, config.preemption_check_every_steps) as stops:
       for step in range(start_step + 1, total + 1):
         state, metrics = train_step(state, next(train_batches), run.teacher_params)
         progress(step)
@@ -197,19 +173,23 @@ def _train(run: build_lib.Run, workdir: str) -> dict[str, Any]:
             print(progress.line(step, scalars["train/loss"]), flush=True)
           writer.write_scalars(step, {**scalars, **progress.rates,
                                       "epoch": step / run.data.steps_per_epoch})
+          writer.flush()  # on gs:// this publishes metrics.jsonl and the events
         if _every(step, config.eval_every_steps, total) and evaluator.sets:
           with progress.timed("eval"):
             results = evaluator(state.params)
           writer.write_scalars(step, results)
+          writer.flush()
           log.info("eval at step %d: %s", step, evaluate_lib.summary(results))
-        if _every(step, config.checkpoint_every_steps, total) or stop.received:
+        checkpoint_due = _every(step, config.checkpoint_every_steps, total)
+        stop = stops.at(step, checkpoint_due)
+        if checkpoint_due or stop:
           with progress.timed("checkpoint"):
             _check_finite(state, step, ckpt)
             ckpt.save(step, state, force=True)
-        if stop.received:
+        if stop:
           ckpt.wait()
-          print(f"funmatch: {stop.received} received: saved a checkpoint at step {step}; "
-                "run the same command to resume", flush=True)
+          print(f"funmatch: {stop}: saved a checkpoint at step {step}; run the same "
+                "command to resume", flush=True)
           return results
       if start_step >= total and evaluator.sets:  # a finished run, started again
         results = evaluator(state.params)

@@ -2,15 +2,15 @@
 
 `config.<model>.init` is '' (the random init), a weights file (read by the model's
 own module, funmatch/models: an official BiT .npz, a funmatch export, ...) or a
-funmatch-train/distill workdir (its latest checkpoint's student).
+funmatch-train/distill workdir (its latest checkpoint's student); either may be
+a path or a gs:// URL (funmatch.fileio).
 """
 import logging
-import os
 from typing import Any, Sequence
 
 import ml_collections
 
-from funmatch import config_util, models
+from funmatch import config_util, fileio, models
 from funmatch.errors import UserError
 from funmatch.models import npz
 
@@ -71,10 +71,10 @@ def initial_params(model_config: ml_collections.ConfigDict, init_params: Any, *,
   init = model_config.init
   if not init:
     return init_params
-  if os.path.isdir(init):
+  if fileio.isdir(init):
     return _from_workdir(init, model_config, init_params, what, check_model=teacher)
-  if not os.path.exists(init):
-    raise UserError(f"{what}.init file not found: {init}")
+  if not fileio.exists(init):
+    raise UserError(f"{what}.init file not found: {init}; check the path")
   dont_load: Sequence[str] = () if teacher else tuple(model_config.dont_load)
   params = models.load_params(model_config.model, init, init_params, dont_load,
                               strict_head=teacher)
