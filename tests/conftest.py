@@ -60,8 +60,11 @@ def train_state(workdir, step):
   import orbax.checkpoint as ocp
   from funmatch import checkpoint, fileio
   path = fileio.join(checkpoint.checkpoint_dir(workdir), str(step), "default")
-  with ocp.StandardCheckpointer() as checkpointer:
-    restored = checkpointer.restore(path)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    # As host arrays: the state may have been saved from another device count.
+    tree = checkpointer.metadata(path).item_metadata.tree
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)))
   return {jax.tree_util.keystr(k): np.asarray(v)
           for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
 

@@ -14,8 +14,9 @@ ROWS = []
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory, teacher_workdir):
-  made = bad_inputs.Bench(str(tmp_path_factory.mktemp("bench")), trained=teacher_workdir)
+def bench(tmp_path_factory, teacher_workdir, gcs):
+  made = bad_inputs.Bench(str(tmp_path_factory.mktemp("bench")), trained=teacher_workdir,
+                          bucket=gcs.root)
   yield made
   made.close()
 
