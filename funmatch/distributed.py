@@ -275,7 +275,8 @@ def _jax_initialize(what: str, address: str | None, **kwargs) -> None:
     jax.config.update("jax_enable_preemption_service", False)
   try:
     jax.distributed.initialize(**kwargs)
-    jax.devices()
+    if jax.devices()[0].platform == "cpu" and jax.process_count() > 1:
+      _no_compilation_cache_on_cpu_clusters()
   except Exception as e:  # pylint: disable=broad-except  (JaxRuntimeError, ValueError)
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
     if address:
@@ -286,6 +287,17 @@ def _jax_initialize(what: str, address: str | None, **kwargs) -> None:
     raise UserError(f"cannot start the multi-host run ({what}): jax.distributed failed "
                     f"({reason}); give --coordinator_address, --num_processes and "
                     f"--process_id, or set {MODE_ENV}=off to run this host alone") from None
+
+
+def _no_compilation_cache_on_cpu_clusters() -> None:
+  """JAX writes persistent-cache entries from process 0 only, so with a warm cache
+  process 0 loads a program the others still compile; gloo gives up setting up the
+  first collective when the processes arrive more than 30 s apart. CPU processes
+  therefore all compile (funmatch/cache.py's cache stays on everywhere else)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.config.jax_enable_compilation_cache:
+    log.info("multi-process CPU run: JAX's persistent compilation cache is off")
+    jax.config.update("jax_enable_compilation_cache", False)
 
 
 def _env(name: str) -> str | None:
