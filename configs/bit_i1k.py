@@ -6,7 +6,7 @@ use :epochs=9600 for the longest schedule; :optimizer=shampoo,epochs=1200 for th
 paper's Shampoo run, which matched Adam's 4800-epoch student).
 
   funmatch-distill --config configs/bit_i1k.py:teacher=/models/BiT-M-R152x2-i1k \
-      --workdir /mnt/gcs/bucket/fm_i1k --config.input.data_dir=/data/tfds
+      --workdir gs://bucket/fm_i1k --config.input.data_dir=/data/tfds
 `teacher` must be an ImageNet-1k fine-tuned R152x2 (an .npz with a 1000-class head, or a
 funmatch-train workdir).
 """

@@ -5,7 +5,7 @@ resolution. The paper's 160px R50 student reaches 80.49% top-1 at about half
 the student cost of 224px.
 
   funmatch-distill --config configs/bit_i1k_160.py:teacher=/models/BiT-M-R152x2-i1k.npz \
-      --workdir /mnt/gcs/bucket/fm_i1k_160 --config.input.data_dir=/data/tfds
+      --workdir gs://bucket/fm_i1k_160 --config.input.data_dir=/data/tfds
 Takes configs/bit_i1k.py's arguments (res defaults to 160 here).
 """
 from funmatch import config_util

@@ -5,7 +5,7 @@ distillation target is the average of their logits; 9600 epochs (82.8% top-1 in
 the paper). Evaluation reports each teacher, the ensemble and the agreement.
 
   funmatch-distill --config configs/bit_i1k_ensemble.py:teacher=/models/r152x2_224.npz,teacher384=/models/r152x2_384.npz \
-      --workdir /mnt/gcs/bucket/fm_i1k_ens --config.input.data_dir=/data/tfds
+      --workdir gs://bucket/fm_i1k_ens --config.input.data_dir=/data/tfds
 `ensemble=sum_kl` sums the per-teacher KLs instead of averaging logits.
 """
 from funmatch import config_util as cu

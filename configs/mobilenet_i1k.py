@@ -4,7 +4,7 @@ The paper's MobileNetV3 student reaches 74.60% at 300 epochs and 76.31% at 1200;
 otherwise the recipe of configs/bit_i1k.py.
 
   funmatch-distill --config configs/mobilenet_i1k.py:teacher=/models/BiT-M-R152x2-i1k.npz,epochs=300 \
-      --workdir /mnt/gcs/bucket/fm_mnv3 --config.input.data_dir=/data/tfds
+      --workdir gs://bucket/fm_mnv3 --config.input.data_dir=/data/tfds
 """
 from funmatch import config_util as cu
 
