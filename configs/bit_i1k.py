@@ -7,7 +7,7 @@ paper's Shampoo run, which matched Adam's 4800-epoch student).
 
   funmatch-fetch FunMatch-teacher-224px-i1k     # once, on a machine with network
   funmatch-distill --config configs/bit_i1k.py \
-      --workdir /mnt/gcs/bucket/fm_i1k --config.input.data_dir=/data/tfds
+      --workdir gs://bucket/fm_i1k --config.input.data_dir=/data/tfds
 `teacher` (default: the paper's teacher, by name, see docs/weights.md) must be an
 ImageNet-1k fine-tuned R152x2: a published name, an .npz with a 1000-class head, or a
 funmatch-train workdir.

@@ -5,7 +5,7 @@ resolution. The paper's 160px R50 student reaches 80.49% top-1 at about half
 the student cost of 224px.
 
   funmatch-distill --config configs/bit_i1k_160.py \
-      --workdir /mnt/gcs/bucket/fm_i1k_160 --config.input.data_dir=/data/tfds
+      --workdir gs://bucket/fm_i1k_160 --config.input.data_dir=/data/tfds
 Takes configs/bit_i1k.py's arguments (res defaults to 160 here; the teacher defaults to
 FunMatch-teacher-224px-i1k; stem padding as in bit_i1k.py).
 Data: imagenet2012 in ArrayRecord files, prepared as configs/bit_i1k.py says.

@@ -6,7 +6,7 @@ the paper). Evaluation reports each teacher, the ensemble and the agreement.
 
   funmatch-fetch FunMatch-teacher-224px-i1k FunMatch-teacher-384px-i1k
   funmatch-distill --config configs/bit_i1k_ensemble.py \
-      --workdir /mnt/gcs/bucket/fm_i1k_ens --config.input.data_dir=/data/tfds
+      --workdir gs://bucket/fm_i1k_ens --config.input.data_dir=/data/tfds
 The teachers default to the paper's, by name (`teacher=`, `teacher384=` take other
 names, files or workdirs); their stem padding follows their weights (-inf for these).
 `ensemble=sum_kl` sums the per-teacher KLs instead of averaging logits.

@@ -5,7 +5,7 @@ otherwise the recipe of configs/bit_i1k.py (teacher FunMatch-teacher-224px-i1k b
 its stem padding following its weights).
 
   funmatch-distill --config configs/mobilenet_i1k.py:epochs=300 \
-      --workdir /mnt/gcs/bucket/fm_mnv3 --config.input.data_dir=/data/tfds
+      --workdir gs://bucket/fm_mnv3 --config.input.data_dir=/data/tfds
 Data: imagenet2012 in ArrayRecord files, prepared as configs/bit_i1k.py says.
 """
 from funmatch import config_util as cu

@@ -7,7 +7,7 @@ train 100 epochs with SGD (momentum 0.9, lr 0.1 per 256 images, cosine, weight d
 ImageNet-1k head (an official-name .npz export or a funmatch-train workdir).
 
   funmatch-distill --config configs/ofakd_i1k.py:teacher=/models/vit_b16_i1k.npz \
-      --workdir /mnt/gcs/bucket/ofa_vitb_r50 --config.input.data_dir=/data/tfds
+      --workdir gs://bucket/ofa_vitb_r50 --config.input.data_dir=/data/tfds
 `baseline=True`: the same student and recipe on labels alone (funmatch-train).
 """
 from funmatch import config_util as cu

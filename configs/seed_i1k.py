@@ -8,7 +8,7 @@ EfficientNet-B0 42.2 -> 67.6. The final eval reports val/linear_probe_top1; it h
 the whole train split's features in host memory (1.28M x 1280 floats, 6.5 GB).
 
   funmatch-distill --config configs/seed_i1k.py \
-      --workdir /mnt/gcs/bucket/seed_mnv3 --config.input.data_dir=/data/tfds
+      --workdir gs://bucket/seed_mnv3 --config.input.data_dir=/data/tfds
 The teacher defaults to FunMatch-teacher-224px-i1k (by name, docs/weights.md; its stem
 padding follows its weights). `student=bit` distils into BiT-R50x1 instead; `queue_size` must be a multiple of
 `batch_size`.

@@ -9,11 +9,11 @@ The Q-K and V-V relations of the student's last block (split into the teacher's 
 of the last block (ViT-B/S). No label loss: the pre-trained student is then fine-tuned.
 
   funmatch-distill --config configs/tinymim_i1k.py:student=B,teacher=L,teacher_init=/m/vit_l.npz \
-      --workdir /mnt/gcs/bucket/tinymim_b --config.input.data_dir=/data/tfds
-  funmatch-train --config configs/tinymim_i1k.py:student=B,finetune=/mnt/gcs/bucket/tinymim_b \
-      --workdir /mnt/gcs/bucket/tinymim_b_ft --config.input.data_dir=/data/tfds
+      --workdir gs://bucket/tinymim_b --config.input.data_dir=/data/tfds
+  funmatch-train --config configs/tinymim_i1k.py:student=B,finetune=gs://bucket/tinymim_b \
+      --workdir gs://bucket/tinymim_b_ft --config.input.data_dir=/data/tfds
 Sequential distillation (the paper's best, B -> S -> T): the finished student teaches
-the next one, e.g. `student=S,teacher=B,teacher_init=/mnt/gcs/bucket/tinymim_b_ft` (a
+the next one, e.g. `student=S,teacher=B,teacher_init=gs://bucket/tinymim_b_ft` (a
 workdir or a funmatch-export .npz; the teacher needs a 1000-class head, so use the
 fine-tuned one). `finetune=WORKDIR` is MAE's fine-tuning: 100 epochs, batch 1024, lr
 5e-4 x 1024 / 256, weight decay 0.05, drop-path 0.1, mixup 0.8 (the layer-wise lr decay

@@ -8,7 +8,7 @@ lambda 0.5, blocks 0 and 1 mimicked, final tokens generated) + NKD (T = 1, gamma
 Published top-1: DeiT-T 74.42 -> 76.06 (ViTKD) -> 77.78 (+NKD); DeiT-S 80.55 -> 81.95 -> 83.59.
 
   funmatch-distill --config configs/vitkd_i1k.py:student=Ti,teacher_init=/models/vit_s.npz \
-      --workdir /mnt/gcs/bucket/vitkd_ti --config.input.data_dir=/data/tfds
+      --workdir gs://bucket/vitkd_ti --config.input.data_dir=/data/tfds
 `student` is Ti, S or B; `teacher` (default: the next size up) its ViT variant and
 `teacher_init` its weights (a funmatch export / official-name ViT .npz with a 1000-class
 head, or a funmatch-train workdir); `nkd=False` is ViTKD alone. Not reproduced here: DeiT's

@@ -6,37 +6,41 @@ Only the train state is saved: teachers are reloaded from their init each run.
 A latest checkpoint that does not restore (a save cut short, damaged files) is
 moved aside to `checkpoints/corrupt-<step>-<time>` (never deleted) and the run
 falls back to the newest one that restores.
+
+Workdirs on gs:// work the same: Orbax writes there natively (metadata through
+etils.epath, which funmatch.fileio points at gcsfs, arrays through tensorstore);
+a finished save is marked by its commit_success.txt instead of a rename, and
+moving a checkpoint aside is copy-then-delete (fileio.move).
 """
 import logging
-import os
 import time
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from funmatch import fileio  # before Orbax resolves a gs:// path (fsspec, not TF)
 from funmatch.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  return fileio.join(fileio.abspath(workdir), CHECKPOINT_DIR)
 
 
 def saved_steps(workdir: str) -> list[int]:
-  """Steps with a finished checkpoint in `workdir`, without creating anything."""
+  """Steps with a finished checkpoint in `workdir`, without creating anything.
+
+  Orbax's own test of "finished": a renamed (non-temporary) step directory on
+  disks, one holding commit_success.txt on gs://.
+  """
   directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not fileio.isdir(directory):
     return []
-  steps = []
-  for name in os.listdir(directory):
-    # Orbax writes into a temporary name and renames when done, so a bare
-    # integer directory is a finished save.
-    if name.isdigit() and os.path.isdir(os.path.join(directory, name)):
-      steps.append(int(name))
-  return sorted(steps)
+  return sorted(ocp.step.checkpoint_steps(directory))
 
 
 class Checkpointer:
@@ -79,7 +83,7 @@ class Checkpointer:
         skipped.append((step, f"{type(e).__name__}: {_first_line(e)}"))
         continue
       if skipped:
-        moved = [_move_aside(os.fspath(directory), s) for s, _ in skipped]
+        moved = [_move_aside(str(directory), s) for s, _ in skipped]
         logging.warning(
             "funmatch: checkpoint(s) at step(s) %s in %s do not restore (%s); moved "
             "aside to %s; resuming from step %d", [s for s, _ in skipped], directory,
@@ -106,10 +110,17 @@ def _first_line(e: BaseException) -> str:
 
 
 def _move_aside(directory: str, step: int) -> str:
-  """Renames checkpoints/<step> to checkpoints/corrupt-<step>-<time> (process 0)."""
-  target = os.path.join(directory, f"corrupt-{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+  """Moves checkpoints/<step> to checkpoints/corrupt-<step>-<time> (process 0).
+
+  On object storage a move is copy, check, then delete (fileio.move): an
+  interrupted move leaves the checkpoint where it was. The other processes
+  wait for it, so that all of them then list the same steps.
+  """
+  target = fileio.join(directory, f"corrupt-{step}-{time.strftime('%Y%m%dT%H%M%S')}")
   if jax.process_index() == 0:
-    os.rename(os.path.join(directory, str(step)), target)
+    fileio.move(fileio.join(directory, str(step)), target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"funmatch: moved aside step {step}")
   return target
 
 
@@ -128,7 +139,7 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[int, Any]:
   elif step not in steps:
     raise UserError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; "
                     f"available steps: {steps}")
-  item_dir = os.path.join(checkpoint_dir(workdir), str(step), "default")
+  item_dir = fileio.join(checkpoint_dir(workdir), str(step), "default")
   try:
     with ocp.PyTreeCheckpointer() as checkpointer:
       params_meta = checkpointer.metadata(item_dir).item_metadata.tree["params"]

@@ -101,6 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3             # keep the last N ...
   c.keep_every_steps = 0             # ... plus every K-th step (0: none)
+  # Multi-host runs: how often the processes agree whether one got SIGTERM/SIGINT
+  # (then all save the same step and exit 0); one process checks every step.
+  c.preemption_check_every_steps = 10
   c.mesh = (("data", -1),)            # e.g. (("data", -1), ("fsdp", 8))
   # Per group: replicate | fsdp (needs an 'fsdp' mesh axis); see funmatch/parallel.py.
   # A teacher may get its own key (config.sharding.<teacher name>) in a recipe.

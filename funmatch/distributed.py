@@ -23,6 +23,7 @@ coordinator that never answers) raise `UserError` before JAX is asked, because
 JAX aborts the whole process (no exception) when it cannot reach the
 coordinator.
 """
+import contextlib
 import errno
 import inspect
 import logging
@@ -280,6 +281,12 @@ def _jax_initialize(what: str, address: str | None, **kwargs) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   known = inspect.signature(jax.distributed.initialize).parameters
   kwargs = {k: v for k, v in kwargs.items() if k in known}  # older JAX lack some
+  # funmatch agrees on preemption itself (funmatch/train/preemption.py). JAX's
+  # preemption service would install a C++ SIGTERM handler that only records the
+  # signal: until the loop's own handler replaces it, SIGTERM would not end
+  # the process.
+  with contextlib.suppress(AttributeError, ValueError):
+    jax.config.update("jax_enable_preemption_service", False)
   try:
     jax.distributed.initialize(**kwargs)
     jax.devices()
@@ -294,6 +301,17 @@ def _jax_initialize(what: str, address: str | None, **kwargs) -> None:
     raise UserError(f"cannot start the multi-host run ({what}): jax.distributed failed "
                     f"({reason}); give --coordinator_address, --num_processes and "
                     f"--process_id, or set {MODE_ENV}=off to run this host alone") from None
+
+
+def _no_compilation_cache_on_cpu_clusters() -> None:
+  """JAX writes persistent-cache entries from process 0 only, so with a warm cache
+  process 0 loads a program the others still compile; gloo gives up setting up the
+  first collective when the processes arrive more than 30 s apart. CPU processes
+  therefore all compile (funmatch/cache.py's cache stays on everywhere else)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.config.jax_enable_compilation_cache:
+    log.info("multi-process CPU run: JAX's persistent compilation cache is off")
+    jax.config.update("jax_enable_compilation_cache", False)
 
 
 def _env(name: str) -> str | None:

@@ -69,15 +69,23 @@ class Bench:
 
   `trained` is a finished funmatch-train workdir of `teacher_run`; without one the
   bench trains it (about half a minute). `jpeg_tfds` is conftest's fixture of the
-  same name (tests/tfds_testdata.py); without one the bench prepares it.
+  same name (tests/tfds_testdata.py); without one the bench prepares it. `bucket`
+  is gs://BUCKET of a Cloud Storage emulator (tests/gcs_emulator.py) for the
+  gs:// cases.
   """
 
   def __init__(self, root: str, trained: Optional[str] = None,
-               jpeg_tfds: Optional[dict[str, str]] = None):
+               jpeg_tfds: Optional[dict[str, str]] = None, bucket: Optional[str] = None):
     self.root = root
     self._trained = trained
     self._jpeg_tfds = jpeg_tfds
+    self._bucket = bucket
     self._held = contextlib.ExitStack()
+
+  def gs(self, name: str) -> str:
+    """A fresh gs:// location in the emulator's bucket, named after `name`."""
+    assert self._bucket, "the gs:// cases need Bench(bucket=...)"
+    return f"{self._bucket}/{os.path.basename(self.root)}/{name}"
 
   def close(self) -> None:
     self._held.close()
@@ -267,9 +275,9 @@ class Bench:
   @functools.cached_property
   def locked(self) -> str:
     """A fresh workdir whose lock this process holds (as a running job would)."""
-    from funmatch.train import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+    from funmatch import lease  # pylint: disable=import-outside-toplevel
     path = self._path("locked")
-    self._held.enter_context(workdir_lib.lock(path))
+    self._held.enter_context(lease.hold_workdir(path))
     return path
 
   @functools.cached_property
@@ -330,6 +338,15 @@ def _teacher(attr):
 
 def _on(attr):
   return lambda b, run: getattr(b, attr)
+
+
+# No credentials at all, and none of the emulator's settings: what a user sees on
+# a laptop or VM where nobody ran `gcloud auth application-default login`.
+NO_CREDENTIALS = {"STORAGE_EMULATOR_HOST": "", "TENSORSTORE_GCS_HTTP_URL": "",
+                  "GOOGLE_AUTH_TOKEN_FOR_TESTING": "",
+                  "GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/funmatch-key.json",
+                  "CLOUDSDK_CONFIG": "/nonexistent/gcloud", "NO_GCE_CHECK": "true",
+                  "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9"}
 
 
 CASES = [
@@ -486,11 +503,33 @@ CASES = [
     Case("predict --topk 0", "predict",
          lambda b, run: ["--model", b.trained, "--images", b.bad_image, "--topk", "0"],
          "--topk", workdir=_on("trained")),
+    # Cloud Storage (the emulator; nothing may appear in the bucket either).
+    Case("gs:// workdir in a bucket that does not exist", "distill",
+         lambda b, run: distill(b.teacher, "gs://funmatch-no-such-bucket/run"),
+         "bucket gs://funmatch-no-such-bucket does not exist",
+         workdir=lambda b, run: "gs://funmatch-no-such-bucket/run"),
+    Case("gs:// workdir without credentials", "distill",
+         lambda b, run: distill(b.teacher, b.gs("no_credentials")),
+         "no Google Cloud credentials found", workdir=lambda b, run: b.gs("no_credentials"),
+         env=NO_CREDENTIALS),
+    Case("gs:// teacher file that does not exist", "distill",
+         lambda b, run: distill(b.gs("nope.npz"), b.gs("missing_teacher")),
+         "nope.npz", workdir=lambda b, run: b.gs("missing_teacher")),
+    Case("malformed URL (one slash)", "distill",
+         lambda b, run: distill(b.teacher, "gs:/funmatch-test/run"), "two slashes",
+         workdir=lambda b, run: os.path.abspath("gs:")),
+    Case("gs:// TFDS data_dir with no prepared dataset", "distill",
+         lambda b, run: distill(b.teacher, b.gs("unprepared_run"),
+                                "--config.input.source=tfds", "--config.input.name=mnist",
+                                f"--config.input.data_dir={b.gs('tfds')}"),
+         "is not prepared", workdir=lambda b, run: b.gs("")),
 ]
 
 
 def snapshot(path: str):
   """Every file under `path` with size and mtime (None if it does not exist)."""
+  if "://" in path:
+    return _remote_snapshot(path)
   if not os.path.exists(path):
     return None
   if not os.path.isdir(path):
@@ -504,6 +543,17 @@ def snapshot(path: str):
       found[os.path.relpath(full, path)] = (
           None if name in dirs else stat.st_size, stat.st_mtime_ns)
   return found
+
+
+def _remote_snapshot(url: str):
+  """Every object under `url` with size and generation (None if there is none)."""
+  import fsspec  # pylint: disable=import-outside-toplevel
+  fs, key = fsspec.core.url_to_fs(url)
+  try:
+    found = fs.find(key.rstrip("/"), detail=True)
+  except (FileNotFoundError, OSError):  # e.g. the bucket does not exist
+    return None
+  return {name: (info["size"], info.get("generation")) for name, info in found.items()} or None
 
 
 @dataclasses.dataclass

@@ -53,6 +53,40 @@ def teacher_workdir(tmp_path_factory):
   return workdir
 
 
+def free_port() -> int:
+  """A TCP port nobody listens on now (a coordinator's, in multi-process tests)."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def train_state(workdir, step):
+  """Every array of the train state saved at `step` (a path or gs://), by its key."""
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+  from funmatch import checkpoint, fileio
+  path = fileio.join(checkpoint.checkpoint_dir(workdir), str(step), "default")
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    # As host arrays: the state may have been saved from another device count.
+    tree = checkpointer.metadata(path).item_metadata.tree
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)))
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+
+def assert_same_state(workdir, reference, step):
+  """Params, optimizer state, rng and step of `step` equal the reference's, bit for bit."""
+  import numpy as np
+  want, got = train_state(reference, step), train_state(workdir, step)
+  assert sorted(got) == sorted(want)
+  assert any("opt_state" in key for key in want)
+  for key, value in want.items():
+    np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
 def distill_args(teacher, workdir, *extra, steps=None):
   """funmatch-distill arguments: the tiny digits student of `teacher`."""
   arg = TINY_STUDENT_ARG + f",teacher={teacher}"
@@ -77,3 +111,12 @@ def jpeg_tfds(tmp_path_factory):
   both: {'array_record', 'tfrecord', 'both', 'jpegs': dir} (tests/tfds_testdata.py)."""
   import tfds_testdata  # pylint: disable=import-outside-toplevel
   return tfds_testdata.prepare_all(str(tmp_path_factory.mktemp("jpeg_tfds")))
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A Cloud Storage emulator for the whole session (tests/gcs_emulator.py);
+  `gcs.root` is gs://BUCKET, and the environment points every layer at it."""
+  from gcs_emulator import running_emulator  # pylint: disable=import-outside-toplevel
+  with running_emulator() as emulator:
+    yield emulator

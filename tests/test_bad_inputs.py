@@ -14,9 +14,9 @@ ROWS = []
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory, teacher_workdir, jpeg_tfds):
+def bench(tmp_path_factory, teacher_workdir, jpeg_tfds, gcs):
   made = bad_inputs.Bench(str(tmp_path_factory.mktemp("bench")), trained=teacher_workdir,
-                          jpeg_tfds=jpeg_tfds)
+                          jpeg_tfds=jpeg_tfds, bucket=gcs.root)
   yield made
   made.close()
 

@@ -167,6 +167,38 @@ def test_folder_rejects_unreadable_images_by_path(tmp_path):
     sources.source_info(_folder_cfg(root))
 
 
+def test_folder_and_tfds_metadata_on_gcs(tmp_path, tfds_dir, gcs):
+  """Listings, image checks, cached reads and TFDS metadata through fileio/epath on
+  gs:// (the emulator); streamed reads go through TensorFlow's GCS filesystem,
+  which no emulator can stand in for (docs/cloud.md)."""
+  import uuid  # pylint: disable=import-outside-toplevel
+  from funmatch import fileio  # pylint: disable=import-outside-toplevel
+  local = _folder(tmp_path / "data", {"b": [("2.jpg", 2)], "a": [("1.png", 1), ("0.jpg", 3)]})
+  remote = f"{gcs.root}/{uuid.uuid4().hex[:12]}"
+  for directory, _, files in os.walk(tmp_path):
+    for name in files:
+      path = os.path.join(directory, name)
+      fileio.upload_file(path, f"{remote}/{os.path.relpath(path, tmp_path)}")
+  info = sources.source_info(_folder_cfg(f"{remote}/data"))
+  assert (info.class_names, info.num_examples) == (("a", "b"), 3)
+  cached = sources.load_random_access(_folder_cfg(f"{remote}/data", cache_raw=True))
+  expected = sources.load_random_access(_folder_cfg(local, cache_raw=True))
+  assert list(cached.values) == list(expected.values)
+  np.testing.assert_array_equal(cached.labels, expected.labels)
+  fileio.write_atomic(f"{remote}/data/b/bad.jpg", b"\xff\xd8\xff not a jpeg")
+  with pytest.raises(UserError, match="bad.jpg"):
+    sources.source_info(_folder_cfg(f"{remote}/data"))
+
+  for directory, _, files in os.walk(tfds_dir):
+    for name in files:
+      path = os.path.join(directory, name)
+      fileio.upload_file(path, f"{remote}/tfds/{os.path.relpath(path, tfds_dir)}")
+  info = sources.source_info(_tfds_cfg(f"{remote}/tfds", split="train[:50%]"))
+  assert (info.num_examples, info.num_classes) == (15, 3)
+  with pytest.raises(UserError, match=f"not prepared in data_dir {remote}/nothing"):
+    sources.source_info(_tfds_cfg(f"{remote}/nothing"))
+
+
 def test_check_image_file_accepts_what_tensorflow_decodes(tmp_path):
   image = np.random.default_rng(1).integers(0, 256, (20, 30, 3), np.uint8)
   for name, fmt, mode in [("rgb.png", "PNG", "RGB"), ("gray.png", "PNG", "L"),

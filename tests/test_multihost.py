@@ -1,13 +1,17 @@
-"""Multi-host runs: two processes on localhost equal one process, bad settings fail
-in one line, and tools/launch_tpu.sh builds the right commands.
+"""Multi-host runs: two processes on localhost equal one process, SIGTERM to one of
+them stops both at the same step, bad settings fail in one line, and
+tools/launch_tpu.sh builds the right commands.
 
 The two processes (2 simulated CPU devices each, gloo collectives) share one
 workdir, as the hosts of a pod share a filesystem; the reference is one process
 with 4 devices. All three run at the same time, in subprocesses (a few minutes
-on 2 CPU cores).
+on 2 CPU cores). The preempted pair runs after them and must resume to exactly
+the uninterrupted pair's final state.
 """
 import os
+import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -17,19 +21,13 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import TINY_STUDENT_ARG, repo_path, run_cli
+from conftest import TINY_STUDENT_ARG, assert_same_state, free_port, repo_path, run_cli
 from funmatch import checkpoint
 from funmatch.train import cli, metrics_io
 
 LAUNCH_TPU = repo_path("tools", "launch_tpu.sh")
 DISTILL = ("import sys; from funmatch.train import cli; "
            "sys.exit(cli.distill_main(['funmatch-distill', *sys.argv[1:]]))")
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 def distill_args(teacher_workdir: str, workdir: str) -> list[str]:
@@ -88,6 +86,74 @@ def runs(teacher_workdir, tmp_path_factory):
   logs = {name: (root / f"{name}.log").read_text() for name in ("one", "two0", "two1")}
   assert codes == [0, 0, 0], "\n\n".join(f"== {k}\n{v[-3000:]}" for k, v in logs.items())
   return {"one": one, "two": two, "logs": logs}
+
+
+@pytest.fixture(scope="module")
+def preempted(runs, teacher_workdir, tmp_path_factory):
+  """The 'two' run again, with SIGTERM to process 1 alone after step 1, then resumed.
+
+  Processes agree every 2 steps here (config.preemption_check_every_steps).
+  """
+  root = tmp_path_factory.mktemp("preempted")
+  workdir = str(root / "run")
+  args = distill_args(teacher_workdir, workdir) + TWO_PROCESS_SHARDING + [
+      "--config.preemption_check_every_steps=2"]
+
+  def start_both(name):
+    address = f"localhost:{free_port()}"
+    return [start(args + ["--coordinator_address", address, "--num_processes=2",
+                          f"--process_id={i}"], 2, str(root / f"{name}{i}.log"))
+            for i in (0, 1)]
+
+  def finish(started, name):
+    codes = []
+    for process, log in started:
+      try:
+        codes.append(process.wait(timeout=900))
+      except subprocess.TimeoutExpired:
+        process.kill()
+        codes.append(process.wait())
+      log.close()
+    return codes, [(root / f"{name}{i}.log").read_text() for i in (0, 1)]
+
+  started = start_both("stopped")
+  deadline = time.monotonic() + 900
+  while not _train_rows_or_none(workdir):
+    assert all(p.poll() is None for p, _ in started), "a process ended before step 1"
+    assert time.monotonic() < deadline, "step 1 never logged"
+    time.sleep(0.01)
+  started[1][0].send_signal(signal.SIGTERM)  # process 1 only
+  stopped_codes, stopped_logs = finish(started, "stopped")
+  saved_when_stopped = checkpoint.saved_steps(workdir)
+  resumed_codes, resumed_logs = finish(start_both("resumed"), "resumed")
+  return {"workdir": workdir, "stopped": (stopped_codes, stopped_logs),
+          "saved_when_stopped": saved_when_stopped, "resumed": (resumed_codes, resumed_logs)}
+
+
+def _train_rows_or_none(workdir):
+  try:
+    return _train_rows(workdir)
+  except FileNotFoundError:
+    return None
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(preempted):
+  codes, logs = preempted["stopped"]
+  assert codes == [0, 0], "\n\n".join(log[-3000:] for log in logs)
+  stopped = [re.findall(r"funmatch: (SIGTERM received[^:]*): saved a checkpoint at step (\d+)",
+                        log) for log in logs]
+  assert stopped[0] == [("SIGTERM received by process 1", stopped[1][0][1])], logs[0][-3000:]
+  assert stopped[1] == [("SIGTERM received", stopped[0][0][1])], logs[1][-3000:]
+  step = int(stopped[0][0][1])
+  assert step % 2 == 0 and step < 5  # at an agreement step, before the end
+  assert preempted["saved_when_stopped"] == [step]
+
+
+def test_preempted_two_process_run_resumes_bit_identically(preempted, runs):
+  codes, logs = preempted["resumed"]
+  assert codes == [0, 0], "\n\n".join(log[-3000:] for log in logs)
+  assert checkpoint.saved_steps(preempted["workdir"])[-1] == 5
+  assert_same_state(preempted["workdir"], runs["two"], 5)
 
 
 def _train_rows(workdir):
@@ -222,7 +288,7 @@ def launch(*args, env=None):
 def test_launch_tpu_dry_run_prints_the_commands():
   result = launch("my-pod", "us-central2-b", "--project", "proj", "--setup", "jax[tpu]",
                   "--name", "run1", "--dry_run", "--", "funmatch-distill", "--config",
-                  "configs/bit_i1k.py:teacher=/mnt/gcs/b/t", "--workdir", "/mnt/gcs/b/run1")
+                  "configs/bit_i1k.py:teacher=gs://b/t", "--workdir", "gs://b/run1")
   assert result.returncode == 0, result.stderr
   lines = [shlex.split(line) for line in result.stdout.splitlines()]
   assert len(lines) == 2  # setup, then start
@@ -233,7 +299,8 @@ def test_launch_tpu_dry_run_prints_the_commands():
   assert "pip install -U jax\\[tpu\\]" in setup
   command = lines[1][lines[1].index("--command") + 1]
   assert "nohup" in command and "FUNMATCH_DISTRIBUTED=auto" in command
-  assert "funmatch-distill --config configs/bit_i1k.py:teacher=/mnt/gcs/b/t" in command
+  assert ("funmatch-distill --config configs/bit_i1k.py:teacher=gs://b/t --workdir "
+          "gs://b/run1") in command
   assert "$HOME/funmatch_logs/run1-$(hostname).log" in command
 
 
@@ -266,6 +333,7 @@ def test_launch_tpu_remote_command_runs_the_exact_arguments(tmp_path):
     (["my-pod", "zone", "--bogus", "--", "x"], "unknown option '--bogus'"),
     (["my-pod", "--dry_run", "--", "x"], "ZONE is missing"),
     (["my-pod", "zone", "--project"], "--project needs a value"),
+    (["my-pod", "zone", "--mount", "b", "--", "x"], "give funmatch gs://BUCKET/... paths"),
 ])
 def test_launch_tpu_missing_arguments_exit_2_with_usage(args, expected):
   result = launch(*args)

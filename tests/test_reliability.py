@@ -13,14 +13,12 @@ import sys
 import threading
 import time
 
-import jax
-import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 import bad_inputs
+import conftest
 from conftest import repo_path, run_cli
-from funmatch import checkpoint
+from funmatch import checkpoint, lease
 from funmatch.errors import UserError
 from funmatch.train import cli, metrics_io
 from funmatch.train import workdir as workdir_lib
@@ -68,21 +66,8 @@ def kill_when(process, condition, sig=signal.SIGKILL, timeout=240):
   return process.returncode, output
 
 
-def full_state(workdir, step=STEPS):
-  """Every array of the train state saved at `step`, keyed by its path."""
-  path = os.path.join(checkpoint.checkpoint_dir(workdir), str(step), "default")
-  with ocp.StandardCheckpointer() as checkpointer:
-    restored = checkpointer.restore(path)
-  return {jax.tree_util.keystr(k): np.asarray(v)
-          for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
-
-
 def assert_same_state(workdir, reference):
-  want, got = full_state(reference), full_state(workdir)
-  assert sorted(got) == sorted(want)
-  assert any("opt_state" in key for key in want)
-  for key, value in want.items():
-    np.testing.assert_array_equal(got[key], value, err_msg=key)
+  conftest.assert_same_state(workdir, reference, STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +162,8 @@ def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(reference, tmp_p
 def test_second_run_on_a_workdir_in_use_refuses(tmp_path, capsys):
   workdir = str(tmp_path / "run")
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from funmatch.train import workdir; "
-       "lock = workdir.lock(sys.argv[1]); lock.__enter__(); print('held', flush=True); "
+      [sys.executable, "-c", "import sys, time; from funmatch import lease; "
+       "hold = lease.hold_workdir(sys.argv[1]); hold.__enter__(); print('held', flush=True); "
        "time.sleep(600)", workdir], stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == "held"
@@ -190,7 +175,7 @@ def test_second_run_on_a_workdir_in_use_refuses(tmp_path, capsys):
   finally:
     holder.kill()  # like kill -9: the kernel drops the lock with the process
     holder.wait()
-  with workdir_lib.lock(workdir):  # a dead holder never blocks the next run
+  with lease.hold_workdir(workdir):  # a dead holder never blocks the next run
     pass
 
 

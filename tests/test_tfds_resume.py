@@ -24,14 +24,12 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 import recording_worker
 import tfds_testdata
-from conftest import TINY_STUDENT_ARG, repo_path, run_cli
+from conftest import TINY_STUDENT_ARG, assert_same_state, free_port, repo_path, run_cli
 from funmatch import checkpoint
 from funmatch.data import pipeline
 from funmatch.train import cli, metrics_io
@@ -50,13 +48,6 @@ def distill_args(teacher, data_dir, workdir, *extra, steps=STEPS):
           "--config.log_every_steps=1", "--config.eval_every_steps=0",
           f"--config.checkpoint_every_steps={CHECKPOINT_EVERY}",
           "--config.evals.test.max_examples=64", *extra]
-
-
-def free_port() -> int:
-  import socket  # pylint: disable=import-outside-toplevel
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 def start(args, ids_prefix, devices, log_path, delay_s=0.0):
@@ -116,20 +107,6 @@ def kill_past_a_checkpoint(process, workdir, timeout=600):
   assert process[0].wait(timeout=120) == -signal.SIGKILL
   process[1].close()
   return saved[-1]
-
-
-def full_state(workdir, step=STEPS):
-  """Every array of the train state saved at `step`, keyed by its path, as numpy
-  (the runs saved it from 2 devices; this process has 1)."""
-  path = os.path.join(checkpoint.checkpoint_dir(workdir), str(step), "default")
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    tree = checkpointer.metadata(path).item_metadata.tree
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
-    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        item=abstract, restore_args=jax.tree.map(
-            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)))
-  return {jax.tree_util.keystr(k): np.asarray(v)
-          for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
 
 
 @pytest.fixture(scope="module")
@@ -221,10 +198,7 @@ def test_final_state_is_bit_identical_to_the_uninterrupted_run(runs, resumed):
   """Params and optimizer state. With two devices either way, every all-reduce sums
   two numbers, which is exact in any order: gloo across processes gives the bits of
   one process."""
-  want, got = full_state(runs["paths"]["reference"]), full_state(runs["paths"][resumed])
-  assert sorted(got) == sorted(want) and any("opt_state" in key for key in want)
-  for key, value in want.items():
-    np.testing.assert_array_equal(got[key], value, err_msg=key)
+  assert_same_state(runs["paths"][resumed], runs["paths"]["reference"], STEPS)
 
 
 def test_the_two_process_eval_counts_each_example_once(runs):

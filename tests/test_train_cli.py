@@ -10,8 +10,6 @@ from funmatch import checkpoint
 from funmatch.train import cli, metrics_io
 
 
-
-
 def test_teacher_learns_digits(teacher_workdir):
   rows = metrics_io.read_metrics(teacher_workdir)
   losses = [r["train/loss"] for r in rows if "train/loss" in r]

@@ -2,14 +2,15 @@
 # Starts one funmatch command on every worker of a Cloud TPU VM pod.
 #
 #   tools/launch_tpu.sh TPU_NAME ZONE [options] -- funmatch-distill --config ... \
-#       --workdir /mnt/gcs/BUCKET/run1
+#       --workdir gs://BUCKET/run1
 #
 # Every worker runs the same command in the background (nohup), with its output
 # in ~/funmatch_logs/NAME-HOSTNAME.log on that worker. The processes find each
 # other through jax.distributed.initialize() without arguments (JAX reads the
 # pod's worker list from the TPU metadata); FUNMATCH_DISTRIBUTED=auto makes
-# funmatch call it. The --workdir must be one folder every worker sees: a bucket
-# mounted on every worker (--mount) or a shared filesystem (e.g. Filestore).
+# funmatch call it. The --workdir must be one place every worker sees: a gs://
+# URL (funmatch reads and writes buckets itself, with the VM's service account;
+# no mount) or a shared filesystem (e.g. Filestore). See docs/cloud.md.
 #
 # Options:
 #   --project P       Google Cloud project (default: gcloud's configured one)
@@ -24,8 +25,6 @@
 #   --cwd DIR         directory the command runs in, relative to the worker's
 #                     home (default: home), e.g. funmatch_setup/funmatch so that
 #                     --config configs/... finds the copied checkout's recipes
-#   --mount BUCKET    mount gs://BUCKET at /mnt/gcs/BUCKET on every worker with
-#                     Cloud Storage FUSE (gcsfuse must be installed there)
 #   --name NAME       run name in the log file names (default: funmatch-DATE-TIME)
 #   --dry_run         print the gcloud commands instead of running them
 #   -h, --help        this text
@@ -35,10 +34,9 @@ PROG=$(basename "$0")
 
 usage() {
   echo "usage: $PROG TPU_NAME ZONE [--project P] [--worker W] [--setup SPEC]..." \
-       "[--cwd DIR] [--mount BUCKET] [--name NAME] [--dry_run] -- COMMAND [ARG...]" >&2
+       "[--cwd DIR] [--name NAME] [--dry_run] -- COMMAND [ARG...]" >&2
   echo "example: $PROG my-v4-64 us-central2-b --setup . --cwd funmatch_setup/funmatch" \
-       "--mount my-bucket -- funmatch-distill --config configs/bit_i1k.py" \
-       "--workdir /mnt/gcs/my-bucket/run1" >&2
+       "-- funmatch-distill --config configs/bit_i1k.py --workdir gs://my-bucket/run1" >&2
 }
 
 die() {
@@ -64,7 +62,6 @@ WORKER="all"
 NAME="funmatch-$(date +%Y%m%d-%H%M%S)"
 DRY_RUN=0
 CWD="."
-MOUNT=""
 SETUP=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -76,20 +73,16 @@ while [[ $# -gt 0 ]]; do
     --setup=*) SETUP+=("${1#*=}"); shift ;;
     --cwd) [[ $# -ge 2 ]] || die "--cwd needs a value"; CWD=$2; shift 2 ;;
     --cwd=*) CWD=${1#*=}; shift ;;
-    --mount) [[ $# -ge 2 ]] || die "--mount needs a value"; MOUNT=$2; shift 2 ;;
-    --mount=*) MOUNT=${1#*=}; shift ;;
     --name) [[ $# -ge 2 ]] || die "--name needs a value"; NAME=$2; shift 2 ;;
     --name=*) NAME=${1#*=}; shift ;;
     --dry_run|--dry-run) DRY_RUN=1; shift ;;
+    --mount|--mount=*) die "--mount is gone: give funmatch gs://BUCKET/... paths directly (docs/cloud.md)" ;;
     --) shift; break ;;
     *) die "unknown option '$1' (the command to run goes after --)" ;;
   esac
 done
 [[ $# -gt 0 ]] || die "no command to run: put it after --"
 [[ "$NAME" =~ ^[A-Za-z0-9._-]+$ ]] || die "--name '$NAME' may use only letters, digits, . _ -"
-MOUNT=${MOUNT#gs://}
-MOUNT=${MOUNT%/}
-[[ -z "$MOUNT" || "$MOUNT" =~ ^[a-z0-9][a-z0-9._-]*$ ]] || die "--mount '$MOUNT' is not a bucket name"
 
 GCLOUD=(gcloud compute tpus tpu-vm)
 WHERE=("--zone=$ZONE" "--worker=$WORKER")
@@ -138,13 +131,7 @@ for spec in "${SETUP[@]+"${SETUP[@]}"}"; do
     REMOTE_SETUP+=" && python3 -m pip install -U $(printf '%q' "$spec")"
   fi
 done
-if [[ -n "$MOUNT" ]]; then
-  REMOTE_SETUP+=" && (mountpoint -q /mnt/gcs/$MOUNT || (command -v gcsfuse > /dev/null"
-  REMOTE_SETUP+=" || { echo 'gcsfuse is not installed on' \$(hostname) >&2; exit 1; }"
-  REMOTE_SETUP+=" && sudo mkdir -p /mnt/gcs/$MOUNT && sudo chown \$(id -u):\$(id -g) /mnt/gcs/$MOUNT"
-  REMOTE_SETUP+=" && gcsfuse --implicit-dirs $MOUNT /mnt/gcs/$MOUNT))"
-fi
-if [[ ${#SETUP[@]} -gt 0 || -n "$MOUNT" ]]; then
+if [[ ${#SETUP[@]} -gt 0 ]]; then
   run "${GCLOUD[@]}" ssh "$TPU" "${WHERE[@]}" --command "$REMOTE_SETUP"
 fi
 

@@ -9,10 +9,10 @@ training split and prints `<eval>/linear_probe_top1` for each of config.evals.
 --random_init probes the student exactly as a run of this config starts (the
 trainer's init, seed 0, ignoring config.student.init): SEED's "before" number.
 --workdir probes the student of its latest checkpoint (or --step). --output FILE
-appends the result as one JSON line. Bad input: one line on stderr, exit code 2.
+appends the result as one JSON line. Both may be paths or gs:// URLs. Bad input:
+one line on stderr, exit code 2.
 """
 import json
-import os
 import sys
 
 
@@ -62,15 +62,17 @@ def parse(argv):
 
 def run(config, workdir, step) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
-  from funmatch import checkpoint, parallel  # pylint: disable=import-outside-toplevel
+  from funmatch import checkpoint, fileio, parallel  # pylint: disable=import-outside-toplevel
   from funmatch.data import sources  # pylint: disable=import-outside-toplevel
   from funmatch.distill import objectives  # pylint: disable=import-outside-toplevel
   from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
   from funmatch.train import build, probe  # pylint: disable=import-outside-toplevel
   if not config.evals:
     raise UserError("the config has no config.evals to report the probe on")
-  if workdir and not os.path.isdir(workdir):
-    raise UserError(f"--workdir {workdir} does not exist")
+  if workdir:
+    fileio.check_reachable(workdir, "--workdir")
+    if not fileio.isdir(workdir):
+      raise UserError(f"--workdir {workdir} does not exist")
   objective = objectives.make_objective(config)
   mesh = parallel.make_mesh(config)
   num_classes = int(config.num_classes or
@@ -93,6 +95,9 @@ def main(argv=None) -> int:
   console.setup()
   config, workdir, step, output = parse(argv)
   try:
+    if output:
+      from funmatch import fileio  # pylint: disable=import-outside-toplevel
+      fileio.check_reachable(output, "--output")
     results = run(config, workdir, step)
   except UserError as e:
     _fail(str(e))
@@ -102,7 +107,8 @@ def main(argv=None) -> int:
   line = json.dumps(results, sort_keys=True)
   print(line, flush=True)
   if output:
-    with open(output, "a") as f:
+    from funmatch import fileio  # pylint: disable=import-outside-toplevel
+    with fileio.open(output, "a") as f:  # on gs://: one re-upload of the whole file
       f.write(line + "\n")
   return 0
 

@@ -4,11 +4,13 @@ Three panels against epochs: the student's test top-1 (with each run's teacher
 as a dashed horizontal line), student-teacher top-1 agreement, and the training
 loss. One curve per workdir.
 
-  python tools/plot_metrics.py /tmp/fm_a /tmp/fm_b --labels "FM,fixed" \
+  python tools/plot_metrics.py /tmp/fm_a gs://bucket/fm_b --labels "FM,fixed" \
       --output curves.png [--eval test]
+
+Workdirs and --output may be paths or gs:// URLs (funmatch.fileio).
 """
 import argparse
-import os
+import io
 import sys
 
 
@@ -24,9 +26,11 @@ def parse_args(argv):
 
 def load_curves(workdir: str, eval_name: str) -> dict:
   """Epoch-indexed curves of one run: top1, agreement, loss, teacher_top1."""
+  from funmatch import fileio  # pylint: disable=import-outside-toplevel
   from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
   from funmatch.train import metrics_io  # pylint: disable=import-outside-toplevel
-  if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+  fileio.check_reachable(workdir, "workdir")
+  if not fileio.exists(fileio.join(workdir, metrics_io.METRICS_FILE)):
     raise UserError(f"{workdir} has no metrics.jsonl; pass the workdir of a funmatch run")
   rows = metrics_io.read_metrics(workdir)
   train = [r for r in rows if "train/loss" in r]
@@ -73,19 +77,23 @@ def plot(curves: dict[str, dict], output: str, title: str = "") -> None:
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(output, dpi=110)
+  from funmatch import fileio  # pylint: disable=import-outside-toplevel
+  image = io.BytesIO()
+  fig.savefig(image, format="png", dpi=110)
   plt.close(fig)
+  fileio.write_atomic(output, image.getvalue())
 
 
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  from funmatch import console  # pylint: disable=import-outside-toplevel
+  from funmatch import console, fileio  # pylint: disable=import-outside-toplevel
   from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
   labels = args.labels.split(",") if args.labels else [
-      os.path.basename(os.path.normpath(w)) for w in args.workdirs]
+      fileio.basename(w.rstrip("/")) for w in args.workdirs]
 
   def run():
     console.require_module("matplotlib", "plot")
+    fileio.check_reachable(args.output, "--output")
     if len(labels) != len(args.workdirs):
       raise UserError(f"--labels has {len(labels)} names for {len(args.workdirs)} workdirs")
     curves = {label: load_curves(w, args.eval) for label, w in zip(labels, args.workdirs)}

@@ -13,6 +13,12 @@ Two access patterns feed the pipeline:
   * streaming (`tfds_dataset`): TFDS read in sequence from its TFRecord files.
 `SourceInfo.access` says which one a config gets (see the TFDS section).
 
+Locations may be paths or gs:// URLs. Listings, image checks and cached reads
+go through funmatch.fileio, TFDS's metadata through etils.epath (which fileio
+points at gcsfs). Reading examples while streaming goes through TensorFlow
+(tf.data's readers for TFDS, tf.io.read_file for image folders), which reaches
+gs:// with TensorFlow's own GCS filesystem.
+
 Digits split (fixed on every machine, no RNG involved): within each class, in
 the order `load_digits()` returns the examples, every 4th example (rank % 4 ==
 3) is 'test' and the rest 'train': 1352 train / 445 test, stratified by
@@ -22,6 +28,7 @@ construction. No random generator means no dependence on library versions.
 import concurrent.futures
 import dataclasses
 import functools
+import io
 import logging
 import os
 import threading
@@ -31,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from funmatch import fileio
 from funmatch.data import preprocess
 from funmatch.errors import UserError
 
@@ -241,7 +249,7 @@ def _tfds_fields(cfg: Any, where: str) -> tuple[str, str, Optional[str]]:
                     "'oxford_flowers102') when source='tfds'")
   split = cfg.get("split", "train")
   data_dir = cfg.get("data_dir", None)
-  return name, split, (os.path.expanduser(data_dir) if data_dir else None)
+  return name, split, (fileio.abspath(data_dir) if data_dir else None)
 
 
 def _tfds_keys(cfg: Any) -> tuple[str, str]:
@@ -250,7 +258,7 @@ def _tfds_keys(cfg: Any) -> tuple[str, str]:
 
 def _tfds_root(builder: tfds.core.DatasetBuilder, data_dir: Optional[str]) -> str:
   """The data_dir to name in messages (builder.data_dir is ROOT/name/version)."""
-  return data_dir or os.path.dirname(os.path.dirname(str(builder.data_dir)))
+  return data_dir or fileio.dirname(fileio.dirname(str(builder.data_dir)))
 
 
 def _build_command(name: str, root: str, file_format: str = ARRAY_RECORD) -> str:
@@ -672,8 +680,8 @@ def _folder_root(cfg: Any, where: str) -> str:
   if not root or not isinstance(root, str):
     raise UserError(f"{where}.root must be a directory (root/<class>/*.jpg) when "
                     "source='folder'")
-  root = os.path.expanduser(root)
-  if not os.path.isdir(root):
+  root = fileio.abspath(root)
+  if not fileio.isdir(root):
     raise UserError(f"{where}.root={root} is not a directory; expected "
                     "root/<class>/*.jpg|jpeg|png")
   return root
@@ -681,8 +689,8 @@ def _folder_root(cfg: Any, where: str) -> str:
 
 def _class_names(root: str, classes: Optional[Sequence[str]],
                  where: str) -> list[str]:
-  found = sorted(e.name for e in os.scandir(root)
-                 if e.is_dir() and not e.name.startswith("."))
+  found = sorted(name for name, is_dir in fileio.scandir(root)
+                 if is_dir and not name.startswith("."))
   if classes is None:
     if not found:
       raise UserError(f"folder {root} has no class sub-folders; expected "
@@ -701,9 +709,9 @@ def _class_names(root: str, classes: Optional[Sequence[str]],
 
 def _list_images(class_dir: str) -> list[str]:
   return sorted(
-      e.path for e in os.scandir(class_dir)
-      if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
-      and not e.name.startswith("."))
+      fileio.join(class_dir, name) for name, is_dir in fileio.scandir(class_dir)
+      if not is_dir and name.lower().endswith(IMAGE_EXTENSIONS)
+      and not name.startswith("."))
 
 
 def _folder_listing(cfg: Any, where: str
@@ -713,9 +721,9 @@ def _folder_listing(cfg: Any, where: str
   names = _class_names(root, cfg.get("classes", None), where)
   paths, labels = [], []
   for label, name in enumerate(names):
-    files = _list_images(os.path.join(root, name))
+    files = _list_images(fileio.join(root, name))
     if not files:
-      raise UserError(f"folder {os.path.join(root, name)} has no .jpg/.jpeg/.png "
+      raise UserError(f"folder {fileio.join(root, name)} has no .jpg/.jpeg/.png "
                       "images; add images or remove the folder")
     paths.extend(files)
     labels.extend([label] * len(files))
@@ -725,8 +733,7 @@ def _folder_listing(cfg: Any, where: str
 def _read_files(paths: Sequence[str]) -> np.ndarray:
   values = np.empty(len(paths), dtype=object)
   for i, path in enumerate(paths):
-    with open(path, "rb") as f:
-      values[i] = f.read()
+    values[i] = fileio.read_bytes(path)
   return values
 
 
@@ -743,11 +750,10 @@ def check_image_file(path: str) -> Optional[str]:
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
-    with open(path, "rb") as f:
-      head = f.read(8)
-    if not (head.startswith(_JPEG_MAGIC) or head.startswith(_PNG_MAGIC)):
+    data = fileio.read_bytes(path)  # one read, also from object storage
+    if not (data.startswith(_JPEG_MAGIC) or data.startswith(_PNG_MAGIC)):
       return "not a JPEG or PNG file"
-    with Image.open(path) as image:
+    with Image.open(io.BytesIO(data)) as image:
       if image.format == "JPEG":
         image.draft("RGB", (1, 1))
       image.load()
@@ -756,23 +762,23 @@ def check_image_file(path: str) -> Optional[str]:
   return None
 
 
-# Verification results of unchanged files, keyed by (path, size, mtime).
-_VERIFIED: set[tuple[str, int, int]] = set()
+# Verification results of unchanged files, keyed by (path, size, mtime or
+# generation).
+_VERIFIED: set[tuple[str, int, str]] = set()
 
 
 def verify_images(paths: Sequence[str], root: str) -> None:
   """Raises UserError naming the unreadable images among `paths`, if any."""
-  def key(path):
-    st = os.stat(path)
-    return (path, st.st_size, st.st_mtime_ns)
+  def check(path):  # in the pool: on object storage the version is a request too
+    key = (path, *fileio.version(path))
+    return key, (None if key in _VERIFIED else check_image_file(path))
 
-  todo = [(p, key(p)) for p in paths]
-  todo = [(p, k) for p, k in todo if k not in _VERIFIED]
+  # Threads, not cores: the work is mostly waiting for reads.
   workers = min(32, 2 * (os.cpu_count() or 1))
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    problems = list(pool.map(lambda pk: check_image_file(pk[0]), todo))
-  bad = [(p, why) for (p, _), why in zip(todo, problems) if why]
-  _VERIFIED.update(k for (_, k), why in zip(todo, problems) if not why)
+    results = list(pool.map(check, paths))
+  bad = [(key[0], why) for key, why in results if why]
+  _VERIFIED.update(key for key, why in results if not why)
   if bad:
     shown = "; ".join(f"{p} ({why})" for p, why in bad[:3])
     more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping
 
 from funmatch import cache
 from funmatch.errors import UserError
@@ -162,18 +162,6 @@ def cache_path(name: str, source: str = "bucket") -> str:
   return os.path.join(directory(), found.name + suffix)
 
 
-def _read_from_bucket(found: Entry) -> Optional[str]:
-  """Hook for reading gs:// directly: None until funmatch has a gs:// path layer.
-
-  Once funmatch/fileio.py (etils.epath, see the `gcs` branch) lands and
-  `formats.read` reads through it, return `found.gcs_path` here when the
-  bucket is reachable (`fileio.check_reachable`), and named inits are read
-  from the bucket without a cache. Until then only the cache is read.
-  """
-  del found
-  return None
-
-
 def resolve(init: str, what: str) -> str:
   """The local file of the weights name `init` (the cache), never downloading.
 
@@ -185,14 +173,11 @@ def resolve(init: str, what: str) -> str:
     path = cache_path(found.name, source)
     if os.path.isfile(path):
       return path
-  remote = _read_from_bucket(found)
-  if remote:
-    return remote
   raise UserError(
       f"{what}.init={init} is not in the weights cache {directory()}; on a "
       f"machine with network run `funmatch-fetch {found.name}` (it downloads "
       f"{found.url()}) and copy the file to {cache_path(found.name)}, or set "
-      f"{what}.init to a copy of {found.gcs_path}.")
+      f"{what}.init={found.gcs_path} (read from Cloud Storage) or a copy of it.")
 
 
 def check_sha256(path: str, expected: str, what: str, shown: str = "") -> None:

@@ -7,7 +7,8 @@ that holds pickled Python objects is refused: unpickling can run arbitrary
 code, and a restricted unpickler that says no is the only safe answer.
 
 Writes `.npz` and `.safetensors`, atomically (a temporary file beside the
-target, then a rename), so a reader never sees half a file.
+target, then a rename; on gs:// one upload), so a reader never sees half a file.
+Paths may be gs:// URLs: reads go through a local copy (funmatch.fileio).
 
 Metadata is one JSON object (see `models.save_params` for its keys):
   .safetensors  the header's string metadata, key `funmatch` (plus
@@ -26,6 +27,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from funmatch import fileio
 from funmatch.errors import UserError
 
 METADATA_KEY = "__funmatch__"  # npz member holding the metadata JSON
@@ -85,11 +87,11 @@ def read(path: str, kind: str = "") -> Weights:
   `kind` ('npz' | 'safetensors' | 'torch') overrides the file name's suffix.
   """
   kind = kind or kind_of(path)
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     raise UserError(f"weights file {path} does not exist; check the path.")
   reader = {"npz": _read_npz, "safetensors": _read_safetensors,
             "torch": _read_torch}[kind]
-  arrays, metadata = reader(path)
+  arrays, metadata = _on_local_copy(path, reader)
   if not arrays:
     raise UserError(f"weights file {path} holds no arrays; re-download or "
                     "re-export it.")
@@ -103,8 +105,25 @@ def peek(path: str, kind: str = "") -> Weights:
   a PyTorch file has to be read whole. `kind` overrides the suffix.
   """
   kind = kind or kind_of(path)
-  if kind == "torch" or not os.path.isfile(path):
+  if kind == "torch" or not fileio.isfile(path):
     return peek_by_reading(path, kind)
+  weights = _on_local_copy(path, lambda local: _peek_local(local, kind))
+  weights.path = path
+  return weights
+
+
+def _on_local_copy(path: str, read):
+  """read(local path) on `path` or its download; messages name `path`."""
+  local = fileio.local_copy(path)
+  try:
+    return read(local)
+  except UserError as e:
+    if local == path:
+      raise
+    raise UserError(str(e).replace(local, path)) from None
+
+
+def _peek_local(path: str, kind: str) -> Weights:
   if kind == "safetensors":
     from safetensors import safe_open  # pylint: disable=import-outside-toplevel
     try:
@@ -286,14 +305,20 @@ def _read_torch(path: str):
 def sha256(path: str) -> str:
   """The hex SHA-256 of a file's bytes (what `init_sha256` is checked against)."""
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with fileio.open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()
 
 
 def _atomic_write(path: str, write) -> str:
-  """Runs write(tmp_path), then renames tmp_path to path."""
+  """Runs write(tmp_path), then renames tmp_path to path (uploads it on gs://)."""
+  if fileio.is_remote(path):
+    with tempfile.TemporaryDirectory(prefix="funmatch-export-") as directory:
+      local = os.path.join(directory, fileio.basename(path))
+      write(local)
+      fileio.upload_file(local, path)
+    return path
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   suffix = os.path.splitext(path)[1]

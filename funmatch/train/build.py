@@ -1,15 +1,19 @@
 """Builds a run from its config in stages, validating before anything is written.
 
-    validate (no I/O) -> resolve the models' options from their weights (file
-      headers, a workdir's config.json) -> describe the data -> build the models
-      (random init) -> load the weights -> the optimizer
+    validate (no I/O) -> check storage (gs:// reachable; lists, never writes)
+      -> resolve the models' options from their weights (file headers, a
+      workdir's config.json) -> describe the data -> build the models (random
+      init) -> load the weights -> the optimizer
 
-`build(config, mode)` runs them all; `build_eval` builds what evaluating a
-checkpoint needs (the eval sets only, no optimizer, optionally no teacher); tools
-that need only some stages (a benchmark with random teachers) call them
-themselves. The run's config is a copy with every weight-dependent model option
-decided: that copy is what the workdir records. Nothing here writes to the
-workdir, so a user mistake found here leaves it untouched.
+`build(config, mode, workdir=...)` runs them all; `build_eval` builds what
+evaluating a checkpoint needs (the eval sets only, no optimizer, optionally no
+teacher); tools that need only some stages (a benchmark with random teachers)
+call them themselves. The run's config is a copy with every weight-dependent
+model option decided: that copy is what the workdir records. Nothing here
+writes anywhere, so a user mistake found here leaves the workdir (and any
+bucket) untouched: a malformed URL is refused by validation, an unreachable
+gs:// location (no credentials, no bucket, no permission) by the storage check,
+before any weights are read.
 """
 import copy
 import dataclasses
@@ -22,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from funmatch import config_util, models, parallel, teaching
+from funmatch import config_util, fileio, models, parallel, teaching
 from funmatch.distill import objectives
 from funmatch.errors import UserError
 from funmatch.models import layouts
@@ -143,7 +147,45 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> Spec:
   for group in ("student", "aux", *names):
     parallel.strategy(config, group, mesh)
   parallel.fsdp_min_size(config)
+  every = config.preemption_check_every_steps
+  if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+    raise UserError(f"config.preemption_check_every_steps={every!r} must be an integer "
+                    ">= 1 (how often the processes of a multi-host run agree to stop)")
+  for what, location in storage_locations(config, names):
+    fileio.check_path(location, what)
   return Spec(objective=objective, teacher_names=names, mesh=mesh)
+
+
+def storage_locations(config: ml_collections.ConfigDict,
+                      teacher_names: tuple[str, ...]) -> list[tuple[str, str]]:
+  """(config key, location) of every file or directory the config points at."""
+  found = [("config.student.init", config.student.init)]
+  found += [(f"config.{name}.init", config[name].init) for name in teacher_names]
+  for where, data in [("input", config.input), *((f"evals.{name}", eval_config)
+                                                 for name, eval_config in
+                                                 config.evals.items())]:
+    source = data.get("source", None)
+    key = {"tfds": "data_dir", "folder": "root"}.get(source)
+    if key and data.get(key, None):
+      found.append((f"config.{where}.{key}", data[key]))
+  return [(what, str(location)) for what, location in found if location]
+
+
+# ---------------------------------------------------------------------------
+# Stage 2a: storage (lists, never writes).
+
+
+def check_storage(config: ml_collections.ConfigDict, spec: Spec,
+                  workdir: str | None = None) -> None:
+  """Every gs:// location of the run (workdir, inits, data) can be reached with
+  this process's credentials: one line naming the first that cannot, and how
+  to authenticate. Local paths are checked where they are read."""
+  checked = set()
+  locations = [("--workdir", workdir)] if workdir else []
+  for what, location in locations + storage_locations(config, spec.teacher_names):
+    if fileio.is_remote(location) and location not in checked:
+      fileio.check_reachable(location, what)
+      checked.add(location)
 
 
 # ---------------------------------------------------------------------------
@@ -338,9 +380,12 @@ def assemble(config: ml_collections.ConfigDict, mode: str, spec: Spec, data: Dat
              optimizer=optimizer, schedule=schedule)
 
 
-def build(config: ml_collections.ConfigDict, mode: str) -> Run:
-  """Validates the config and builds the run (no workdir writes)."""
+def build(config: ml_collections.ConfigDict, mode: str,
+          workdir: str | None = None) -> Run:
+  """Validates the config and builds the run (writes nothing, checks `workdir`'s
+  storage with the config's)."""
   spec = validate(config, mode)
+  check_storage(config, spec, workdir)
   config = resolve_options(config, spec)
   data = describe_data(config)
   built = build_models(config, spec, data.num_classes)
@@ -362,6 +407,7 @@ def build_eval(config: ml_collections.ConfigDict, mode: str, workdir: str,
   spec = validate(config, mode)
   if student_only:
     spec = dataclasses.replace(spec, teacher_names=())
+  check_storage(config, spec, workdir)
   step, student_params = checkpoint.restore_params(workdir, step)
   stored = workdir_lib.read_config(workdir) or {}
   num_classes = (stored.get("data") or {}).get("num_classes") or models.num_classes(

@@ -78,9 +78,14 @@ def parse(argv: Sequence[str], prog: str, extra_flags: dict[str, str],
     fail(f"--config is required ({usage})")
   if needs_workdir and not flag_values.workdir:
     fail(f"--workdir is required ({usage})")
-  if flag_values.workdir:
-    _check_workdir_is_a_path(flag_values.workdir)
   extras = {name: flag_values[name].value for name in extra_flags}
+  from funmatch import fileio  # pylint: disable=import-outside-toplevel
+  try:  # `gs:/b/run` would otherwise become a local folder named 'gs:'
+    for what, path in (("--workdir", flag_values.workdir), ("--output", extras.get("output"))):
+      if path:
+        fileio.check_path(path, what)
+  except UserError as e:
+    fail(str(e))
   return config, flag_values.workdir, extras
 
 
@@ -122,15 +127,6 @@ def start_processes(extras: dict[str, str | None]) -> int:
   return process_id
 
 
-def _check_workdir_is_a_path(workdir: str) -> None:
-  """URL workdirs (gs://...) would silently become local folders named 'gs:'
-  (the workdir, metrics and checkpoint code use os paths): refuse them."""
-  if "://" in workdir:
-    fail(f"--workdir {workdir}: URL workdirs are not supported yet; use a path every "
-         "host sees (a shared filesystem, or the bucket mounted with Cloud Storage FUSE, "
-         "e.g. /mnt/gcs/BUCKET/run)")
-
-
 def _train_like(mode: str, prog: str, argv) -> int:
   setup()
   config, workdir, extras = parse(argv, prog, {})
@@ -155,6 +151,15 @@ def distill_main(argv=None) -> int:
 def train_main(argv=None) -> int:
   """funmatch-train: supervised training on labels (teachers, baselines)."""
   return _train_like("train", "funmatch-train", argv or sys.argv)
+
+
+def _check_reachable(workdir: str, output: str | None) -> None:
+  """eval/export (e.g. from a workstation against a pod's bucket): the workdir and
+  the output can be reached, before anything is read or written."""
+  from funmatch import fileio  # pylint: disable=import-outside-toplevel
+  fileio.check_reachable(workdir, "--workdir")
+  if output:
+    fileio.check_reachable(output, "--output")
 
 
 def _mode_of(workdir: str) -> str:
@@ -204,18 +209,19 @@ def eval_main(argv=None) -> int:
   def main():
     start_processes(extras)
     import jax  # pylint: disable=import-outside-toplevel
-    from funmatch import parallel  # pylint: disable=import-outside-toplevel
+    from funmatch import fileio, parallel  # pylint: disable=import-outside-toplevel
     from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
     from funmatch.train import build, evaluate  # pylint: disable=import-outside-toplevel
     step = _parse_step(extras["step"])
     student_only = _parse_bool("student_only", extras["student_only"])
+    _check_reachable(workdir, extras["output"])
     mode = _mode_of(workdir)
     if not config.evals:
       raise UserError("the config has no config.evals to evaluate on")
     run, step = build.build_eval(config, mode, workdir, step, student_only=student_only)
     params = jax.device_put(run.models.student_params, parallel.replicated(run.mesh))
     results = {"step": step, **evaluate.Evaluator(run)(params)}
-    output = extras["output"] or os.path.join(workdir, f"eval_{step}.json")
+    output = extras["output"] or fileio.join(workdir, f"eval_{step}.json")
     if jax.process_index() == 0:
       print(evaluate.format_table(results), flush=True)
       evaluate.write_json(output, results)
@@ -248,7 +254,8 @@ def export_main(argv=None) -> int:
                                              "--output suffix's)"})
 
   def main():
-    from funmatch import checkpoint, models, student  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from funmatch import checkpoint, fileio, models, student
     from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
     from funmatch.train import build, weights  # pylint: disable=import-outside-toplevel
     from funmatch.train import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
@@ -257,7 +264,8 @@ def export_main(argv=None) -> int:
       raise UserError("--output FILE.npz (or .safetensors) is required")
     format_name = _export_format(output, extras["format"])
     process_id = start_processes(extras)
-    if os.path.exists(output):
+    _check_reachable(workdir, output)
+    if fileio.exists(output):
       raise UserError(f"--output {output} already exists; choose another path or "
                       "remove it first (funmatch never overwrites an export)")
     step = _parse_step(extras["step"])
@@ -270,7 +278,7 @@ def export_main(argv=None) -> int:
       options = {**config_options(config.student),
                  **weights.workdir_options(workdir, model)}
       data = stored.get("data") or {}
-      extra = {"step": step, "source": os.path.abspath(workdir)}
+      extra = {"step": step, "source": fileio.abspath(workdir)}
       if data.get("class_names"):
         extra["class_names"] = data["class_names"]
       models.save_params(model, output, params, format=format_name, options=options,

@@ -7,11 +7,10 @@ WORKDIR/summary.json. No network, a few minutes on a laptop CPU.
 """
 import argparse
 import json
-import os
 import sys
 import time
 
-from funmatch import console
+from funmatch import console, fileio
 
 
 def _parse(argv):
@@ -36,8 +35,8 @@ def run_demo(workdir: str, teacher_steps: int | None = None,
   from funmatch.configs import digits, digits_teacher  # pylint: disable=import-outside-toplevel
   from funmatch.train import build, evaluate, loop  # pylint: disable=import-outside-toplevel
   start = time.time()
-  teacher_dir = os.path.join(workdir, "teacher")
-  student_dir = os.path.join(workdir, "student")
+  teacher_dir = fileio.join(workdir, "teacher")
+  student_dir = fileio.join(workdir, "student")
   teacher_config = digits_teacher.get_config(_recipe_arg(steps=teacher_steps))
   student_config = digits.get_config(_recipe_arg(teacher=teacher_dir, steps=student_steps))
 
@@ -60,9 +59,8 @@ def run_demo(workdir: str, teacher_steps: int | None = None,
   }
   if jax.process_index() == 0:
     print("\n" + evaluate.format_table(summary), flush=True)
-    path = os.path.join(workdir, "summary.json")
-    with open(path, "w") as f:
-      json.dump(summary, f, indent=2)
+    path = fileio.join(workdir, "summary.json")
+    fileio.write_atomic(path, json.dumps(summary, indent=2))
     print(f"wrote {path}", flush=True)
   return summary
 

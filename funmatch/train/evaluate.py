@@ -13,13 +13,12 @@ and in funmatch-eval.
 """
 import json
 import logging
-import os
 import time
 from typing import Any, Mapping, Sequence
 
 import jax
 
-from funmatch import parallel
+from funmatch import fileio, parallel
 from funmatch.errors import UserError
 from funmatch.train import step as step_lib
 
@@ -119,9 +118,6 @@ def format_table(results: Mapping[str, float]) -> str:
 
 
 def write_json(path: str, results: Mapping[str, Any]) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(dict(results), f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  """Writes `results` to `path` (a path or a gs:// URL) whole or not at all."""
+  fileio.write_atomic(path, json.dumps(dict(results), indent=2, sort_keys=True))
   logging.info("wrote %s", path)

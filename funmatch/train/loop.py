@@ -3,14 +3,14 @@
     build the run (validated) -> read the first batch -> hold the workdir
       -> restore or init the state
       -> for each step: train step; at log steps read metrics; due evals; checkpoint
-      -> on SIGTERM/SIGINT: save and exit 0
+      -> on SIGTERM/SIGINT (agreed by all processes, preemption.py): save, exit 0
 
 The loop reads device values only at logging, eval and checkpoint steps, so the
-host keeps dispatching steps ahead of the device.
+host keeps dispatching steps ahead of the device. The workdir may be a path or a
+gs:// URL: every file goes through funmatch.fileio, checkpoints through Orbax.
 """
 import itertools
 import logging
-import signal
 import time
 from typing import Any, Iterator
 
@@ -22,7 +22,8 @@ from funmatch import checkpoint, parallel
 from funmatch.errors import UserError
 from funmatch.train import build as build_lib
 from funmatch.train import evaluate as evaluate_lib
-from funmatch.train import metrics_io, startup, state as state_lib, step as step_lib
+from funmatch.train import metrics_io, preemption, startup, state as state_lib
+from funmatch.train import step as step_lib
 from funmatch.train import workdir as workdir_lib
 
 log = logging.getLogger("funmatch")
@@ -31,30 +32,6 @@ log = logging.getLogger("funmatch")
 class TrainingDiverged(UserError):
   """The loss became non-finite; the last good checkpoint is kept."""
   exit_code = 3
-
-
-class StopSignal:
-  """Remembers SIGTERM/SIGINT so the loop can save and exit between steps."""
-
-  def __init__(self):
-    self.received = None
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not in the main thread (e.g. tests): no handler
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.received = signal.Signals(signum).name
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 class Progress(periodic_actions.ReportProgress):
@@ -156,6 +133,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   clock = startup.Clock()
   clock.mark("imports")
   spec = build_lib.validate(config, mode)
+  build_lib.check_storage(config, spec, workdir)
   # Cheap reads first: decide the weight-dependent options (file headers, a teacher
   # workdir's config.json), then compare with the run the workdir holds.
   config = build_lib.resolve_options(config, spec)
@@ -174,8 +152,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   batches = _train_batches(run, start_step)
   clock.mark("input pipeline")
   # ---- from here on the workdir is written, by one run at a time ----
-  with workdir_lib.hold(workdir):
-    return _train(run, workdir, clock, start_step, batches)
+  with workdir_lib.hold(workdir) as hold:
+    return _train(run, workdir, hold, clock, start_step, batches)
 
 
 def _train_batches(run: build_lib.Run, start_step: int) -> Iterator[Any] | None:
@@ -200,9 +178,10 @@ def _restore_or_init(run, ckpt) -> tuple[state_lib.TrainState, int]:
   return state, 0
 
 
-def _train(run: build_lib.Run, workdir: str, clock: startup.Clock, planned_step: int,
-           train_batches: Iterator[Any] | None) -> dict[str, Any]:
-  """The loop itself, once the workdir is held and its batches are flowing."""
+def _train(run: build_lib.Run, workdir: str, hold, clock: startup.Clock,
+           planned_step: int, train_batches: Iterator[Any] | None) -> dict[str, Any]:
+  """The loop itself, once the workdir is held (`hold`: funmatch.lease) and its
+  batches are flowing."""
   config = run.config
   ckpt = checkpoint.Checkpointer(workdir, save_every=config.checkpoint_every_steps,
                                  keep=config.keep_checkpoints,
@@ -216,13 +195,13 @@ def _train(run: build_lib.Run, workdir: str, clock: startup.Clock, planned_step:
 
   evaluator = evaluate_lib.Evaluator(run)
   train_step = jit_train_step(run, state)
-  writer = metrics_io.make_writer(workdir)
+  writer = metrics_io.make_writer(workdir, hold)
   progress = Progress(run, writer, config.log_every_steps)
   clock.mark("eval pipelines")
   total = run.total_steps
   results: dict[str, Any] = {}
   try:
-    with StopSignal() as stop:
+    with preemption.Stops(hold, config.preemption_check_every_steps) as stops:
       for step in range(start_step + 1, total + 1):
         state, metrics = train_step(state, next(train_batches), run.teacher_params)
         if step == start_step + 1:
@@ -236,20 +215,24 @@ def _train(run: build_lib.Run, workdir: str, clock: startup.Clock, planned_step:
             print(progress.line(step, scalars["train/loss"]), flush=True)
           writer.write_scalars(step, {**scalars, **progress.rates,
                                       "epoch": step / run.data.steps_per_epoch})
+          writer.flush()  # on gs:// this publishes metrics.jsonl and the events
         due = evaluator.due(step, total)
         if due:
           with progress.timed("eval", wait_jax_async_dispatch=False):
             results = evaluator(state.params, due)
           writer.write_scalars(step, results)
+          writer.flush()
           log.info("eval at step %d: %s", step, evaluate_lib.summary(results))
-        if _every(step, config.checkpoint_every_steps, total) or stop.received:
+        checkpoint_due = _every(step, config.checkpoint_every_steps, total)
+        stop = stops.at(step, checkpoint_due)
+        if checkpoint_due or stop:
           with progress.timed("checkpoint", wait_jax_async_dispatch=False):
             _check_finite(state, step, ckpt)
             ckpt.save(step, state, force=True)
-        if stop.received:
+        if stop:
           ckpt.wait()
-          print(f"funmatch: {stop.received} received: saved a checkpoint at step {step}; "
-                "run the same command to resume", flush=True)
+          print(f"funmatch: {stop}: saved a checkpoint at step {step}; run the same "
+                "command to resume", flush=True)
           return results
       if start_step >= total and evaluator.sets:  # a finished run, started again
         results = evaluator(state.params)

@@ -3,8 +3,9 @@
 `config.<model>.init` is '' (the random init), a weights file (read by the model's
 own module, funmatch/models: an official BiT .npz, big_vision, timm or funmatch
 files), a published name (funmatch/models/catalog.py, read from the local cache)
-or a funmatch-train/distill workdir (its latest checkpoint's student). An
-`init_sha256` must match the file.
+or a funmatch-train/distill workdir (its latest checkpoint's student); files and
+workdirs may be paths or gs:// URLs (funmatch.fileio). An `init_sha256` must match
+the file.
 
 Options whose 'auto' depends on the weights (BiT's stem padding, ViT's GELU) come
 from the same place (`resolve_options`): a file's metadata or layout, a name's
@@ -14,12 +15,11 @@ workdir as its teacher rebuilds the very same function.
 """
 import dataclasses
 import logging
-import os
 from typing import Any, Mapping
 
 import ml_collections
 
-from funmatch import config_util, models
+from funmatch import config_util, fileio, models
 from funmatch.errors import UserError
 from funmatch.models import catalog, layouts
 
@@ -27,9 +27,9 @@ from funmatch.models import catalog, layouts
 # stochastic depth and tapped block/heads): a TinyMIM student trained with
 # drop-path and relation heads may serve as the next run's teacher without them.
 _PARAM_FREE_OPTIONS = ("drop_path", "qkv_block", "relation_heads")
-# Files whose digest was checked, keyed by (path, size, mtime): hashing a 1 GB
+# Files whose digest was checked, keyed by (path, size, version): hashing a 1 GB
 # teacher once per process is enough.
-_VERIFIED: set[tuple[str, int, int, str]] = set()
+_VERIFIED: set[tuple[str, int, str, str]] = set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,12 +52,12 @@ def locate(model_config: ml_collections.ConfigDict, what: str) -> Init:
       raise UserError(f"{what}.init_sha256 is set but {what}.init is empty; set "
                       "both or neither")
     return Init("random")
-  if os.path.isdir(init):
+  if fileio.isdir(init):
     if expected:
       raise UserError(f"{what}.init={init} is a workdir: init_sha256 checks weights "
                       f"files only; clear {what}.init_sha256")
     return Init("workdir", init)
-  if os.path.isfile(init):
+  if fileio.isfile(init):
     source = Init("file", init)
   elif catalog.is_name(init):
     if not catalog.known(init):
@@ -77,8 +77,7 @@ def locate(model_config: ml_collections.ConfigDict, what: str) -> Init:
 
 
 def _check_digest(path: str, expected: str, what: str) -> None:
-  stat = os.stat(path)
-  key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, expected.lower())
+  key = (fileio.abspath(path), *fileio.version(path), expected.lower())
   if key not in _VERIFIED:
     catalog.check_sha256(path, expected, what)
     _VERIFIED.add(key)

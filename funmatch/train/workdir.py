@@ -7,22 +7,20 @@ and funmatch-predict need neither the teacher nor the training data.
 
 Layout: WORKDIR/config.json (the run's config), WORKDIR/checkpoints/ (Orbax),
 WORKDIR/metrics.jsonl, TensorBoard event files, eval_STEP.json files, and
-WORKDIR/.lock (host and pid of the run writing there).
+WORKDIR/.lock (the writer's flock, or its lease object on gs://: funmatch/lease.py).
+Every access goes through funmatch.fileio, so WORKDIR may be a path or a gs:// URL.
 """
 import contextlib
-import fcntl
 import json
 import logging
-import os
-import socket
-from typing import Any, Iterator
+from typing import Any
 
 import ml_collections
 
+from funmatch import fileio, lease
 from funmatch.errors import UserError
 
 CONFIG_FILE = "config.json"
-LOCK_FILE = ".lock"
 
 # Keys a user may change when resuming: schedule length, logging, evaluation,
 # checkpoint cadence, data locations and how they are read (cache_raw,
@@ -34,7 +32,7 @@ RESUMABLE_PREFIXES = (
     "checkpoint_every_steps", "keep_checkpoints", "keep_every_steps", "evals",
     "input.data_dir", "input.root", "input.cache_raw", "input.random_access",
     "input.shuffle_buffer", "input.prefetch", "progress_every_seconds", "mesh",
-    "sharding",
+    "sharding", "preemption_check_every_steps",
 )
 
 
@@ -55,12 +53,11 @@ def config_to_json(config: ml_collections.ConfigDict, mode: str) -> dict[str, An
 
 
 def read_config(workdir: str) -> dict[str, Any] | None:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = fileio.join(workdir, CONFIG_FILE)
+  if not fileio.exists(path):
     return None
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(fileio.read_text(path))
   except (OSError, ValueError) as e:
     raise UserError(f"cannot read {path} ({e}); it is not a funmatch workdir or it is "
                     "damaged: use another --workdir") from None
@@ -75,7 +72,7 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def check_resumable(workdir: str, config: ml_collections.ConfigDict, mode: str) -> None:
   """Refuses a workdir that holds a different run; logs harmless changes."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  if fileio.isfile(workdir):
     raise UserError(f"--workdir {workdir} is a file, not a directory")
   old = read_config(workdir)
   if old is None:
@@ -97,65 +94,22 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict, mode: str) 
                  old_flat.get(key, "<absent>"), new_flat.get(key, "<absent>"))
 
 
-def _make_workdir(workdir: str) -> None:
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise UserError(f"cannot create --workdir {workdir} ({e.strerror or e}); choose a "
-                    "writable path") from None
-  if not os.access(workdir, os.W_OK | os.X_OK):
-    raise UserError(f"--workdir {workdir} is not writable; choose a writable path")
-
-
-@contextlib.contextmanager
-def lock(workdir: str) -> Iterator[None]:
-  """Holds WORKDIR/.lock for one writer; the kernel frees it when the process dies.
-
-  flock (not a pid file) so a run killed with -9 never blocks the next one.
-  Remote paths (gs://...) are not locked.
-  """
-  if "://" in workdir:
-    yield
-    return
-  _make_workdir(workdir)
-  path = os.path.join(workdir, LOCK_FILE)
-  try:
-    handle = open(path, "a+")  # pylint: disable=consider-using-with
-  except OSError as e:
-    raise UserError(f"cannot write {path} ({e.strerror or e}); choose a writable "
-                    "--workdir") from None
-  try:
-    try:
-      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      handle.seek(0)
-      holder = handle.read().strip() or "another process"
-      raise UserError(f"--workdir {workdir} is in use by another run ({holder}); wait "
-                      "for it to finish or stop it, or use another --workdir") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
-    handle.flush()
-    yield
-  finally:
-    handle.close()  # releases the flock
-
-
 def hold(workdir: str):
-  """The workdir's writer lock, taken by process 0 (the one that writes files)."""
+  """The workdir's single-writer hold (funmatch.lease: an flock on disks, a lease
+  object on gs://), taken by process 0, the one that writes files. Other
+  processes get a hold that is never lost: process 0 tells them (loop.py)."""
   import jax  # pylint: disable=import-outside-toplevel
-  return lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  if jax.process_index() == 0:
+    return lease.hold_workdir(workdir)
+  return contextlib.nullcontext(lease.LocalHold())
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict, mode: str,
                  data: dict[str, Any] | None = None) -> None:
   """Writes config.json: mode, config and (if given) what the data said."""
-  _make_workdir(workdir)
-  path = os.path.join(workdir, CONFIG_FILE)
-  tmp = path + ".tmp"
   content = config_to_json(config, mode)
   if data is not None:
     content["data"] = data
-  with open(tmp, "w") as f:
-    json.dump(content, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  fileio.makedirs(workdir)
+  fileio.write_atomic(fileio.join(workdir, CONFIG_FILE),
+                      json.dumps(content, indent=2, sort_keys=True))
