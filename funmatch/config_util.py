@@ -63,10 +63,15 @@ def model_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def model_config(model: str, res: int, init: str = "", dtype: str = "float32",
-                 **kwargs: Any) -> ml_collections.ConfigDict:
-  """A model sub-config: registry name, input resolution, init source, kwargs."""
+                 conv_impl: str = "auto", **kwargs: Any) -> ml_collections.ConfigDict:
+  """A model sub-config: registry name, input resolution, init source, kwargs.
+
+  conv_impl (every model's option, funmatch.models.conv) is written out so the
+  locked command line can override it: --config.student.conv_impl=xla.
+  """
   return ml_collections.ConfigDict(
-      dict(model=model, res=res, init=init, dont_load=(), dtype=dtype, **kwargs))
+      dict(model=model, res=res, init=init, dont_load=(), dtype=dtype,
+           conv_impl=conv_impl, **kwargs))
 
 
 

@@ -205,3 +205,22 @@ def test_resume_logs_the_changed_keys(tmp_path, caplog):
   with caplog.at_level(logging.INFO):
     workdir_lib.check_resumable(workdir, config, "train")
   assert "resuming with changed total_steps: 20 -> 30" in caplog.text
+
+
+def test_resume_accepts_another_conv_impl(tmp_path, caplog):
+  """conv_impl only says how convolutions run: a run from before the option, or one
+  started on another backend, resumes."""
+  import json  # pylint: disable=import-outside-toplevel
+  from funmatch import config_util  # pylint: disable=import-outside-toplevel
+  config = config_util.base_config()
+  workdir = str(tmp_path)
+  workdir_lib.write_config(workdir, config, "train")
+  path = tmp_path / workdir_lib.CONFIG_FILE
+  stored = json.loads(path.read_text())
+  for model in ("student", "teacher"):
+    del stored["config"][model]["conv_impl"]  # written before the option existed
+  path.write_text(json.dumps(stored))
+  config.student.conv_impl = "xla"
+  with caplog.at_level(logging.INFO):
+    workdir_lib.check_resumable(workdir, config, "train")
+  assert "resuming with changed student.conv_impl: '<absent>' -> 'xla'" in caplog.text

@@ -258,6 +258,8 @@ CASES = [
     Case("negative mixup probability", "distill", _d("--config.mixup.p=-0.5"),
          "config.mixup.p"),
     Case("unknown dtype", "distill", _d("--config.student.dtype=float8"), "dtype"),
+    Case("unknown conv implementation", "distill", _d("--config.student.conv_impl=cudnn"),
+         "config.student.conv_impl='cudnn'"),
     Case("unknown data source", "distill", _d("--config.input.source=s3"),
          "input.source"),
     Case("unknown digits split", "distill", _d("--config.input.split=validation"),

@@ -31,11 +31,11 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 from absl import logging
 import flax
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from funmatch.errors import UserError
+from funmatch.models import conv
 
 Params = Mapping[str, Any]
 
@@ -118,6 +118,7 @@ class StdConv(nn.Module):
   stride: int = 1
   standardize_weights: bool = True
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -128,10 +129,8 @@ class StdConv(nn.Module):
       kernel = standardize_kernel(kernel)  # In float32, then cast.
     before = (k - 1) // 2
     padding = [(before, k - 1 - before)] * 2
-    return jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype),
-        window_strides=(self.stride, self.stride), padding=padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return conv.conv2d(x.astype(self.dtype), kernel.astype(self.dtype),
+                       self.stride, padding, impl=self.conv_impl)
 
 
 class GroupNorm(nn.Module):
@@ -158,11 +157,12 @@ class _Projection(nn.Module):
   stride: int
   standardize_weights: bool = True
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     return StdConv(self.features, 1, self.stride, self.standardize_weights,
-                   self.dtype, name="standardized_conv2d")(x)
+                   self.dtype, self.conv_impl, name="standardized_conv2d")(x)
 
 
 class PreActConv(nn.Module):
@@ -178,6 +178,7 @@ class PreActConv(nn.Module):
   proj_stride: int = 1
   standardize_weights: bool = True
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray):
@@ -186,9 +187,9 @@ class PreActConv(nn.Module):
     if self.proj_features:
       shortcut = _Projection(self.proj_features, self.proj_stride,
                              self.standardize_weights, self.dtype,
-                             name="proj")(h)
+                             self.conv_impl, name="proj")(h)
     y = StdConv(self.features, self.kernel_size, self.stride,
-                self.standardize_weights, self.dtype,
+                self.standardize_weights, self.dtype, self.conv_impl,
                 name="standardized_conv2d")(h)
     return y, shortcut
 
@@ -199,13 +200,14 @@ class BottleneckUnit(nn.Module):
   stride: int = 1
   standardize_weights: bool = True
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     out_features = 4 * self.mid_features
     needs_proj = x.shape[-1] != out_features or self.stride != 1
     common = dict(standardize_weights=self.standardize_weights,
-                  dtype=self.dtype)
+                  dtype=self.dtype, conv_impl=self.conv_impl)
     y, proj = PreActConv(
         self.mid_features, 1, 1,
         proj_features=out_features if needs_proj else None,
@@ -222,12 +224,13 @@ class Stage(nn.Module):
   first_stride: int = 1
   standardize_weights: bool = True
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     for i in range(self.units):
       x = BottleneckUnit(self.mid_features, self.first_stride if i == 0 else 1,
-                         self.standardize_weights, self.dtype,
+                         self.standardize_weights, self.dtype, self.conv_impl,
                          name=f"unit{i + 1:02d}")(x)
     return x
 
@@ -237,11 +240,12 @@ class RootBlock(nn.Module):
   features: int
   standardize_weights: bool = True
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     x = StdConv(self.features, 7, 2, self.standardize_weights, self.dtype,
-                name="standardized_conv2d")(x)
+                self.conv_impl, name="standardized_conv2d")(x)
     # Zeros, not -inf: the official model pads with zeros before pooling, and
     # the conv output can be negative here (no ReLU before the pool).
     x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
@@ -251,13 +255,14 @@ class RootBlock(nn.Module):
 class Head(nn.Module):
   """Zero-initialised 1x1 conv on the pooled features, as in BiT."""
   num_classes: int
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    conv = nn.Conv(self.num_classes, (1, 1), use_bias=True,
-                   kernel_init=nn.initializers.zeros, dtype=jnp.float32,
-                   param_dtype=jnp.float32, name="conv2d")
-    return conv(x.astype(jnp.float32)[:, None, None, :])[:, 0, 0, :]
+    head = conv.Conv(self.num_classes, 1, use_bias=True,
+                     kernel_init=nn.initializers.zeros, dtype=jnp.float32,
+                     param_dtype=jnp.float32, impl=self.conv_impl, name="conv2d")
+    return head(x.astype(jnp.float32)[:, None, None, :])[:, 0, 0, :]
 
 
 class Model(nn.Module):
@@ -271,6 +276,8 @@ class Model(nn.Module):
     dtype: activation / compute dtype; params stay float32, logits float32.
     standardize_weights: False runs the convs with kernels as stored, for
       params passed through `prestandardize` (a frozen teacher).
+    conv_impl: 'auto', 'xla' or 'matmul' (funmatch.models.conv): how the
+      convs run; the same params and function either way.
 
   Images are NHWC in [-1, 1]. Taps: `stem` (after the max-pool),
   `stage1`..`stage4` (each stage's output), `pre_logits` ([B, C] pooled).
@@ -280,6 +287,7 @@ class Model(nn.Module):
   width: float = 1
   dtype: Any = jnp.float32
   standardize_weights: bool = True
+  conv_impl: str = "auto"
 
   def __post_init__(self):
     # Fail at construction time (config errors), not deep inside init/jit.
@@ -287,6 +295,7 @@ class Model(nn.Module):
       object.__setattr__(self, "depth", tuple(self.depth))  # Hashable.
     block_counts(self.depth)
     root_channels(self.width)
+    conv.check_impl(self.conv_impl)
     if (not isinstance(self.num_classes, (int, np.integer))
         or isinstance(self.num_classes, bool) or self.num_classes < 0):
       raise UserError(f"BiT num_classes={self.num_classes!r} must be an "
@@ -298,7 +307,7 @@ class Model(nn.Module):
     del train  # No dropout or batch statistics in BiT.
     width = root_channels(self.width)
     common = dict(standardize_weights=self.standardize_weights,
-                  dtype=self.dtype)
+                  dtype=self.dtype, conv_impl=self.conv_impl)
     taps = {}
     x = taps["stem"] = RootBlock(width, name="root_block", **common)(images)
     for stage, units in enumerate(block_counts(self.depth)):
@@ -310,7 +319,7 @@ class Model(nn.Module):
     # Pool in float32: a mean over many bf16 values loses precision.
     x = taps["pre_logits"] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if self.num_classes:
-      return Head(self.num_classes, name="head")(x), taps
+      return Head(self.num_classes, self.conv_impl, name="head")(x), taps
     return x, taps
 
 

@@ -17,6 +17,7 @@ import ml_collections
 from funmatch import config_util, models, parallel
 from funmatch.distill import objectives
 from funmatch.errors import UserError
+from funmatch.models import conv
 from funmatch.optim import make_optimizer
 from funmatch.train import params_io
 
@@ -64,6 +65,7 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int,
                 what: str, frozen: bool = False) -> tuple[nn.Module, Any]:
   """The flax module and its random init params for a model sub-config."""
   _require_keys(model_config, ("model", "res"), f"config.{what}")
+  conv.check_impl(model_config.get("conv_impl"), f"config.{what}.conv_impl")
   kwargs = config_util.model_kwargs(model_config)
   kwargs["dtype"] = _dtype(model_config, what)
   module = models.get_model(model_config.model, num_classes, **kwargs)

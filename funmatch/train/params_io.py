@@ -156,9 +156,10 @@ def _head_leaf(params: Any, model_name: str):
 
 
 # Model options that change neither the param names nor their shapes (ViT's
-# stochastic depth and tapped block/heads): a TinyMIM student trained with
-# drop-path and relation heads may serve as the next run's teacher without them.
-_PARAM_FREE_OPTIONS = ("drop_path", "qkv_block", "relation_heads")
+# stochastic depth and tapped block/heads, how convs run): a TinyMIM student
+# trained with drop-path and relation heads may serve as the next run's teacher
+# without them.
+_PARAM_FREE_OPTIONS = ("drop_path", "qkv_block", "relation_heads", "conv_impl")
 
 
 def _normalise(d: dict) -> dict:
