@@ -30,7 +30,11 @@ vs bfloat16 and the top-1 agreement of the two on the first eval set.
 --random_teachers builds each teacher with random weights (written to a
 temporary .npz the normal loader reads), for recipes whose teacher weights are
 not at hand. A recipe whose training data is not prepared runs on synthetic data
-only (num_classes from the config, else --num_classes). `--set key=value`
+only (num_classes from the config, else --num_classes), and so does every recipe
+where funmatch.data does not import (no TensorFlow, as on a GPU machine with JAX
+only): the run is then built without reading or importing any data code, so
+`--random_teachers --skip real_data` needs jax, flax, optax, orbax-checkpoint and
+ml-collections but not TensorFlow. `--set key=value`
 overrides a config value (e.g. `--set input.batch_size=8 --set teacher.dtype=bfloat16`).
 Timings are never asserted anywhere; they depend on the machine and its load.
 """
@@ -46,6 +50,7 @@ import sys
 import tempfile
 import time
 
+SECTIONS = ("teacher_forward", "student_step", "real_data", "host")  # --skip
 TARGETS = {"full_over_parts": "<= 1.05", "real_over_synthetic_throughput": ">= 0.95",
            "host_overhead_ms": "well under 1", "bf16_top1_agreement": ">= 0.995",
            "bf16_speedup": ">= 1.5 on GPU"}
@@ -82,7 +87,7 @@ def parse_args(argv):
   p.add_argument("--agreement_batches", type=int, default=0,
                  help="eval batches for the bf16 agreement (0: the whole eval split)")
   p.add_argument("--skip", default="",
-                 help="comma-separated sections to skip: real_data, host")
+                 help="comma-separated sections to skip: " + ", ".join(SECTIONS))
   p.add_argument("--output", default="", help="write the results as JSON here")
   return p.parse_args(argv)
 
@@ -210,36 +215,46 @@ def _write_random_teachers(config, num_classes: int, directory: str) -> None:
     teacher.init = path
 
 
+def _describe_training_data(config):
+  """(the training source's description, None) or (None, why it cannot be read)."""
+  from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
+  try:
+    from funmatch.data import sources  # pylint: disable=import-outside-toplevel
+  except ImportError as e:  # no TensorFlow (a GPU machine with JAX only): synthetic data
+    return None, f"funmatch.data does not import ({e})"
+  try:
+    return sources.source_info(config.input, "input"), None
+  except UserError as e:
+    return None, f"training data not available ({e})"
+
+
 def make_run(config, args, notes):
   """(run, config actually built, data_available)."""
   import ml_collections  # pylint: disable=import-outside-toplevel
-  from funmatch.data import sources  # pylint: disable=import-outside-toplevel
   from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
   from funmatch.train import build  # pylint: disable=import-outside-toplevel
   config = config.copy_and_resolve_references()
-  data_available = True
   num_classes = int(config.get("num_classes", 0) or 0)
-  try:
-    info = sources.source_info(config.input, "input")
+  info, reason = _describe_training_data(config)
+  data_available = info is not None
+  synthetic = None
+  if data_available:
+    from funmatch.data import sources  # pylint: disable=import-outside-toplevel
     num_classes = num_classes or info.num_classes
-  except UserError as e:
-    data_available = False
+    for name in list(config.get("evals", {}).keys()):
+      try:
+        sources.source_info(config.evals[name], f"evals.{name}")
+      except UserError as e:
+        notes.append(f"eval set '{name}' not available ({e}); dropped")
+        config.evals = ml_collections.ConfigDict(
+            {k: v for k, v in config.evals.items() if k != name})
+  else:
     num_classes = num_classes or args.num_classes
-    notes.append(f"training data not available ({e}); synthetic data only, "
-                 f"{num_classes} classes")
-    # build.build reads the data description; a stand-in source with the same batch
-    # size lets it build the same models, optimizer and step.
-    from funmatch import config_util  # pylint: disable=import-outside-toplevel
-    batch_size = int(config.input.batch_size)
-    config.input = config_util.data_config("digits", batch_size=batch_size)
+    notes.append(f"{reason}; synthetic data only, {num_classes} classes, no eval sets")
+    # build.build then reads no data (and imports no TensorFlow).
+    synthetic = build.SyntheticData(num_classes, num_examples=int(config.input.batch_size))
+    config.evals = ml_collections.ConfigDict()
     config.num_classes = num_classes
-  for name in list(config.get("evals", {}).keys()):
-    try:
-      sources.source_info(config.evals[name], f"evals.{name}")
-    except UserError as e:
-      notes.append(f"eval set '{name}' not available ({e}); dropped")
-      config.evals = ml_collections.ConfigDict(
-          {k: v for k, v in config.evals.items() if k != name})
   if not args.random_teachers:
     for name in build.teacher_names(config):
       if name in config and not config[name].get("init"):
@@ -252,7 +267,7 @@ def make_run(config, args, notes):
       temp = tempfile.mkdtemp(prefix="funmatch_bench_")
       _write_random_teachers(config, num_classes, temp)
       notes.append("teachers have random weights (--random_teachers)")
-    run = build.build(config, "distill")
+    run = build.build(config, "distill", synthetic_data=synthetic)
   finally:
     if temp:
       shutil.rmtree(temp, ignore_errors=True)
@@ -514,6 +529,8 @@ def _eval_batches(run, limit):
   """(name, iterator over the first eval set's batches, at most `limit`) or (None, None)."""
   import itertools  # pylint: disable=import-outside-toplevel
   from funmatch.train import evaluate  # pylint: disable=import-outside-toplevel
+  if not run.config.get("evals"):
+    return None, None
   eval_sets = evaluate.make_eval_sets(run)
   if not eval_sets:
     return None, None
@@ -524,7 +541,7 @@ def _eval_batches(run, limit):
 def measure_bf16_teacher(run, teacher_fn, batch, args, results):
   """Teacher forward in float32 vs bfloat16, and their top-1 agreement.
 
-  `teacher_fn` is the configured teachers' forward, compiled already.
+  `teacher_fn` is the configured teachers' forward, compiled already (or None).
   """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -538,7 +555,7 @@ def measure_bf16_teacher(run, teacher_fn, batch, args, results):
   for dtype, teachers in modules.items():
     same = all(jnp.dtype(m.dtype) == jnp.dtype(dtype) for m in run.teachers.values())
     # The configured teachers' forward was compiled already: reuse it.
-    fns[dtype] = teacher_fn if same else teacher_forward_fn(teachers)
+    fns[dtype] = teacher_fn if same and teacher_fn else teacher_forward_fn(teachers)
     call = lambda fn=fns[dtype]: fn(run.teacher_params, batch["images"])
     first = _first_call(call)
     out[dtype] = {**timed(call, args.steps, args.repeats, _block), "first_call_s": first}
@@ -690,9 +707,9 @@ def benchmark(args):
     raise UserError("--host_res and --agreement_batches must be >= 0, --host_batch >= -1, "
                     "--num_classes >= 1")
   skip = {s for s in args.skip.split(",") if s}
-  unknown = skip - {"real_data", "host"}
+  unknown = skip - set(SECTIONS)
   if unknown:
-    raise UserError(f"--skip {','.join(sorted(unknown))}: choose from real_data, host")
+    raise UserError(f"--skip {','.join(sorted(unknown))}: choose from {', '.join(SECTIONS)}")
   config = load_config(args.config, args.set)
   notes = []
   run, config, data_available = make_run(config, args, notes)
@@ -707,12 +724,20 @@ def benchmark(args):
              "machine": machine_info(), "timings": {}, "flops": {}, "memory": {},
              "skipped": {}, "notes": notes}
   batch = synthetic_batch(run, batch_size)
-  teacher_fn = measure_teacher(run, batch, args, results)
-  results["memory"]["after_teacher_forward"] = peak_memory()
-  _progress(start, f"teacher_forward: {results['timings']['teacher_forward']['median_ms']:.2f} ms")
-  measure_student(run, batch, args, results)
-  results["memory"]["after_student_step"] = peak_memory()
-  _progress(start, f"student_step: {results['timings']['student_step']['median_ms']:.2f} ms")
+  teacher_fn = None
+  if "teacher_forward" in skip:
+    results["skipped"]["teacher_forward"] = "--skip teacher_forward"
+  else:
+    teacher_fn = measure_teacher(run, batch, args, results)
+    results["memory"]["after_teacher_forward"] = peak_memory()
+    _progress(start, "teacher_forward: "
+              f"{results['timings']['teacher_forward']['median_ms']:.2f} ms")
+  if "student_step" in skip:
+    results["skipped"]["student_step"] = "--skip student_step"
+  else:
+    measure_student(run, batch, args, results)
+    results["memory"]["after_student_step"] = peak_memory()
+    _progress(start, f"student_step: {results['timings']['student_step']['median_ms']:.2f} ms")
   step_fn, stepper = measure_full_step(run, batch, args, results)
   results["memory"]["after_full_step"] = peak_memory()
   _progress(start, f"full_step: {results['timings']['full_step']['median_ms']:.2f} ms")

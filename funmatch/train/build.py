@@ -48,6 +48,14 @@ class Run:
   mixup: dict[str, Any] | None
 
 
+@dataclasses.dataclass(frozen=True)
+class SyntheticData:
+  """Stands in for the data sources in `build`, for tools that feed synthetic batches:
+  nothing is read and funmatch.data (so TensorFlow) is never imported."""
+  num_classes: int
+  num_examples: int  # one "epoch", for config.total_epochs
+
+
 def _require_keys(config, keys, where="config"):
   for key in keys:
     if key not in config:
@@ -175,14 +183,30 @@ def teacher_names(config) -> tuple[str, ...]:
   return names
 
 
-def build(config: ml_collections.ConfigDict, mode: str,
-          restore_only: bool = False) -> Run:
+def describe_data(config: ml_collections.ConfigDict, mesh):
+  """The training source's description, after checking every eval set against it."""
+  from funmatch.data import sources  # pylint: disable=import-outside-toplevel
+  train_info = sources.source_info(config.input, where="input")
+  num_classes = int(config.get("num_classes", 0) or train_info.num_classes)
+  for eval_name, eval_config in config.get("evals", {}).items():
+    info = sources.source_info(eval_config, where=f"evals.{eval_name}")
+    if info.num_classes != num_classes:
+      raise UserError(f"config.evals.{eval_name} has {info.num_classes} classes but the "
+                      f"run has {num_classes}; evaluate on a dataset with the same classes")
+    parallel.check_batch_size(int(eval_config.get("batch_size", config.input.batch_size)),
+                              mesh, f"evals.{eval_name}.batch_size")
+  return train_info
+
+
+def build(config: ml_collections.ConfigDict, mode: str, restore_only: bool = False,
+          synthetic_data: SyntheticData | None = None) -> Run:
   """Validates the config and builds the run (no workdir writes).
 
   restore_only: for eval/export, the student's own init is not loaded (the
   checkpoint replaces it).
+  synthetic_data: describes the data instead of config.input and config.evals
+  (which are then neither checked nor read).
   """
-  from funmatch.data import sources  # pylint: disable=import-outside-toplevel
   validate_top_level(config, mode)
   objective = objectives.make_objective(config)
   names = teacher_names(config)
@@ -194,15 +218,8 @@ def build(config: ml_collections.ConfigDict, mode: str,
 
   mesh = parallel.make_mesh(config)
   parallel.check_batch_size(int(config.input.batch_size), mesh)
-  train_info = sources.source_info(config.input, where="input")
+  train_info = synthetic_data or describe_data(config, mesh)
   num_classes = int(config.get("num_classes", 0) or train_info.num_classes)
-  for eval_name, eval_config in config.get("evals", {}).items():
-    info = sources.source_info(eval_config, where=f"evals.{eval_name}")
-    if info.num_classes != num_classes:
-      raise UserError(f"config.evals.{eval_name} has {info.num_classes} classes but the "
-                      f"run has {num_classes}; evaluate on a dataset with the same classes")
-    parallel.check_batch_size(int(eval_config.get("batch_size", config.input.batch_size)),
-                              mesh, f"evals.{eval_name}.batch_size")
   total_steps, steps_per_epoch = total_steps_of(config, train_info.num_examples)
 
   student, student_params = build_model(config.student, num_classes, "student")
@@ -227,8 +244,9 @@ def build(config: ml_collections.ConfigDict, mode: str,
   output_shapes = abstract_outputs(student, student_params, teachers, teacher_params, views)
   if hasattr(objective, "check_models"):
     objective.check_models(*output_shapes)
-  from funmatch.data import pipeline  # pylint: disable=import-outside-toplevel
-  pipeline.check_teaching(config.get("teaching", "function_matching"), views)
+  if synthetic_data is None:
+    from funmatch.data import pipeline  # pylint: disable=import-outside-toplevel
+    pipeline.check_teaching(config.get("teaching", "function_matching"), views)
   optimizer, schedule = make_optimizer(config, total_steps)
   logging.info("run: %d classes, %d train examples, %d steps (%.1f per epoch), views %s",
                num_classes, train_info.num_examples, total_steps, steps_per_epoch, views)
