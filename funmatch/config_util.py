@@ -66,7 +66,8 @@ def model_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def model_config(model: str, res: int, init: str = "", dtype: str = "float32",
-                 init_sha256: str = "", **kwargs: Any) -> ml_collections.ConfigDict:
+                 init_sha256: str = "", conv_impl: str = "auto",
+                 **kwargs: Any) -> ml_collections.ConfigDict:
   """A model sub-config: registry name, input resolution, init source, kwargs.
 
   The model's own options are untyped fields (the model validates them), so the
@@ -74,7 +75,9 @@ def model_config(model: str, res: int, init: str = "", dtype: str = "float32",
   value follows the weights (BiT's stem_pool_padding, ViT's gelu) are present as
   'auto' unless given; the build decides them from `init` (funmatch/train/weights.py).
   `init` is a path, a workdir or a published name (docs/weights.md);
-  `init_sha256` (hex) makes the build check the file's digest.
+  `init_sha256` (hex) makes the build check the file's digest. conv_impl (every
+  model's option, funmatch.models.conv) is written out so the locked command line
+  can override it: --config.student.conv_impl=xla.
   """
   from funmatch import models  # pylint: disable=import-outside-toplevel
   kwargs = {**{k: "auto" for k in models.auto_options(model)}, **kwargs}
@@ -83,7 +86,7 @@ def model_config(model: str, res: int, init: str = "", dtype: str = "float32",
              for k, v in kwargs.items()}
   return ml_collections.ConfigDict(
       dict(model=model, res=res, init=init, init_sha256=init_sha256, dont_load=(), dtype=dtype,
-           **options))
+           conv_impl=conv_impl, **options))
 
 
 

@@ -374,6 +374,8 @@ CASES = [
          "config.evals.test.every_steps=-1"),
     Case("negative eval size", "distill", _d("--config.evals.test.max_examples=-5"),
          "config.evals.test.max_examples=-5"),
+    Case("unknown conv implementation", "distill", _d("--config.student.conv_impl=cudnn"),
+         "config.student.conv_impl='cudnn'"),
     Case("unknown data source", "distill", _d("--config.input.source=s3"),
          "input.source"),
     Case("unknown digits split", "distill", _d("--config.input.split=validation"),

@@ -215,3 +215,22 @@ def test_workdirs_older_than_the_data_and_eval_keys_resume(tmp_path, caplog):
   config.input.crop = "random"  # not resumable: it changes the run
   with pytest.raises(UserError, match="holds another run"):
     workdir_lib.check_resumable(workdir, config, "train")
+
+
+def test_resume_accepts_another_conv_impl(tmp_path, caplog):
+  """conv_impl only says how convolutions run: a run from before the option, or one
+  started on another backend, resumes."""
+  import json  # pylint: disable=import-outside-toplevel
+  from funmatch import config_util  # pylint: disable=import-outside-toplevel
+  config = config_util.base_config()
+  workdir = str(tmp_path)
+  workdir_lib.write_config(workdir, config, "train")
+  path = tmp_path / workdir_lib.CONFIG_FILE
+  stored = json.loads(path.read_text())
+  for model in ("student", "teacher"):
+    del stored["config"][model]["conv_impl"]  # written before the option existed
+  path.write_text(json.dumps(stored))
+  config.student.conv_impl = "xla"
+  with caplog.at_level(logging.INFO):
+    workdir_lib.check_resumable(workdir, config, "train")
+  assert "resuming with changed student.conv_impl: '<absent>' -> 'xla'" in caplog.text

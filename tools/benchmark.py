@@ -45,6 +45,7 @@ import statistics
 import sys
 import time
 
+SECTIONS = ("teacher_forward", "student_step", "real_data", "host")  # --skip
 TARGETS = {"full_over_parts": "<= 1.05", "real_over_synthetic_throughput": ">= 0.95",
            "host_overhead_ms": "well under 1", "bf16_top1_agreement": ">= 0.995",
            "bf16_speedup": ">= 1.5 on GPU"}
@@ -80,7 +81,7 @@ def parse_args(argv):
   p.add_argument("--agreement_batches", type=int, default=0,
                  help="eval batches for the bf16 agreement (0: the whole eval split)")
   p.add_argument("--skip", default="",
-                 help="comma-separated sections to skip: real_data, host")
+                 help="comma-separated sections to skip: " + ", ".join(SECTIONS))
   p.add_argument("--output", default="", help="write the results as JSON here")
   args, rest = p.parse_known_args(argv)
   unknown = [a for a in rest if not a.startswith("--config.")]
@@ -120,12 +121,25 @@ def _random_like(shapes, seed: int = 0):
 
 
 def _available_data(config, args, notes):
-  """(config with the eval sets that exist, DataInfo, whether the data exists)."""
+  """(config with the eval sets that exist, DataInfo, whether the data exists).
+
+  Without funmatch.data (no TensorFlow, as on a GPU machine with JAX only) the
+  run gets synthetic data and no eval sets; nothing imports TensorFlow then.
+  """
   import ml_collections  # pylint: disable=import-outside-toplevel
-  from funmatch.data import sources  # pylint: disable=import-outside-toplevel
   from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
   from funmatch.train import build  # pylint: disable=import-outside-toplevel
   config = config.copy_and_resolve_references()
+  num_classes = int(config.num_classes or args.num_classes)
+  synthetic = build.DataInfo(num_classes, int(config.input.batch_size), 1.0,
+                             int(config.total_steps) or 1)
+  try:
+    from funmatch.data import sources  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    notes.append(f"funmatch.data does not import ({e}); synthetic data only, "
+                 f"{num_classes} classes, no eval sets")
+    config.evals = ml_collections.ConfigDict()
+    return config, synthetic, False
   for name in list(config.evals.keys()):
     try:
       sources.source_info(config.evals[name], f"evals.{name}")
@@ -136,12 +150,9 @@ def _available_data(config, args, notes):
   try:
     return config, build.describe_data(config), True
   except UserError as e:
-    num_classes = int(config.num_classes or args.num_classes)
     notes.append(f"training data not available ({e}); synthetic data only, "
                  f"{num_classes} classes")
-    batch_size = int(config.input.batch_size)
-    total = int(config.total_steps) or 1
-    return config, build.DataInfo(num_classes, batch_size, 1.0, total), False
+    return config, synthetic, False
 
 
 def make_run(config, args, notes):
@@ -423,6 +434,8 @@ def _eval_batches(run, limit):
   """(name, iterator over the first eval set's batches, at most `limit`) or (None, None)."""
   import itertools  # pylint: disable=import-outside-toplevel
   from funmatch.train import evaluate  # pylint: disable=import-outside-toplevel
+  if not run.config.get("evals"):
+    return None, None
   eval_sets = evaluate.make_eval_sets(run)
   if not eval_sets:
     return None, None
@@ -433,7 +446,7 @@ def _eval_batches(run, limit):
 def measure_bf16_teacher(run, teacher_fn, batch, args, results):
   """Teacher forward in float32 vs bfloat16, and their top-1 agreement.
 
-  `teacher_fn` is the configured teachers' forward, compiled already.
+  `teacher_fn` is the configured teachers' forward, compiled already (or None).
   """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -447,7 +460,7 @@ def measure_bf16_teacher(run, teacher_fn, batch, args, results):
   for dtype, teachers in modules.items():
     same = all(jnp.dtype(m.dtype) == jnp.dtype(dtype) for m in run.teachers.values())
     # The configured teachers' forward was compiled already: reuse it.
-    fns[dtype] = teacher_fn if same else teacher_forward_fn(teachers)
+    fns[dtype] = teacher_fn if same and teacher_fn else teacher_forward_fn(teachers)
     call = lambda fn=fns[dtype]: fn(run.teacher_params, batch["images"])
     first = _first_call(call)
     out[dtype] = {**timed(call, args.steps, args.repeats, _block), "first_call_s": first}
@@ -599,9 +612,9 @@ def benchmark(args, config):
     raise UserError("--host_res and --agreement_batches must be >= 0, --host_batch >= -1, "
                     "--num_classes >= 1")
   skip = {s for s in args.skip.split(",") if s}
-  unknown = skip - {"real_data", "host"}
+  unknown = skip - set(SECTIONS)
   if unknown:
-    raise UserError(f"--skip {','.join(sorted(unknown))}: choose from real_data, host")
+    raise UserError(f"--skip {','.join(sorted(unknown))}: choose from {', '.join(SECTIONS)}")
   notes = []
   run, config, data_available = make_run(config, args, notes)
   _progress(start, "built the run")
@@ -615,12 +628,20 @@ def benchmark(args, config):
              "machine": machine_info(), "timings": {}, "flops": {}, "memory": {},
              "skipped": {}, "notes": notes}
   batch = synthetic_batch(run, batch_size)
-  teacher_fn = measure_teacher(run, batch, args, results)
-  results["memory"]["after_teacher_forward"] = peak_memory()
-  _progress(start, f"teacher_forward: {results['timings']['teacher_forward']['median_ms']:.2f} ms")
-  measure_student(run, batch, args, results)
-  results["memory"]["after_student_step"] = peak_memory()
-  _progress(start, f"student_step: {results['timings']['student_step']['median_ms']:.2f} ms")
+  teacher_fn = None
+  if "teacher_forward" in skip:
+    results["skipped"]["teacher_forward"] = "--skip teacher_forward"
+  else:
+    teacher_fn = measure_teacher(run, batch, args, results)
+    results["memory"]["after_teacher_forward"] = peak_memory()
+    _progress(start, "teacher_forward: "
+              f"{results['timings']['teacher_forward']['median_ms']:.2f} ms")
+  if "student_step" in skip:
+    results["skipped"]["student_step"] = "--skip student_step"
+  else:
+    measure_student(run, batch, args, results)
+    results["memory"]["after_student_step"] = peak_memory()
+    _progress(start, f"student_step: {results['timings']['student_step']['median_ms']:.2f} ms")
   step_fn, stepper = measure_full_step(run, batch, args, results)
   results["memory"]["after_full_step"] = peak_memory()
   _progress(start, f"full_step: {results['timings']['full_step']['median_ms']:.2f} ms")

@@ -36,8 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from funmatch.errors import UserError
-from funmatch.models import formats
-from funmatch.models import layouts
+from funmatch.models import conv, formats, layouts
 
 GN_GROUPS = 8
 GN_EPSILON = 1e-5
@@ -100,15 +99,15 @@ class ConvNorm(nn.Module):
   depthwise: bool = False
   activation: str = ""
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     pad = (self.kernel - 1) // 2  # Symmetric, as in torchvision.
-    x = nn.Conv(self.features, (self.kernel, self.kernel),
-                strides=(self.stride, self.stride), padding=[(pad, pad)] * 2,
-                feature_group_count=x.shape[-1] if self.depthwise else 1,
-                use_bias=False, kernel_init=_conv_init, dtype=self.dtype,
-                name="conv")(x)
+    x = conv.Conv(self.features, self.kernel, self.stride, padding=[(pad, pad)] * 2,
+                  feature_group_count=x.shape[-1] if self.depthwise else 1,
+                  use_bias=False, kernel_init=_conv_init, dtype=self.dtype,
+                  impl=self.conv_impl, name="conv")(x)
     x = nn.GroupNorm(num_groups=GN_GROUPS, epsilon=GN_EPSILON,
                      dtype=self.dtype, name="group_norm")(x)
     return _ACTIVATIONS[self.activation](x) if self.activation else x
@@ -118,14 +117,14 @@ class SqueezeExcite(nn.Module):
   """Global pool -> 1x1 (ReLU) -> 1x1 (hard sigmoid) -> channel gate."""
   squeeze: int
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    common = dict(dtype=self.dtype, kernel_init=_conv_init, impl=self.conv_impl)
     s = jnp.mean(x, axis=(1, 2), keepdims=True)
-    s = nn.relu(nn.Conv(self.squeeze, (1, 1), dtype=self.dtype,
-                        kernel_init=_conv_init, name="reduce")(s))
-    s = hard_sigmoid(nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype,
-                             kernel_init=_conv_init, name="expand")(s))
+    s = nn.relu(conv.Conv(self.squeeze, 1, name="reduce", **common)(s))
+    s = hard_sigmoid(conv.Conv(x.shape[-1], 1, name="expand", **common)(s))
     return x * s
 
 
@@ -135,21 +134,21 @@ class InvertedResidual(nn.Module):
   expanded: int
   out: int
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     spec = self.spec
+    common = dict(dtype=self.dtype, conv_impl=self.conv_impl)
     y = x
     if self.expanded != x.shape[-1]:
-      y = ConvNorm(self.expanded, activation=spec.activation, dtype=self.dtype,
-                   name="expand")(y)
+      y = ConvNorm(self.expanded, activation=spec.activation, name="expand",
+                   **common)(y)
     y = ConvNorm(self.expanded, spec.kernel, spec.stride, depthwise=True,
-                 activation=spec.activation, dtype=self.dtype,
-                 name="depthwise")(y)
+                 activation=spec.activation, name="depthwise", **common)(y)
     if spec.use_se:
-      y = SqueezeExcite(make_divisible(self.expanded // 4), dtype=self.dtype,
-                        name="se")(y)
-    y = ConvNorm(self.out, dtype=self.dtype, name="project")(y)
+      y = SqueezeExcite(make_divisible(self.expanded // 4), name="se", **common)(y)
+    y = ConvNorm(self.out, name="project", **common)(y)
     if spec.stride == 1 and x.shape[-1] == self.out:
       y = y + x
     return y
@@ -165,6 +164,8 @@ class Model(nn.Module):
     dtype: activation / compute dtype; params stay float32, logits float32.
     dropout_rate: dropout before the classifier, active only with train=True
       (then a 'dropout' rng is needed).
+    conv_impl: 'auto', 'xla' or 'matmul' (funmatch.models.conv): how the
+      convs run; the same params and function either way.
 
   Images are NHWC in [-1, 1]. See the module docstring for the taps.
   """
@@ -172,6 +173,7 @@ class Model(nn.Module):
   width: float = 1.0
   dtype: Any = jnp.float32
   dropout_rate: float = 0.0
+  conv_impl: str = "auto"
 
   def __post_init__(self):
     # Config errors surface at construction, not inside init/jit.
@@ -186,6 +188,7 @@ class Model(nn.Module):
             and 0.0 <= self.dropout_rate < 1.0):
       raise UserError(f"MobileNetV3 dropout_rate={self.dropout_rate!r} must "
                       "be in [0, 1).")
+    conv.check_impl(self.conv_impl)
     super().__post_init__()
 
   def _channels(self, value: int) -> int:
@@ -194,18 +197,17 @@ class Model(nn.Module):
   @nn.compact
   def __call__(self, images: jnp.ndarray, train: bool = False):
     taps = {}
+    common = dict(dtype=self.dtype, conv_impl=self.conv_impl)
     x = taps["stem"] = ConvNorm(self._channels(STEM_CHANNELS), 3, 2,
-                                activation="hswish", dtype=self.dtype,
-                                name="stem")(images)
+                                activation="hswish", name="stem", **common)(images)
     for index, spec in enumerate(LARGE_BLOCKS, start=1):
       x = InvertedResidual(spec, self._channels(spec.expanded),
-                           self._channels(spec.out), dtype=self.dtype,
-                           name=f"block{index:02d}")(x)
+                           self._channels(spec.out), name=f"block{index:02d}",
+                           **common)(x)
       if index in STAGE_ENDS:
         taps[f"stage{STAGE_ENDS.index(index) + 1}"] = x
     # 6x the last block's width (960 at width 1), as in the reference.
-    x = ConvNorm(6 * x.shape[-1], activation="hswish", dtype=self.dtype,
-                 name="final")(x)
+    x = ConvNorm(6 * x.shape[-1], activation="hswish", name="final", **common)(x)
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # Pool in float32.
     x = nn.Dense(self._channels(LAST_CHANNELS), dtype=self.dtype,
                  name="pre_logits")(x)

@@ -53,8 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from funmatch.errors import UserError
-from funmatch.models import formats
-from funmatch.models import layouts
+from funmatch.models import conv, formats, layouts
 
 LN_EPSILON = 1e-6
 GELUS = ("auto", "tanh", "exact")
@@ -217,6 +216,8 @@ class Model(nn.Module):
       train with), 'exact' (erf; timm's nn.GELU), or 'auto': whatever the
       weights file implies, resolved by `models.resolve_options` before the
       model is built (unresolved, 'auto' runs as 'tanh').
+    conv_impl: 'auto', 'xla' or 'matmul' (funmatch.models.conv): how the
+      patch embedding runs (as a reshape + matmul for 'matmul').
 
   Images are NHWC in [-1, 1]. See the module docstring for the taps.
   """
@@ -232,6 +233,7 @@ class Model(nn.Module):
   relation_heads: int = 0
   dtype: Any = jnp.float32
   gelu: str = "auto"
+  conv_impl: str = "auto"
 
   def __post_init__(self):
     # Config errors surface at construction, not inside init/jit.
@@ -271,6 +273,7 @@ class Model(nn.Module):
             and 0.0 <= self.drop_path < 1.0):
       raise UserError(f"ViT drop_path={self.drop_path!r} must be in [0, 1) "
                       "(0 disables stochastic depth).")
+    conv.check_impl(self.conv_impl)
     super().__post_init__()
 
   @property
@@ -288,9 +291,9 @@ class Model(nn.Module):
     if height % p or wide % p:
       raise UserError(f"ViT image size {height}x{wide} is not divisible by "
                       f"patch_size={p}; use a res that is a multiple of {p}.")
-    x = nn.Conv(width, (p, p), strides=(p, p), padding="VALID",
-                dtype=self.dtype, param_dtype=jnp.float32,
-                name="embedding")(images.astype(self.dtype))
+    x = conv.Conv(width, p, p, padding="VALID", dtype=self.dtype,
+                  param_dtype=jnp.float32, impl=self.conv_impl,
+                  name="embedding")(images.astype(self.dtype))
     batch = x.shape[0]
     x = x.reshape(batch, -1, width)
     cls = self.param("cls", nn.initializers.zeros, (1, 1, width), jnp.float32)

@@ -29,7 +29,7 @@ import ml_collections
 from funmatch import config_util, fileio, models, parallel, teaching
 from funmatch.distill import objectives
 from funmatch.errors import UserError
-from funmatch.models import layouts
+from funmatch.models import conv, layouts
 from funmatch.optim import make_optimizer
 from funmatch.train import evaluate, weights
 
@@ -138,6 +138,7 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> Spec:
     raise UserError("funmatch-train does not use teachers; remove config.teachers")
   for what in ("student", *names):
     model_dtype(config[what], what)
+    conv.check_impl(config[what].get("conv_impl"), f"config.{what}.conv_impl")
   teaching.plan(config, mode, {name: int(config[name].res) for name in names})
   mesh = parallel.make_mesh(config)
   parallel.check_batch_size(int(config.input.batch_size), mesh)

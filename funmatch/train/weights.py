@@ -24,9 +24,10 @@ from funmatch.errors import UserError
 from funmatch.models import catalog, layouts
 
 # Model options that change neither the param names nor their shapes (ViT's
-# stochastic depth and tapped block/heads): a TinyMIM student trained with
-# drop-path and relation heads may serve as the next run's teacher without them.
-_PARAM_FREE_OPTIONS = ("drop_path", "qkv_block", "relation_heads")
+# stochastic depth and tapped block/heads, how convs run): a TinyMIM student
+# trained with drop-path and relation heads may serve as the next run's teacher
+# without them.
+_PARAM_FREE_OPTIONS = ("drop_path", "qkv_block", "relation_heads", "conv_impl")
 # Files whose digest was checked, keyed by (path, size, version): hashing a 1 GB
 # teacher once per process is enough.
 _VERIFIED: set[tuple[str, int, str, str]] = set()

@@ -34,6 +34,15 @@ RESUMABLE_PREFIXES = (
     "input.shuffle_buffer", "input.prefetch", "progress_every_seconds", "mesh",
     "sharding", "preemption_check_every_steps",
 )
+# Per-model keys that may change too: how convolutions run (the same function; a
+# run started on a GPU may resume on a CPU). Absent in runs from before the option.
+RESUMABLE_MODEL_KEYS = ("conv_impl",)
+
+
+def _resumable(key: str) -> bool:
+  key = key.removeprefix("config.")
+  return (any(key.startswith(p) for p in RESUMABLE_PREFIXES)
+          or key.rpartition(".")[2] in RESUMABLE_MODEL_KEYS)
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -80,8 +89,7 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict, mode: str) 
   old = {key: old[key] for key in ("mode", "config") if key in old}
   new = config_to_json(config, mode)
   differences = config_differences(old, new)
-  fatal = [k for k in differences
-           if not any(k.removeprefix("config.").startswith(p) for p in RESUMABLE_PREFIXES)]
+  fatal = [k for k in differences if not _resumable(k)]
   if fatal:
     shown = ", ".join(f"{k}: {_flatten(old).get(k, '<absent>')!r} -> "
                       f"{_flatten(new).get(k, '<absent>')!r}" for k in fatal[:3])

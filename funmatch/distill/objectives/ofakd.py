@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from funmatch.distill import losses
 from funmatch.distill.objectives.base import Objective, check_settings
 from funmatch.errors import UserError
+from funmatch.models import conv
 
 _STAGE = re.compile(r"^stage(\d+)$")
 _BLOCK = re.compile(r"^block(\d+)$")
@@ -72,8 +73,8 @@ class CNNBranch(nn.Module):
   def __call__(self, x):
     x = x.astype(jnp.float32)
     for i, (channels, stride) in enumerate(zip(self.channels, self.strides)):
-      x = nn.Conv(channels, (3, 3), strides=(stride, stride), padding="SAME",
-                  use_bias=False, name=f"conv{i}")(x)
+      x = conv.Conv(channels, 3, stride, padding="SAME", use_bias=False,
+                    name=f"conv{i}")(x)
       x = nn.relu(nn.GroupNorm(num_groups=_groups(channels), name=f"norm{i}")(x))
     return nn.Dense(self.num_classes, name="head")(jnp.mean(x, axis=(1, 2)))
 

@@ -28,6 +28,7 @@ from funmatch.distill.objectives.base import (Objective, check_settings, single_
                                               target_labels)
 from funmatch.distill.objectives.nkd import nkd_loss
 from funmatch.errors import UserError
+from funmatch.models import conv
 
 DEEP_TAP = "encoded"
 
@@ -82,8 +83,8 @@ class Heads(nn.Module):
     batch, tokens, _ = x.shape
     side = math.isqrt(tokens)
     x = x.reshape(batch, side, side, width)
-    x = nn.Conv(width, (3, 3), padding="SAME", name="generator_0")(x)
-    x = nn.Conv(width, (3, 3), padding="SAME", name="generator_1")(nn.relu(x))
+    x = conv.Conv(width, 3, padding="SAME", name="generator_0")(x)
+    x = conv.Conv(width, 3, padding="SAME", name="generator_1")(nn.relu(x))
     return list(shallow), x.reshape(batch, tokens, width)
 
 
