@@ -30,10 +30,10 @@ def config_args(teacher: str, workdir: str, mesh: str, strategy: str) -> list[st
 def shardings_of(args: list[str]) -> dict:
   """'path': [spec...] of every array of the initial state and the teacher params."""
   import jax  # pylint: disable=import-outside-toplevel
-  from funmatch.train import build, cli, loop  # pylint: disable=import-outside-toplevel
+  from funmatch.train import build, cli, state as state_lib  # pylint: disable=import-outside-toplevel
   config, _, _ = cli.parse(["prog", *args], "mesh_worker", {})
   run = build.build(config, "distill")
-  state = loop.init_state(run)
+  state = state_lib.init_state(run)
   tree = {"params": state.params, "opt_state": state.opt_state, "step": state.step,
           "teacher": run.teacher_params["teacher"]}
   return {jax.tree_util.keystr(path): dict(shape=list(x.shape),
@@ -47,9 +47,9 @@ def save_restored_params(args: list[str], workdir: str, path: str) -> None:
   import numpy as np  # pylint: disable=import-outside-toplevel
   from funmatch import checkpoint  # pylint: disable=import-outside-toplevel
   from funmatch.models import layouts  # pylint: disable=import-outside-toplevel
-  from funmatch.train import build, cli, loop  # pylint: disable=import-outside-toplevel
+  from funmatch.train import build, cli, state as state_lib  # pylint: disable=import-outside-toplevel
   config, _, _ = cli.parse(["prog", *args], "mesh_worker", {})
-  state = loop.init_state(build.build(config, "distill"))
+  state = state_lib.init_state(build.build(config, "distill"))
   ckpt = checkpoint.Checkpointer(workdir, save_every=1)
   _, restored = ckpt.restore_latest(jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))

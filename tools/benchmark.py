@@ -7,7 +7,7 @@ block_until_ready at the end of each repeat, and reports the median per call:
   teacher_forward     every teacher's forward on a synthetic on-device batch
   student_step        student forward + backward + optimizer update, the
                       teachers' outputs given as fixed inputs (no teacher)
-  full_step           the trainer's own jitted step (loop.jit_train_step) on a
+  full_step           the trainer's own jitted step (step.jit_train_step) on a
                       synthetic on-device batch
   full_step_real_data the same step fed by the real tf.data pipeline (skipped,
                       with a note, when the dataset is not prepared)
@@ -322,14 +322,14 @@ def measure_teacher(run, batch, args, results):
 
 def measure_student(run, batch, args, results):
   import jax  # pylint: disable=import-outside-toplevel
-  from funmatch.train import loop, step as step_lib  # pylint: disable=import-outside-toplevel
+  from funmatch.train import state as state_lib, step as step_lib  # pylint: disable=import-outside-toplevel
   teacher_outs = jax.jit(lambda params, images: step_lib.teacher_outputs(
       run.teachers, params, images))(run.teacher_params, batch["images"])
   given = {name: _GivenOutputs() for name in run.teachers}
   step_fn = jax.jit(step_lib.make_train_step(
       run.student, given, run.objective, run.optimizer, run.schedule, run.num_classes,
       run.plan.mixup), donate_argnums=(0,))
-  state = loop.init_state(run)
+  state = state_lib.init_state(run)
   compiled, flops, _, _ = compile_info(step_fn, state, batch, teacher_outs)
   stepper = Stepper(compiled, state, batch, teacher_outs)
   first = _first_call(stepper)
@@ -340,9 +340,9 @@ def measure_student(run, batch, args, results):
 
 
 def measure_full_step(run, batch, args, results):
-  from funmatch.train import loop  # pylint: disable=import-outside-toplevel
-  state = loop.init_state(run)
-  step_fn = loop.jit_train_step(run, state)
+  from funmatch.train import state as state_lib, step as step_lib  # pylint: disable=import-outside-toplevel
+  state = state_lib.init_state(run)
+  step_fn = step_lib.jit_train_step(run, state)
   _, flops, bytes_accessed, memory = compile_info(step_fn, state, batch, run.teacher_params)
   # Timed through the jitted function itself (its cache holds the executable just
   # compiled), exactly as the trainer calls it.
@@ -379,14 +379,14 @@ def measure_host(run, step_fn, args, results):
   `step_fn` is the trainer's jitted step (compiled again only for a new batch shape).
   """
   import jax  # pylint: disable=import-outside-toplevel
-  from funmatch.train import loop, step as step_lib  # pylint: disable=import-outside-toplevel
+  from funmatch.train import state as state_lib, step as step_lib  # pylint: disable=import-outside-toplevel
   views = {name: (min(res, args.host_res) if args.host_res else res)
            for name, res in run.plan.views.items()}
   batch_size = {-1: run.mesh.devices.size, 0: int(run.config.input.batch_size)}.get(
       args.host_batch, args.host_batch)
   batch = synthetic_batch(run, batch_size, views, seed=1)
   n = args.host_steps
-  stepper = Stepper(step_fn, loop.init_state(run), batch, run.teacher_params)
+  stepper = Stepper(step_fn, state_lib.init_state(run), batch, run.teacher_params)
   _first_call(stepper)
   _block(stepper())
   raw_step = step_lib.make_train_step(run.student, run.teachers, run.objective,
@@ -397,7 +397,7 @@ def measure_host(run, step_fn, args, results):
     return jax.lax.fori_loop(0, n, lambda i, s: raw_step(s, batch, teacher_params)[0], state)
 
   looped = jax.jit(many_steps, donate_argnums=(0,))
-  loop_state = loop.init_state(run)
+  loop_state = state_lib.init_state(run)
   loop_state = looped(loop_state, batch, run.teacher_params)
   _block(loop_state)
   dispatch, pipelined, device, faults, sys_s = [], [], [], [], []
@@ -582,7 +582,7 @@ def print_table(results):
           f"({bf16['agreement_data']})")
   memory = results["memory"]
   peak = memory.get("device_peak_bytes")
-  print(f"peak memory: " + (f"device {peak / 2**20:.0f} MiB, " if peak else "") +
+  print("peak memory: " + (f"device {peak / 2**20:.0f} MiB, " if peak else "") +
         f"process RSS {memory['rss_peak_bytes'] / 2**20:.0f} MiB" +
         (f"; XLA temp of the step {memory['full_step_xla']['temp_size_in_bytes'] / 2**20:.0f}"
          " MiB" if (memory.get("full_step_xla") or {}).get("temp_size_in_bytes") is not None

@@ -1,7 +1,7 @@
 """funmatch's distillation step against the same step in PyTorch + timm, side by side.
 
 For each configuration, one process times (a) the trainer's own jitted step
-(`loop.jit_train_step`, built by tools/benchmark.py from the recipe, random
+(`step.jit_train_step`, built by tools/benchmark.py from the recipe, random
 teachers, synthetic on-device data) and (b) the same step in PyTorch with timm's
 ResNetV2 (BiT: StdConv2d + GroupNorm(32), 'fixed' stem, as `resnetv2_50x1_bit`
 builds it): mixup with one shared Beta(p, p) coefficient (folded to
@@ -198,7 +198,7 @@ class FunmatchStep:
 
   def __init__(self, bench, recipe: str, sets, conv_impl: str):
     from funmatch import models  # pylint: disable=import-outside-toplevel
-    from funmatch.train import loop  # pylint: disable=import-outside-toplevel
+    from funmatch.train import state as state_lib, step as step_lib  # pylint: disable=import-outside-toplevel
     repo = os.path.dirname(HERE)
     sets = list(sets)
     if conv_impl:
@@ -209,8 +209,8 @@ class FunmatchStep:
     self.run, self.config, _ = bench.make_run(config, args, self.notes)
     run = self.run
     self.batch = bench.synthetic_batch(run, int(self.config.input.batch_size))
-    state = loop.init_state(run)
-    self.stepper = bench.Stepper(loop.jit_train_step(run, state), state, self.batch,
+    state = state_lib.init_state(run)
+    self.stepper = bench.Stepper(step_lib.jit_train_step(run, state), state, self.batch,
                                  run.teacher_params)
     self.student_params = models.count_params(run.student_params)
     self.teacher_params = models.count_params(run.teacher_params)

@@ -107,14 +107,14 @@ def time_steps(teacher: str, optimizer: str, lr: float, compute_steps: int, peri
   import jax  # pylint: disable=import-outside-toplevel
   from funmatch import parallel  # pylint: disable=import-outside-toplevel
   from funmatch.data import pipeline  # pylint: disable=import-outside-toplevel
-  from funmatch.train import build, loop  # pylint: disable=import-outside-toplevel
+  from funmatch.train import build, state as state_lib, step as step_lib  # pylint: disable=import-outside-toplevel
   config = recipe(teacher, 10_000, optimizer, lr, 0, compute_steps)
   run = build.build(config, "distill")
-  state = loop.init_state(run)
+  state = state_lib.init_state(run)
   batch = next(pipeline.make_train_iterator(
       config.input, run.plan.views, seed=0, start_step=0,
       sharding=parallel.batch_sharding(run.mesh), crops=run.plan.crops))
-  train_step = loop.jit_train_step(run, state)
+  train_step = step_lib.jit_train_step(run, state)
   warmup = 20 if optimizer == "adam" else int(config.optax.start_preconditioning_step) + 1
   start = time.perf_counter()
   for _ in range(warmup):

@@ -138,7 +138,6 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> Spec:
     raise UserError("funmatch-train does not use teachers; remove config.teachers")
   for what in ("student", *names):
     model_dtype(config[what], what)
-    conv.check_impl(config[what].get("conv_impl"), f"config.{what}.conv_impl")
   teaching.plan(config, mode, {name: int(config[name].res) for name in names})
   mesh = parallel.make_mesh(config)
   parallel.check_batch_size(int(config.input.batch_size), mesh)
@@ -283,6 +282,7 @@ def resolve_options(config: ml_collections.ConfigDict, spec: Spec,
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int,
                 what: str, seed: int = 0) -> tuple[nn.Module, Any]:
   """The flax module and its random init params (from PRNGKey(seed)) for a model."""
+  conv.check_impl(model_config.get("conv_impl"), f"config.{what}.conv_impl")
   kwargs = config_util.model_kwargs(model_config)
   kwargs["dtype"] = model_dtype(model_config, what)
   module = models.get_model(model_config.model, num_classes, **kwargs)

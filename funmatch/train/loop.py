@@ -77,42 +77,6 @@ def _duration(seconds: float) -> str:
   return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def init_state(run: build_lib.Run) -> state_lib.TrainState:
-  """The initial train state, placed on the mesh as config.sharding says.
-
-  Keys: the student's params come from PRNGKey(seed) (build.build_models), the
-  objective's state from PRNGKey(seed) too, its params and the step keys from
-  split(PRNGKey(seed)).
-  """
-  seed_key = jax.random.PRNGKey(int(run.config.seed))
-  aux_rng, state_rng = jax.random.split(seed_key)
-  student_out, teacher_outs = run.output_shapes
-
-  def create():
-    aux_params = run.objective.init_aux(aux_rng, student_out, teacher_outs)
-    objective_state = run.objective.init_state(seed_key, student_out, teacher_outs)
-    return state_lib.create(run.models.student_params, aux_params, objective_state,
-                            run.optimizer, state_rng)
-
-  abstract_state = jax.eval_shape(create)
-  return jax.jit(create, out_shardings=state_lib.shardings(
-      run.config, abstract_state, run.mesh))()
-
-
-def jit_train_step(run: build_lib.Run, state: state_lib.TrainState):
-  """The jitted `train_step(state, batch, teacher_params) -> (state, metrics)`.
-
-  The state is donated (updated in place) and keeps its shardings; metrics are
-  replicated. Benchmarks use this same function, so they time what runs.
-  """
-  return jax.jit(
-      step_lib.make_train_step(run.student, run.teachers, run.objective, run.optimizer,
-                               run.schedule, run.num_classes, run.plan.mixup),
-      donate_argnums=(0,),
-      out_shardings=(jax.tree.map(lambda x: x.sharding, state),
-                     parallel.replicated(run.mesh)))
-
-
 def _every(step: int, every: int, total: int) -> bool:
   return step == total or (every > 0 and step % every == 0)
 
@@ -169,7 +133,7 @@ def _train_batches(run: build_lib.Run, start_step: int) -> Iterator[Any] | None:
 
 
 def _restore_or_init(run, ckpt) -> tuple[state_lib.TrainState, int]:
-  state = init_state(run)
+  state = state_lib.init_state(run)
   start_step, restored = ckpt.restore_latest(jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
   if start_step:
@@ -194,7 +158,7 @@ def _train(run: build_lib.Run, workdir: str, hold, clock: startup.Clock,
   clock.mark("state")
 
   evaluator = evaluate_lib.Evaluator(run)
-  train_step = jit_train_step(run, state)
+  train_step = step_lib.jit_train_step(run, state)
   writer = metrics_io.make_writer(workdir, hold)
   progress = Progress(run, writer, config.log_every_steps)
   clock.mark("eval pipelines")

@@ -45,3 +45,25 @@ def shardings(config: ml_collections.ConfigDict, abstract_state: TrainState,
                     opt_state=student(abstract_state.opt_state),
                     objective_state=aux(abstract_state.objective_state),
                     rng=replicated, nonfinite_step=replicated)
+
+
+def init_state(run) -> TrainState:
+  """The initial train state of `run` (funmatch.train.build.Run), placed on the mesh
+  as config.sharding says.
+
+  Keys: the student's params come from PRNGKey(seed) (build.build_models), the
+  objective's state from PRNGKey(seed) too, its params and the step keys from
+  split(PRNGKey(seed)).
+  """
+  seed_key = jax.random.PRNGKey(int(run.config.seed))
+  aux_rng, state_rng = jax.random.split(seed_key)
+  student_out, teacher_outs = run.output_shapes
+
+  def initial():
+    aux_params = run.objective.init_aux(aux_rng, student_out, teacher_outs)
+    objective_state = run.objective.init_state(seed_key, student_out, teacher_outs)
+    return create(run.models.student_params, aux_params, objective_state, run.optimizer,
+                  state_rng)
+
+  abstract_state = jax.eval_shape(initial)
+  return jax.jit(initial, out_shardings=shardings(run.config, abstract_state, run.mesh))()

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from funmatch import parallel
 from funmatch.distill import mixup as mixup_lib
 from funmatch.teaching import Mixup
 from funmatch.train.state import TrainState
@@ -140,3 +141,18 @@ def make_eval_step(student: nn.Module, teachers: Mapping[str, nn.Module],
     return sums
 
   return eval_step
+
+
+def jit_train_step(run, state: TrainState):
+  """The jitted `train_step(state, batch, teacher_params) -> (state, metrics)` of
+  `run` (funmatch.train.build.Run).
+
+  The state is donated (updated in place) and keeps its shardings; metrics are
+  replicated. Benchmarks use this same function, so they time what runs.
+  """
+  return jax.jit(
+      make_train_step(run.student, run.teachers, run.objective, run.optimizer,
+                               run.schedule, run.num_classes, run.plan.mixup),
+      donate_argnums=(0,),
+      out_shardings=(jax.tree.map(lambda x: x.sharding, state),
+                     parallel.replicated(run.mesh)))
