@@ -54,6 +54,26 @@ def test_npz_and_safetensors_round_trip_with_metadata(tmp_path):
     assert f[formats.METADATA_KEY].dtype.kind == "U"
 
 
+def test_weight_files_on_gcs_round_trip_and_name_the_url(gcs):
+  """gs:// weights: written by one upload, read and peeked through one local copy, and
+  a damaged object's message names its URL (not the temporary copy)."""
+  from funmatch import fileio  # pylint: disable=import-outside-toplevel
+  arrays = {"a/kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}
+  for suffix, write in ((".npz", formats.write_npz),
+                        (".safetensors", formats.write_safetensors)):
+    url = f"{gcs.root}/weights_test/w{suffix}"
+    write(url, arrays, {"model": "bit"})
+    assert formats.peek(url).path == url and formats.peek(url).names == ("a/kernel",)
+    weights = formats.read(url)
+    assert weights.path == url and weights.metadata == {"model": "bit"}
+    np.testing.assert_array_equal(weights.arrays["a/kernel"], arrays["a/kernel"])
+  assert sorted(fileio.listdir(f"{gcs.root}/weights_test")) == ["w.npz", "w.safetensors"]
+  damaged = f"{gcs.root}/weights_test/damaged.npz"
+  fileio.write_atomic(damaged, b"not a zip file")
+  message = one_line_error(formats.read, damaged)
+  assert damaged in message and "not a valid .npz" in message and "/tmp" not in message
+
+
 def test_object_array_npz_is_refused_without_running_code(tmp_path):
   path = tmp_path / "evil.npz"
   np.savez(path, kernel=np.array([Exploit(tmp_path)], dtype=object))
