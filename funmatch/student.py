@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from funmatch import config_util, images, models
+from funmatch import config_util, fileio, images, models
 from funmatch.errors import UserError
 from funmatch.models import catalog, formats, layouts
 
@@ -99,17 +99,18 @@ class Student:
 
 
 def load_student(path_or_workdir: str, step: Optional[int] = None) -> Student:
-  """The student of a workdir, a funmatch export or a published name.
+  """The student of a workdir, a funmatch export or a published name (paths and
+  workdirs may be gs:// URLs).
 
   Raises UserError (one line) for anything that is none of these, a step
   without a checkpoint, or a weights file without funmatch metadata.
   """
   source = os.fspath(path_or_workdir)
-  if os.path.isdir(source):
+  if fileio.isdir(source):
     return _from_workdir(source, step)
   if step is not None:
     raise UserError(f"step={step} applies to workdirs; {source} is not one")
-  if os.path.isfile(source):
+  if fileio.isfile(source):
     return _from_file(source, formats.read(source))
   if catalog.is_name(source):
     found = catalog.entry(source)

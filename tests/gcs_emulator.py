@@ -22,6 +22,8 @@ os.environ, so subprocesses the tests start inherit them too):
 - tensorstore (Orbax writes array data through its own GCS driver):
   TENSORSTORE_GCS_HTTP_URL=http://127.0.0.1:PORT and GOOGLE_AUTH_TOKEN_FOR_TESTING
   (any string: a fixed bearer token, so no credential lookup).
+- ArrayRecord's reader (TFDS data sources read ArrayRecord files on gs:// with
+  google-cloud-cpp's storage client): CLOUD_STORAGE_EMULATOR_ENDPOINT.
 - TensorFlow's tf.io.gfile GCS filesystem (TFDS data_dir=gs://, clu's
   TensorBoard SummaryWriter): cannot be pointed at any emulator. Its endpoints
   are compile-time constants (https://www.googleapis.com/storage/v1/, and
@@ -82,6 +84,7 @@ class GcsEmulator:
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
         "EPATH_USE_TF": "false",
         "TENSORSTORE_GCS_HTTP_URL": self.url,
+        "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url,
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
         "GOOGLE_CLOUD_PROJECT": "emulator",
     }

@@ -105,6 +105,23 @@ def test_batches_follow_the_index_stream_and_the_records(jpeg_tfds):
                                  atol=1e-6)
 
 
+def test_array_record_files_on_gcs_give_the_local_batches(jpeg_tfds, gcs):
+  """ArrayRecord in a bucket (the emulator) is read by index like on a disk: the
+  shard checks pass and the batches are the local files' batches."""
+  import uuid  # pylint: disable=import-outside-toplevel
+  from funmatch import fileio  # pylint: disable=import-outside-toplevel
+  local = jpeg_tfds["array_record"]
+  remote = f"{gcs.root}/{uuid.uuid4().hex[:12]}"
+  for directory, _, files in os.walk(local):
+    for name in files:
+      path = os.path.join(directory, name)
+      fileio.upload_file(path, f"{remote}/{os.path.relpath(path, local)}")
+  info = sources.source_info(_cfg(remote))
+  assert info.access == "array_record" and info.num_examples == N
+  _assert_batches_equal(_batches(pipeline.train_dataset(_cfg(remote), VIEWS, seed=3), 2),
+                        _batches(pipeline.train_dataset(_cfg(local), VIEWS, seed=3), 2))
+
+
 def test_index_names_the_same_example_in_every_mode(jpeg_tfds):
   """Index i is the same record from ArrayRecord, memory or TFRecord order, so
   a run may switch between cache_raw and ArrayRecord and keep its batches."""

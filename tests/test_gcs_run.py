@@ -182,12 +182,17 @@ def test_gcs_eval_export_and_plot_from_the_bucket(gcs_run, capsys):
   code, out, err = run_cli(cli.export_main, [*config, "--workdir", workdir,
                                              f"--output={export}"], capsys)
   assert code == 0, err
-  from funmatch.models import bit, npz  # pylint: disable=import-outside-toplevel
+  import funmatch  # pylint: disable=import-outside-toplevel
+  from funmatch.models import bit, formats  # pylint: disable=import-outside-toplevel
   _, params = checkpoint.restore_params(workdir)
-  exported, expected = npz.read(export), bit.to_npz_dict(params)
+  exported, expected = formats.read(export).arrays, bit.to_npz_dict(params)
   assert sorted(exported) == sorted(expected)
   for name, value in expected.items():
     np.testing.assert_array_equal(exported[name], value, err_msg=name)
+  images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), np.uint8)
+  from_bucket = funmatch.load_student(workdir).predict(images)  # the gs:// workdir
+  np.testing.assert_allclose(funmatch.load_student(export).predict(images), from_bucket,
+                             rtol=1e-5, atol=1e-5)
   code, _, err = run_cli(cli.export_main, [*config, "--workdir", workdir,
                                            f"--output={export}"], capsys)
   assert code == 2 and "already exists" in err

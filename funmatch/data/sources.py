@@ -404,9 +404,9 @@ def _array_record_problem(path: str, records_in_file: int) -> Optional[str]:
       pass
 
 
-# Shards whose cheap checks passed, keyed by (path, size, mtime): source_info
+# Shards whose cheap checks passed, keyed by (path, size, version): source_info
 # runs several times per run, and ImageNet has 1024 training shards.
-_CHECKED_SHARDS: set[tuple[str, int, int]] = set()
+_CHECKED_SHARDS: set[tuple[str, int, str]] = set()
 
 
 def _check_shards(name: str, shards: Sequence[Shard], file_format: str,
@@ -418,18 +418,14 @@ def _check_shards(name: str, shards: Sequence[Shard], file_format: str,
   chunk garbled in the middle is caught by its checksum when it is read.
   """
   def problem(shard: Shard) -> Optional[str]:
-    if file_format == ARRAY_RECORD and "://" in shard.path:
-      return ("is not on a local file system; ArrayRecord files are read with "
-              "local file reads: mount the bucket (e.g. gcsfuse) and point data_dir "
-              "at the mount, or set random_access=False to stream TFRecords")
     try:
-      stat = tf.io.gfile.stat(shard.path)
-    except tf.errors.NotFoundError:
+      size, version = fileio.version(shard.path)
+    except FileNotFoundError:
       return "is missing"
-    key = (shard.path, stat.length, stat.mtime_nsec)
+    key = (shard.path, size, version)
     if key in _CHECKED_SHARDS:
       return None
-    if stat.length == 0:
+    if size == 0:
       return "is empty"
     if file_format == ARRAY_RECORD:
       why = _array_record_problem(shard.path, shard.records_in_file)
@@ -566,8 +562,7 @@ def _array_record_split(name: str, split: str, data_dir: Optional[str],
   builder = tfds.builder(name, data_dir=data_dir)
   _use_format(builder, ARRAY_RECORD)
   shards = tuple(split_shards(builder, split))
-  stats = tuple((s.path, os.stat(s.path).st_size, os.stat(s.path).st_mtime_ns)
-                for s in shards)
+  stats = tuple((s.path, *fileio.version(s.path)) for s in shards)
   key = (str(builder.data_dir), str(split), image_key, label_key, stats)
   if key not in _OPEN_SPLITS:
     _allow_open_files(sum(len(s.shards) for s in _OPEN_SPLITS.values()) + len(shards))
