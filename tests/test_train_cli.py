@@ -196,3 +196,22 @@ def test_each_eval_set_has_its_own_cadence_size_and_cost(tmp_path):
   assert all(r["minival/seconds"] > 0 for r in minival)
   assert all(r["test/seconds"] > 0 for r in test)
   assert results["minival/examples"] == 100 and results["test/examples"] == 445
+
+
+def test_startup_clock_counts_imports_once_per_process(monkeypatch):
+  """The first clock starts at funmatch's import; a later run in the same process
+  (the demo's student) starts its own clock when it begins."""
+  import time  # pylint: disable=import-outside-toplevel
+  import funmatch  # pylint: disable=import-outside-toplevel
+  from funmatch.train import startup  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(startup.Clock, "_made_one", False)
+  monkeypatch.setattr(funmatch, "IMPORTED_AT", time.perf_counter() - 100.0)
+  first = startup.Clock()
+  first.mark("imports")
+  first.mark("config")
+  assert first.phases["imports"] >= 100.0 and first.phases["config"] < 100.0
+  later = startup.Clock()
+  later.mark("imports")
+  assert later.phases["imports"] < 100.0
+  line = first.report()
+  assert line.startswith("start-up ") and "imports 1" in line and ", config " in line
