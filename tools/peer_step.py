@@ -45,11 +45,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 INSTALL = ("pip install torch==2.13.0 && pip install timm --no-deps && "
            "pip install huggingface_hub safetensors pyyaml")
 
-# name -> (recipe, --set overrides); the overrides make the recipe the named setup.
+# name -> (recipe, config overrides); the overrides make the recipe the named setup.
 CONFIGS = {
     "r50x1_64": ("configs/bit_i1k.py:batch_size=32", [
-        "teacher.depth=50", "teacher.width=1.0", "student.depth=[1, 1, 1, 1]",
-        "student.width=1.0", "teacher.res=64", "student.res=64"]),
+        "--config.teacher.depth=50", "--config.teacher.width=1.0",
+        "--config.student.depth=(1,1,1,1)", "--config.student.width=1.0",
+        "--config.teacher.res=64", "--config.student.res=64"]),
     "digits": ("configs/digits.py", []),
 }
 
@@ -202,9 +203,10 @@ class FunmatchStep:
     repo = os.path.dirname(HERE)
     sets = list(sets)
     if conv_impl:
-      sets += [f"student.conv_impl={conv_impl}", f"teacher.conv_impl={conv_impl}"]
-    config = bench.load_config(os.path.join(repo, recipe), sets)
-    args = argparse.Namespace(random_teachers=True, num_classes=1000, config=recipe)
+      sets += [f"--config.student.conv_impl={conv_impl}",
+               f"--config.teacher.conv_impl={conv_impl}"]
+    args, config = bench.parse_args(["--config", os.path.join(repo, recipe),
+                                     "--random_teachers", *sets])
     self.notes = []
     self.run, self.config, _ = bench.make_run(config, args, self.notes)
     run = self.run
@@ -276,8 +278,8 @@ def main(argv=None):
   cpus = len(os.sched_getaffinity(0))
   torch.set_num_threads(cpus)
   bench = load_benchmark_tool()
-  from funmatch.train import cli  # pylint: disable=import-outside-toplevel
-  cli._quiet_libraries()  # pylint: disable=protected-access
+  from funmatch import console  # pylint: disable=import-outside-toplevel
+  console.setup()
   machine = bench.machine_info()
   machine.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
                  omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""),
