@@ -198,7 +198,7 @@ class FunmatchStep:
   """The trainer's jitted step on a synthetic batch; `__call__()` dispatches one step."""
 
   def __init__(self, bench, recipe: str, sets, conv_impl: str):
-    from funmatch import models  # pylint: disable=import-outside-toplevel
+    from clu import parameter_overview  # pylint: disable=import-outside-toplevel
     from funmatch.train import state as state_lib, step as step_lib  # pylint: disable=import-outside-toplevel
     repo = os.path.dirname(HERE)
     sets = list(sets)
@@ -214,8 +214,8 @@ class FunmatchStep:
     state = state_lib.init_state(run)
     self.stepper = bench.Stepper(step_lib.jit_train_step(run, state), state, self.batch,
                                  run.teacher_params)
-    self.student_params = models.count_params(run.student_params)
-    self.teacher_params = models.count_params(run.teacher_params)
+    self.student_params = int(parameter_overview.count_parameters(run.models.student_params))
+    self.teacher_params = int(parameter_overview.count_parameters(run.teacher_params))
     self.block = bench._block  # pylint: disable=protected-access
 
   def __call__(self):
@@ -244,7 +244,7 @@ def compare(name, bench, torch, resnetv2, args):
     times["funmatch"].append(_time(ours, args.steps, ours.block))
     times["pytorch"].append(_time(theirs, args.steps, lambda outs: None))
   batch = int(ours.config.input.batch_size)
-  result = {"recipe": recipe, "sets": sets, "batch_size": batch, "views": ours.run.views,
+  result = {"recipe": recipe, "sets": sets, "batch_size": batch, "views": ours.run.plan.views,
             "num_classes": ours.run.num_classes, "funmatch_compile_s": compile_s,
             "conv_impl": {m: conv.resolve_impl(ours.config[m].conv_impl)
                           for m in ("student", "teacher")},
