@@ -36,7 +36,6 @@ prepared runs on synthetic data only (num_classes from the config, else
 --num_classes). Timings are never asserted anywhere; they depend on the machine
 and its load.
 """
-import argparse
 import json
 import os
 import platform
@@ -45,23 +44,17 @@ import statistics
 import sys
 import time
 
+from funmatch import console
+
 SECTIONS = ("teacher_forward", "student_step", "real_data", "host")  # --skip
 TARGETS = {"full_over_parts": "<= 1.05", "real_over_synthetic_throughput": ">= 0.95",
            "host_overhead_ms": "well under 1", "bf16_top1_agreement": ">= 0.995",
            "bf16_speedup": ">= 1.5 on GPU"}
 
 
-class _Parser(argparse.ArgumentParser):
-  """Argument mistakes end in one line and exit code 2, like every funmatch tool."""
-
-  def error(self, message):
-    print(f"funmatch: error: {message} (see tools/benchmark.py --help)", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def parse_args(argv):
   """(benchmark options, the config) from argv: the config flags as the CLI's."""
-  p = _Parser(description=__doc__.splitlines()[0])
+  p = console.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", required=True, help="recipe FILE.py[:key=value,...]")
   p.add_argument("--steps", type=int, default=10, help="calls per timed repeat")
   p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
@@ -686,7 +679,6 @@ def benchmark(args, config):
 
 
 def main(argv=None):
-  from funmatch import console  # pylint: disable=import-outside-toplevel
   console.setup()
   argv = sys.argv[1:] if argv is None else argv
   args, config = parse_args(argv)

@@ -24,7 +24,6 @@ so this measures the pipeline, not the disk.
   python tools/input_benchmark.py --images 20000 --rounds 5 --data_dir /data/bench
   python tools/input_benchmark.py --read_chunk 16,64,256 --recipes 224  # chunk study
 """
-import argparse
 import io
 import json
 import logging
@@ -35,6 +34,8 @@ import sys
 import tempfile
 import time
 
+from funmatch import console
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "funmatch_input_bench"
 MODES = ("streaming", "array_record", "memory")
@@ -42,17 +43,8 @@ RECIPES = {"128": ("flowers_pet", ""), "224": ("bit_i1k", "")}
 TARGET = 0.90
 
 
-class _Parser(argparse.ArgumentParser):
-  """Argument mistakes end in one line and exit code 2, like every funmatch tool."""
-
-  def error(self, message):
-    print(f"funmatch: error: {message} (see tools/input_benchmark.py --help)",
-          file=sys.stderr)
-    raise SystemExit(2)
-
-
 def parse_args(argv):
-  p = _Parser(description=__doc__.splitlines()[0])
+  p = console.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--data_dir", default=os.path.join(tempfile.gettempdir(), NAME),
                  help="where the dataset is prepared (reused when it matches)")
   p.add_argument("--images", type=int, default=2000, help="JPEGs in the dataset")

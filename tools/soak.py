@@ -39,7 +39,6 @@ quiet machine.
       --config.evals.test.max_examples=200
 Any `--config.KEY=VALUE` is passed on to funmatch-distill.
 """
-import argparse
 import json
 import os
 import signal
@@ -49,6 +48,8 @@ import sys
 import tempfile
 import time
 
+from funmatch import console
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = {"rss_growth_pct": 2.0, "handle_drift": 2, "step_time_drift_pct": 5.0}
 WINDOW = 0.2  # the first and last fifth of the samples after warm-up
@@ -56,16 +57,8 @@ _START_LIMIT_MINUTES = 15  # compilation must end (a step logged) within this
 _CLI = "import sys; from funmatch.train import cli; sys.exit(cli.{}_main(sys.argv))"
 
 
-class _Parser(argparse.ArgumentParser):
-  """Argument mistakes end in one line and exit code 2, like every funmatch tool."""
-
-  def error(self, message):
-    print(f"funmatch: error: {message} (see tools/soak.py --help)", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def parse_args(argv):
-  p = _Parser(description=__doc__.splitlines()[0])
+  p = console.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--minutes", type=float, default=20.0,
                  help="training wall time, from the first logged step (compilation "
                       "and data setup come before and are not counted)")
