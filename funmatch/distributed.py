@@ -260,10 +260,12 @@ def _use_cpu_collectives() -> None:
 def _no_compilation_cache_on_cpu() -> None:
   """A CPU run of several processes compiles everything afresh.
 
-  Executables loaded from JAX's persistent cache (funmatch/cache.py) do not meet
-  over gloo: the processes' first collective times out after 30 s ("Gloo context
-  initialization failed", jax 0.10.2). Such runs are tests and small CPU clusters;
-  GPU and TPU hosts keep the cache.
+  JAX writes cache entries from process 0 only, and process 1's keys differ from
+  process 0's, so with a warm cache (funmatch/cache.py) process 0 loads the train
+  step while process 1 compiles it (seen with py-spy: 12-25 s on 2 CPU cores,
+  jax 0.10.2); gloo gives up when a collective's peers arrive more than 30 s
+  apart. Compiling on every process keeps them in step. Such runs are tests and
+  small CPU clusters; GPU and TPU hosts keep the cache.
   """
   import jax  # pylint: disable=import-outside-toplevel
   if jax.default_backend() == "cpu" and jax.config.jax_enable_compilation_cache:
@@ -301,17 +303,6 @@ def _jax_initialize(what: str, address: str | None, **kwargs) -> None:
     raise UserError(f"cannot start the multi-host run ({what}): jax.distributed failed "
                     f"({reason}); give --coordinator_address, --num_processes and "
                     f"--process_id, or set {MODE_ENV}=off to run this host alone") from None
-
-
-def _no_compilation_cache_on_cpu_clusters() -> None:
-  """JAX writes persistent-cache entries from process 0 only, so with a warm cache
-  process 0 loads a program the others still compile; gloo gives up setting up the
-  first collective when the processes arrive more than 30 s apart. CPU processes
-  therefore all compile (funmatch/cache.py's cache stays on everywhere else)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  if jax.config.jax_enable_compilation_cache:
-    log.info("multi-process CPU run: JAX's persistent compilation cache is off")
-    jax.config.update("jax_enable_compilation_cache", False)
 
 
 def _env(name: str) -> str | None:
