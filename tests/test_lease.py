@@ -100,7 +100,7 @@ with lease.hold_workdir(sys.argv[1]):
 
 def test_holder_killed_with_sigkill_blocks_only_until_the_timeout(gcs, monkeypatch):
   workdir = _workdir(gcs)
-  monkeypatch.setenv(lease.TIMEOUT_ENV, "2.5")  # reaches the subprocess too
+  monkeypatch.setenv(lease.TIMEOUT_ENV, "5")  # reaches the subprocess too
   holder = subprocess.Popen([sys.executable, "-c", _HOLD_FOREVER, workdir],
                             stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": repo_path()})
