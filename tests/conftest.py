@@ -61,6 +61,36 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+# Variables that would make a test subprocess join a real cluster.
+CLUSTER_ENV = ("FUNMATCH_COORDINATOR_ADDRESS", "FUNMATCH_NUM_PROCESSES",
+               "FUNMATCH_PROCESS_ID", "FUNMATCH_DISTRIBUTED")
+
+
+def cpu_process_env(devices: int) -> dict:
+  """The environment of a test subprocess with `devices` simulated CPU devices and
+  no cluster settings from this machine (the compile cache and the rest are kept)."""
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("SLURM_", "OMPI_")) and k not in CLUSTER_ENV}
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu", FUNMATCH_INITIALIZATION_TIMEOUT="600")
+  return env
+
+
+def wait_all(processes, timeout: float = 900) -> list[int]:
+  """The exit codes of `processes`. Once one fails (or time runs out) the others
+  are killed: a multi-process run whose peer died would wait for it."""
+  import time  # pylint: disable=import-outside-toplevel
+  deadline = time.monotonic() + timeout
+  while any(p.poll() is None for p in processes):
+    if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in processes):
+      for p in processes:
+        if p.poll() is None:
+          p.kill()
+      break
+    time.sleep(0.2)
+  return [p.wait() for p in processes]
+
+
 def train_state(workdir, step):
   """Every array of the train state saved at `step` (a path or gs://), by its key."""
   import jax

@@ -23,7 +23,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import TINY_STUDENT_ARG, assert_same_state, free_port, repo_path, run_cli
+from conftest import (TINY_STUDENT_ARG, assert_same_state, cpu_process_env, free_port,
+                      repo_path, run_cli, wait_all)
 from funmatch import checkpoint
 from funmatch.train import cli, metrics_io
 
@@ -51,25 +52,16 @@ SHARDING = ["--config.mesh=(('data', -1), ('fsdp', 2))", "--config.sharding.stud
 
 
 def start(args: list[str], devices: int, log_path) -> tuple[subprocess.Popen, object]:
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("FUNMATCH_", "SLURM_", "OMPI_"))}  # no real cluster
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu", FUNMATCH_INITIALIZATION_TIMEOUT="600",
-             FUNMATCH_CACHE=os.environ["FUNMATCH_CACHE"])
   log = open(log_path, "w")  # pylint: disable=consider-using-with
-  process = subprocess.Popen([sys.executable, "-c", DISTILL, *args], env=env,
-                             stdout=log, stderr=subprocess.STDOUT, text=True)
+  process = subprocess.Popen([sys.executable, "-c", DISTILL, *args],
+                             env=cpu_process_env(devices), stdout=log,
+                             stderr=subprocess.STDOUT, text=True)
   return process, log
 
 
-def finish(started, timeout=900) -> list[int]:
-  codes = []
-  for process, log in started:
-    try:
-      codes.append(process.wait(timeout=timeout))
-    except subprocess.TimeoutExpired:
-      process.kill()
-      codes.append(process.wait())
+def finish(started) -> list[int]:
+  codes = wait_all([process for process, _ in started])
+  for _, log in started:
     log.close()
   return codes
 

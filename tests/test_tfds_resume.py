@@ -17,7 +17,6 @@ tests/recording_worker.py writes down the example ids of every batch the pipelin
 hands the trainer; they are compared with the reference's, step by step.
 """
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -29,7 +28,8 @@ import pytest
 
 import recording_worker
 import tfds_testdata
-from conftest import TINY_STUDENT_ARG, assert_same_state, free_port, repo_path, run_cli
+from conftest import (TINY_STUDENT_ARG, assert_same_state, cpu_process_env, free_port,
+                      repo_path, run_cli, wait_all)
 from funmatch import checkpoint
 from funmatch.data import pipeline
 from funmatch.train import cli, metrics_io
@@ -52,31 +52,16 @@ def distill_args(teacher, data_dir, workdir, *extra, steps=STEPS):
 
 def start(args, ids_prefix, devices, log_path, delay_s=0.0):
   """The recording worker in its own process with `devices` CPU devices."""
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("SLURM_", "OMPI_")) and k not in (
-             "FUNMATCH_COORDINATOR_ADDRESS", "FUNMATCH_NUM_PROCESSES",
-             "FUNMATCH_PROCESS_ID", "FUNMATCH_DISTRIBUTED")}  # no real cluster
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu", FUNMATCH_INITIALIZATION_TIMEOUT="600")
   log = open(log_path, "w")  # pylint: disable=consider-using-with
   process = subprocess.Popen([sys.executable, WORKER, ids_prefix, str(delay_s), *args],
-                             env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+                             env=cpu_process_env(devices), stdout=log,
+                             stderr=subprocess.STDOUT, text=True)
   return process, log, log_path
 
 
-def finish(started, timeout=900):
-  """Waits for every process; once one fails (or time runs out), kills the others:
-  a multi-process run whose peer died would wait for it."""
-  processes = [process for process, _, _ in started]
-  deadline = time.monotonic() + timeout
-  while any(p.poll() is None for p in processes):
-    if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in processes):
-      for p in processes:
-        if p.poll() is None:
-          p.kill()
-      break
-    time.sleep(0.2)
-  codes = [p.wait() for p in processes]
+def finish(started):
+  """Waits for every process (tests/conftest.py's wait_all); all must succeed."""
+  codes = wait_all([process for process, _, _ in started])
   for _, log, _ in started:
     log.close()
   logs = [open(path).read() for _, _, path in started]  # pylint: disable=consider-using-with
