@@ -10,6 +10,7 @@ import pytest
 
 from funmatch.errors import UserError
 from funmatch.models import bit
+from funmatch.weights import files, layouts
 from clu.parameter_overview import count_parameters as count_params
 from funmatch.models import get_model
 
@@ -165,6 +166,11 @@ def images(batch=2, size=32, seed=3):
       -1, 1, (batch, size, size, 3)).astype(np.float32)
 
 
+def official_arrays(params):
+  """Params under the official BiT names: what an 'npz' export holds."""
+  return layouts.file_arrays("bit", params)
+
+
 SMALL = (1, 2, 1, 1)  # Block 2 has a unit without projection.
 
 # ---------------------------------------------------------------------------
@@ -213,7 +219,7 @@ def test_param_counts_match_published_models(depth, width, num_classes,
 
 def test_param_names_and_shapes_are_official():
   params = random_params(bit.Model(10, depth=SMALL, width=0.5))
-  exported = bit.to_npz_dict(params)
+  exported = official_arrays(params)
   expected = official_shapes(SMALL, 0.5, 10)
   assert {k: v.shape for k, v in exported.items()} == expected
   assert all(v.dtype == np.float32 for v in exported.values())
@@ -287,7 +293,7 @@ def test_preactivation_unit_matches_numpy(cin, mid, stride):
   has_proj = "proj" in params["a"]
   assert has_proj == (cin != 4 * mid or stride != 1)
   # A lone unit exports as resnet/a/..., resnet/b/..., resnet/c/...
-  weights = bit.to_npz_dict(params)
+  weights = official_arrays(params)
   out = unit.apply({"params": params}, x)
   expected = np_unit(x, weights, "resnet/", stride)
   np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
@@ -313,7 +319,7 @@ def test_load_official_npz_values_and_forward(tmp_path):
       "resnet/block1/unit01/b/group_norm/beta"][None, None, None]
   path = write_npz(tmp_path / "BiT-test.npz", weights)
   model = bit.Model(10, depth=SMALL, width=0.5)
-  params = bit.load_npz(path, random_params(model))
+  params = layouts.load("bit", path, random_params(model))
 
   unit = params["block2"]["unit01"]
   np.testing.assert_array_equal(
@@ -343,7 +349,7 @@ def test_head_kernel_stored_2d_is_accepted(tmp_path):
   name = "resnet/head/conv2d/kernel"
   weights[name] = weights[name][0, 0]
   path = write_npz(tmp_path / "w.npz", weights)
-  params = bit.load_npz(path, random_params(bit.Model(3, [1, 1, 1, 1], 0.5)))
+  params = layouts.load("bit", path, random_params(bit.Model(3, [1, 1, 1, 1], 0.5)))
   np.testing.assert_array_equal(params["head"]["conv2d"]["kernel"][0, 0],
                                 weights["resnet/head/conv2d/kernel"])
 
@@ -351,17 +357,17 @@ def test_head_kernel_stored_2d_is_accepted(tmp_path):
 def test_save_load_round_trip_is_exact(tmp_path):
   model = bit.Model(10, depth=SMALL, width=0.5)
   params = random_params(model)
-  path = bit.save_npz(str(tmp_path / "out" / "student.npz"), params)
+  path = files.write_npz(str(tmp_path / "out" / "student.npz"), official_arrays(params), {})
   with np.load(path) as f:
     assert set(f.files) == set(official_shapes(SMALL, 0.5, 10))
-  loaded = bit.load_npz(path, random_params(model))
+  loaded = layouts.load("bit", path, random_params(model))
   flat_a = flax.traverse_util.flatten_dict(params)
   flat_b = flax.traverse_util.flatten_dict(loaded)
   assert flat_a.keys() == flat_b.keys()
   for key in flat_a:
     np.testing.assert_array_equal(flat_a[key], flat_b[key])
   # Also works on a {'params': ...} variables dict.
-  wrapped = bit.load_npz(path, {"params": random_params(model)})
+  wrapped = layouts.load("bit", path, {"params": random_params(model)})
   assert set(wrapped) == {"params"}
 
 
@@ -370,7 +376,7 @@ def test_head_kept_when_class_count_differs(tmp_path):
   path = write_npz(tmp_path / "w.npz", weights)
   model = bit.Model(5, depth=[1, 1, 1, 1], width=0.5)
   init = random_params(model, seed=9)
-  params = bit.load_npz(path, init)
+  params = layouts.load("bit", path, init)
   np.testing.assert_array_equal(params["head"]["conv2d"]["kernel"],
                                 init["head"]["conv2d"]["kernel"])
   np.testing.assert_array_equal(params["head"]["conv2d"]["bias"],
@@ -379,7 +385,7 @@ def test_head_kept_when_class_count_differs(tmp_path):
       params["root_block"]["standardized_conv2d"]["kernel"],
       weights["resnet/root_block/standardized_conv2d/kernel"])
   # A headless model ignores the file's head.
-  headless = bit.load_npz(path, random_params(bit.Model(0, [1, 1, 1, 1], 0.5)))
+  headless = layouts.load("bit", path, random_params(bit.Model(0, [1, 1, 1, 1], 0.5)))
   assert "head" not in headless
 
 
@@ -387,7 +393,7 @@ def test_dont_load_keeps_init_values(tmp_path):
   weights = random_official((1, 1, 1, 1), 0.5, 10)
   path = write_npz(tmp_path / "w.npz", weights)
   init = random_params(bit.Model(10, [1, 1, 1, 1], 0.5), seed=7)
-  params = bit.load_npz(path, init, dont_load=[r"block3/.*group_norm", "head/"])
+  params = layouts.load("bit", path, init, dont_load=[r"block3/.*group_norm", "head/"])
   np.testing.assert_array_equal(
       params["block3"]["unit01"]["b"]["group_norm"]["scale"],
       init["block3"]["unit01"]["b"]["group_norm"]["scale"])
@@ -397,12 +403,12 @@ def test_dont_load_keeps_init_values(tmp_path):
       params["block3"]["unit01"]["b"]["standardized_conv2d"]["kernel"],
       weights["resnet/block3/unit01/b/standardized_conv2d/kernel"])
   with pytest.raises(UserError, match="dont_load"):
-    bit.load_npz(path, init, dont_load=["("])
+    layouts.load("bit", path, init, dont_load=["("])
 
 
 def _load_error(path, model):
-  with pytest.raises(UserError) as info:
-    bit.load_npz(path, random_params(model))
+  with pytest.raises(UserError) as info:  # read as .npz whatever the name
+    layouts.load("bit", files.read(path, kind="npz"), random_params(model))
   message = str(info.value)
   assert "\n" not in message and path in message
   return message

@@ -13,8 +13,9 @@ import pytest
 from funmatch import models
 from funmatch.errors import UserError
 from funmatch.models import bit
-from funmatch.models import formats
-from funmatch.models import layouts
+from funmatch.weights import files as formats
+from funmatch.weights import init as weights_init
+from funmatch.weights import layouts
 from funmatch.models import mobilenet_v3
 from funmatch.models import vit
 
@@ -105,9 +106,9 @@ def timm_bit(stem_type="fixed", classes=CLASSES, **kwargs):
 
 def load_funmatch(name, path, options, classes=CLASSES, **kwargs):
   """resolve options -> build -> load, as the trainer does."""
-  options = models.resolve_options(name, options, path)
+  options = weights_init.decide_options(name, options, path)
   model = models.get_model(name, classes, **options)
-  params = models.load_params(name, path, init_params(model), **kwargs)
+  params = layouts.load(name, path, init_params(model), **kwargs)
   return model, params, options
 
 
@@ -214,7 +215,7 @@ def test_bit_round_trips_through_timm_and_safetensors(tmp_path):
   want = funmatch_logits(model, params, x)
 
   path = str(tmp_path / "student-timm.safetensors")
-  record = models.save_params("bit", path, params, options=options,
+  record = layouts.save_params("bit", path, params, options=options,
                               format="timm", resolution=RES)
   assert record["timm"]["model_name"] is None  # no registered R?x0.5
   # The documented recipe, by hand: ResNetV2 with the recorded kwargs.
@@ -224,13 +225,13 @@ def test_bit_round_trips_through_timm_and_safetensors(tmp_path):
   state = safetensors_torch.load_file(path)
   network.load_state_dict(state)  # strict: every name and shape fits
   assert_close(timm_logits(network, x), want)
-  assert_close(timm_logits(models.timm_model(path), x), want)
+  assert_close(timm_logits(layouts.timm_model(path), x), want)
   # ... and back into funmatch.
   loaded_model, loaded, _ = load_funmatch("bit", path, BIT)
   assert_close(funmatch_logits(loaded_model, loaded, x), want)
 
   path = str(tmp_path / "student.safetensors")
-  models.save_params("bit", path, params, options=options,
+  layouts.save_params("bit", path, params, options=options,
                      format="safetensors", resolution=RES)
   loaded_model, loaded, _ = load_funmatch("bit", path, BIT)
   assert_close(funmatch_logits(loaded_model, loaded, x), want)
@@ -241,12 +242,12 @@ def test_bit_npz_export_is_official_with_metadata(tmp_path):
   model = models.get_model("bit", CLASSES, **options)
   params = random_params(model)
   path = str(tmp_path / "student.npz")
-  models.save_params("bit", path, params, options=options, resolution=RES,
-                     preprocessing=models.preprocessing_metadata(
+  layouts.save_params("bit", path, params, options=options, resolution=RES,
+                     preprocessing=layouts.preprocessing_metadata(
                          eval_resize_ratio=1.25),
                      metadata={"step": 12})
   weights = formats.read(path)
-  assert set(weights.arrays) == set(bit.to_npz_dict(params))
+  assert set(weights.arrays) == set(layouts.file_arrays("bit", params))
   meta = weights.metadata
   assert meta["model"] == "bit" and meta["num_classes"] == CLASSES
   assert meta["options"]["depth"] == [1, 1, 1, 1]
@@ -255,10 +256,10 @@ def test_bit_npz_export_is_official_with_metadata(tmp_path):
   assert meta["preprocessing"]["value_range"] == [-1, 1]
   assert meta["preprocessing"]["resize_small_ratio"] == 1.25
   # The recorded option wins over the official layout's zeros.
-  assert models.resolve_options("bit", BIT, path)["stem_pool_padding"] == (
+  assert weights_init.decide_options("bit", BIT, path)["stem_pool_padding"] == (
       "neg_inf")
-  # The legacy loader still reads it.
-  loaded = bit.load_npz(path, init_params(model))
+  # A file read as npz whatever its name still loads.
+  loaded = layouts.load("bit", formats.read(path, kind="npz"), init_params(model))
   np.testing.assert_array_equal(loaded["head"]["conv2d"]["bias"],
                                 params["head"]["conv2d"]["bias"])
 
@@ -269,7 +270,7 @@ def test_bit_timm_spec_uses_registered_names():
   assert spec["model_name"] == "resnetv2_50x1_bit"
   assert spec["code"] == (
       "timm.create_model('resnetv2_50x1_bit', num_classes=10)")
-  arrays = layouts.to_arrays(init_params(model), bit.TIMM)
+  arrays = layouts.file_arrays("bit", init_params(model), "timm")
   network = bit.build_timm(spec)
   assert {k: list(v.shape) for k, v in network.state_dict().items()} == {
       k: list(v.shape) for k, v in arrays.items()}
@@ -279,14 +280,14 @@ def test_bit_timm_file_of_another_size_is_one_line(tmp_path):
   path = save_torch(timm_bit(width_factor=1),
                     str(tmp_path / "wide.safetensors"))
   model = models.get_model("bit", CLASSES, **BIT)
-  message = one_line_error(models.load_params, "bit", path,
+  message = one_line_error(layouts.load, "bit", path,
                            init_params(model))
   assert path in message and "timm layout" in message
   assert ("44 shape clashes (head.fc.weight file [7, 2048, 1, 1] vs model "
           "[7, 1024, 1, 1]") in message
   path = save_torch(timm_bit(layers=[1, 2, 1, 1]),
                     str(tmp_path / "deep.pth"))
-  message = one_line_error(models.load_params, "bit", path,
+  message = one_line_error(layouts.load, "bit", path,
                            init_params(model))
   assert "unexpected (stages.1.blocks.1.conv1.weight" in message
 
@@ -296,10 +297,10 @@ def test_head_of_other_classes_kept_or_refused_for_teachers(tmp_path):
   path = save_torch(network, str(tmp_path / "timm.safetensors"))
   model = models.get_model("bit", CLASSES, **BIT)
   init = init_params(model)
-  params = models.load_params("bit", path, init)
+  params = layouts.load("bit", path, init)
   np.testing.assert_array_equal(params["head"]["conv2d"]["kernel"],
                                 init["head"]["conv2d"]["kernel"])
-  message = one_line_error(models.load_params, "bit", path, init,
+  message = one_line_error(layouts.load, "bit", path, init,
                            strict_head=True)
   assert "5 classes" in message and f"has {CLASSES}" in message
 
@@ -307,7 +308,7 @@ def test_head_of_other_classes_kept_or_refused_for_teachers(tmp_path):
 def test_unknown_layout_is_one_line(tmp_path):
   path = str(tmp_path / "other.safetensors")
   formats.write_safetensors(path, {"encoder.weight": np.zeros(3)}, {})
-  message = one_line_error(models.load_params, "bit", path, {})
+  message = one_line_error(layouts.load, "bit", path, {})
   assert "not in any BiT layout" in message and "encoder.weight" in message
 
 
@@ -344,7 +345,7 @@ def test_vit_round_trips_through_timm_and_safetensors(tmp_path):
   want = funmatch_logits(model, params, x)
 
   path = str(tmp_path / "vit-timm.safetensors")
-  record = models.save_params("vit", path, params, options=options,
+  record = layouts.save_params("vit", path, params, options=options,
                               format="timm", resolution=RES)
   kwargs = record["timm"]["kwargs"]
   assert kwargs["act_layer"] == "gelu_tanh" and kwargs["img_size"] == RES
@@ -357,7 +358,7 @@ def test_vit_round_trips_through_timm_and_safetensors(tmp_path):
 
   for fmt, name in (("safetensors", "vit.safetensors"), ("npz", "vit.npz")):
     path = str(tmp_path / name)
-    models.save_params("vit", path, params, options=options, format=fmt,
+    layouts.save_params("vit", path, params, options=options, format=fmt,
                        resolution=RES)
     loaded_model, loaded, _ = load_funmatch("vit", path, VIT)
     assert_close(funmatch_logits(loaded_model, loaded, x), want)
@@ -388,7 +389,7 @@ def test_vit_timm_file_of_another_width_is_one_line(tmp_path):
   path = save_torch(timm_vit(embed_dim=32, mlp_ratio=4),
                     str(tmp_path / "narrow.safetensors"))
   model = models.get_model("vit", CLASSES, **VIT)
-  message = one_line_error(models.load_params, "vit", path,
+  message = one_line_error(layouts.load, "vit", path,
                            init_params(model))
   assert path in message
   assert "37 shape clashes (blocks.0.attn.proj.bias file [32] vs model [64]" \
@@ -408,11 +409,11 @@ def test_mobilenet_round_trips_through_timm_and_safetensors(tmp_path):
   want = funmatch_logits(model, params, x)
 
   path = str(tmp_path / "mnv3-timm.safetensors")
-  record = models.save_params("mobilenet_v3", path, params, options=options,
+  record = layouts.save_params("mobilenet_v3", path, params, options=options,
                               format="timm", resolution=RES)
   assert record["timm"]["code"].startswith(
       "timm.models.mobilenetv3.MobileNetV3(")
-  network = models.timm_model(path)
+  network = layouts.timm_model(path)
   assert any(isinstance(m, timm.layers.GroupNormAct)
              for m in network.modules())
   assert_close(timm_logits(network, x), want)
@@ -420,7 +421,7 @@ def test_mobilenet_round_trips_through_timm_and_safetensors(tmp_path):
   assert_close(funmatch_logits(loaded_model, loaded, x), want)
 
   path = str(tmp_path / "mnv3.safetensors")
-  models.save_params("mobilenet_v3", path, params, options=options,
+  layouts.save_params("mobilenet_v3", path, params, options=options,
                      format="safetensors", resolution=RES)
   loaded_model, loaded, _ = load_funmatch("mobilenet_v3", path, options)
   assert_close(funmatch_logits(loaded_model, loaded, x), want)
@@ -430,7 +431,7 @@ def test_mobilenet_timm_refusals(tmp_path):
   # A width whose blocks timm's MobileNetV3 cannot express.
   model = models.get_model("mobilenet_v3", CLASSES, width=0.1)
   message = one_line_error(
-      models.save_params, "mobilenet_v3", str(tmp_path / "m.safetensors"),
+      layouts.save_params, "mobilenet_v3", str(tmp_path / "m.safetensors"),
       init_params(model), options={"width": 0.1}, format="timm",
       resolution=RES)
   assert "width=0.1" in message and "'safetensors'" in message
@@ -439,6 +440,6 @@ def test_mobilenet_timm_refusals(tmp_path):
   path = save_torch(timm.create_model("mobilenetv3_large_100"),
                     str(tmp_path / "bn.safetensors"))
   model = models.get_model("mobilenet_v3", CLASSES)
-  message = one_line_error(models.load_params, "mobilenet_v3", path,
+  message = one_line_error(layouts.load, "mobilenet_v3", path,
                            init_params(model))
   assert path in message and "BatchNorm" in message
