@@ -86,7 +86,8 @@ def test_random_access_is_picked_when_array_record_files_exist(jpeg_tfds):
 def test_batches_follow_the_index_stream_and_the_records(jpeg_tfds):
   data_dir = jpeg_tfds["array_record"]
   cfg = _cfg(data_dir)
-  batches = _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=3), 7)  # > 2 epochs
+  batches = _batches(pipeline.train_dataset(sources.open_source(cfg),
+                                            VIEWS, seed=3), 7)  # > 2 epochs
   stream = np.concatenate([b["index"] for b in batches])
   expected = np.concatenate([pipeline.epoch_permutation(3, e, N).numpy()
                              for e in range(3)])
@@ -118,15 +119,17 @@ def test_array_record_files_on_gcs_give_the_local_batches(jpeg_tfds, gcs):
       fileio.upload_file(path, f"{remote}/{os.path.relpath(path, local)}")
   info = sources.open_source(_cfg(remote))
   assert info.access == "array_record" and info.num_examples == N
-  _assert_batches_equal(_batches(pipeline.train_dataset(sources.open_source(_cfg(remote)), VIEWS, seed=3), 2),
-                        _batches(pipeline.train_dataset(sources.open_source(_cfg(local)), VIEWS, seed=3), 2))
+  _assert_batches_equal(_batches(pipeline.train_dataset(sources.open_source(_cfg(remote)),
+                                                        VIEWS, seed=3), 2),
+                        _batches(pipeline.train_dataset(sources.open_source(_cfg(local)),
+                                                        VIEWS, seed=3), 2))
 
 
 def test_index_names_the_same_example_in_every_mode(jpeg_tfds):
   """Index i is the same record from ArrayRecord, memory or TFRecord order, so
   a run may switch between cache_raw and ArrayRecord and keep its batches."""
-  from_files = _batches(pipeline.train_dataset(sources.open_source(_cfg(jpeg_tfds["array_record"])),
-                                               VIEWS, seed=5, start_step=2), 3)
+  from_files = _batches(pipeline.train_dataset(
+      sources.open_source(_cfg(jpeg_tfds["array_record"])), VIEWS, seed=5, start_step=2), 3)
   for data_dir in (jpeg_tfds["array_record"], jpeg_tfds["tfrecord"]):
     in_memory = _batches(pipeline.train_dataset(
         sources.open_source(_cfg(data_dir, cache_raw=True)), VIEWS, seed=5, start_step=2), 3)
@@ -146,7 +149,8 @@ def test_start_step_gives_exactly_the_uninterrupted_batches(jpeg_tfds):
   cfg = _cfg(jpeg_tfds["array_record"])  # 40 % 12 != 0: batches span epochs
   reference = _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=7), 9)
   for step in (1, 3, 6):
-    resumed = _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=7, start_step=step),
+    resumed = _batches(pipeline.train_dataset(sources.open_source(cfg),
+                                              VIEWS, seed=7, start_step=step),
                        9 - step)
     _assert_batches_equal(resumed, reference[step:])
 
@@ -177,8 +181,8 @@ def test_sliced_split_reads_its_own_records(jpeg_tfds):
   records = _record_reader(data_dir, "train[10:]")
   for i in (0, 17, N - 11):
     assert records[i]["file_name"] == everything[i + 10]["file_name"]
-  batch = _batches(pipeline.train_dataset(sources.open_source(_cfg(data_dir, split="train[10:]")),
-                                          VIEWS, seed=0), 1)[0]
+  batch = _batches(pipeline.train_dataset(
+      sources.open_source(_cfg(data_dir, split="train[10:]")), VIEWS, seed=0), 1)[0]
   assert batch["index"].max() < N - 10
 
 
@@ -218,7 +222,8 @@ def test_streaming_still_works_and_says_resume_is_not_exact(jpeg_tfds, caplog):
     cfg = _cfg(data_dir, **kwargs)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="funmatch"):
-      batches = _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=0), 4)
+      batches = _batches(pipeline.train_dataset(sources.open_source(cfg),
+                                                VIEWS, seed=0), 4)
     assert "resume is NOT exact" in caplog.text and "TFRecord" in caplog.text
     assert all(np.all(b["index"] == -1) for b in batches)
     assert batches[0]["images"]["teacher"].shape == (12, 24, 24, 3)
@@ -316,12 +321,14 @@ def test_garbled_shard_is_named_when_read(jpeg_tfds, tmp_path):
     f.write(bytes(range(200)))
   cfg = _cfg(data_dir)
   assert sources.open_source(cfg).access == "array_record"
-  evals = pipeline.make_eval_iterator(sources.open_source(cfg), VIEWS, sharding=_sharding())
+  evals = pipeline.make_eval_iterator(sources.open_source(cfg),
+                                      VIEWS, sharding=_sharding())
   message = _one_line_error(lambda: list(evals), f"ArrayRecord shard {shard} is "
                             "damaged")
   assert "Function" not in message and "Iterator::" not in message
   assert "tfds build" in message
-  batches = pipeline.make_train_iterator(sources.open_source(cfg), VIEWS, seed=0, start_step=0,
+  batches = pipeline.make_train_iterator(sources.open_source(cfg),
+                                         VIEWS, seed=0, start_step=0,
                                          sharding=_sharding())
   _one_line_error(lambda: [next(batches) for _ in range(4)],  # all of epoch 0
                   f"ArrayRecord shard {shard} is damaged")
@@ -335,7 +342,7 @@ def test_reopening_a_split_keeps_the_open_files_flat(jpeg_tfds):
   before = len(os.listdir("/proc/self/fd"))
   for seed in range(3):
     _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=seed), 4)
-    list(pipeline.eval_dataset(sources.open_source(_cfg(jpeg_tfds["array_record"], split="test")),
-                               VIEWS)[0].as_numpy_iterator())
+    test_split = sources.open_source(_cfg(jpeg_tfds["array_record"], split="test"))
+    list(pipeline.eval_dataset(test_split, VIEWS)[0].as_numpy_iterator())
   # The test split's shards open once (+3); nothing grows with each dataset.
   assert len(os.listdir("/proc/self/fd")) <= before + testdata.NUM_SHARDS

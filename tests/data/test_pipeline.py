@@ -47,7 +47,8 @@ def test_consistent_views_are_one_crop_at_each_resolution(teaching):
   cfg = _digits(crop_area_min=0.3)
   spec = pp.spec_from_config(cfg)
   images, _ = sources.digits("train", 32)
-  batches = _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=3, crops=CROPS[teaching]), 2)
+  batches = _batches(pipeline.train_dataset(sources.open_source(cfg),
+                                            VIEWS, seed=3, crops=CROPS[teaching]), 2)
   for step, batch in enumerate(batches):
     for i in range(0, 8, 3):
       position = step * 8 + i
@@ -97,7 +98,8 @@ def test_fixed_teacher_view_is_the_same_every_epoch():
   cfg = _digits(split="test", batch_size=89)
   spec = pp.spec_from_config(cfg)
   images, _ = sources.digits("test", 32)
-  batches = _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=2, crops="fixed"),
+  batches = _batches(pipeline.train_dataset(sources.open_source(cfg),
+                                            VIEWS, seed=2, crops="fixed"),
                      10)
   by_epoch = [{}, {}]
   for step, batch in enumerate(batches):
@@ -122,7 +124,8 @@ def test_crops_and_batch_errors():
   with pytest.raises(ValueError, match="crops"):
     pipeline.train_dataset(sources.open_source(_digits()), VIEWS, seed=0, crops="patient")
   with pytest.raises(ValueError, match="student"):
-    pipeline.train_dataset(sources.open_source(_digits()), {"teacher": 32}, seed=0, crops="fixed")
+    pipeline.train_dataset(sources.open_source(_digits()),
+                           {"teacher": 32}, seed=0, crops="fixed")
   with pytest.raises(UserError, match="batch_size=10.*processes"):
     pipeline.train_dataset(sources.open_source(_digits(batch_size=10)), VIEWS, seed=0,
                            process_count=3)
@@ -134,7 +137,8 @@ def test_crops_and_batch_errors():
 
 def test_each_epoch_is_a_permutation_and_epochs_differ():
   n = 1352
-  batches = _batches(pipeline.train_dataset(sources.open_source(_digits(batch_size=64)), {"s": 8},
+  batches = _batches(pipeline.train_dataset(sources.open_source(_digits(batch_size=64)),
+                                            {"s": 8},
                                             seed=5), 43)
   stream = np.concatenate([b["index"] for b in batches])
   np.testing.assert_array_equal(np.sort(stream[:n]), np.arange(n))
@@ -150,7 +154,8 @@ def test_each_epoch_is_a_permutation_and_epochs_differ():
 
 def test_start_step_resumes_exactly():
   cfg = _digits(batch_size=64)  # 1352 % 64 != 0: batch 21 spans two epochs
-  reference = _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=7), 24)
+  reference = _batches(pipeline.train_dataset(sources.open_source(cfg),
+                                              VIEWS, seed=7), 24)
   for step in (1, 21, 23):
     resumed = _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=7,
                                               start_step=step), 1)[0]
@@ -159,7 +164,8 @@ def test_start_step_resumes_exactly():
     for name in VIEWS:
       np.testing.assert_array_equal(resumed["images"][name],
                                     reference[step]["images"][name])
-  other_seed = _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=8), 1)[0]
+  other_seed = _batches(pipeline.train_dataset(sources.open_source(cfg),
+                                               VIEWS, seed=8), 1)[0]
   assert not np.array_equal(other_seed["index"], reference[0]["index"])
 
 
@@ -248,7 +254,8 @@ def test_max_examples_beyond_the_split_or_bad():
   assert pipeline.eval_dataset(sources.open_source(cfg), VIEWS)[1] == 445
   for bad in (-1, 2.5, True, "10"):
     with pytest.raises(UserError, match=r"evals.x.max_examples=.* integer >= 0"):
-      pipeline.eval_dataset(sources.open_source(_digits(split="test", max_examples=bad), "evals.x"), VIEWS)
+      pipeline.eval_dataset(sources.open_source(
+          _digits(split="test", max_examples=bad), "evals.x"), VIEWS)
 
 
 def test_host_range_partitions_contiguously():
@@ -267,7 +274,8 @@ def test_device_iterators_give_sharded_global_arrays():
   it = pipeline.make_train_iterator(sources.open_source(cfg), VIEWS, seed=9, start_step=2,
                                     sharding=sharding)
   batches = [next(it) for _ in range(4)]
-  host = _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=9, start_step=2), 4)
+  host = _batches(pipeline.train_dataset(sources.open_source(cfg),
+                                         VIEWS, seed=9, start_step=2), 4)
   for batch, expected in zip(batches, host):
     assert set(batch) == {"images", "label"}
     assert isinstance(batch["label"], jax.Array)
@@ -278,8 +286,8 @@ def test_device_iterators_give_sharded_global_arrays():
     np.testing.assert_array_equal(np.asarray(batch["label"]), expected["label"])
     np.testing.assert_array_equal(np.asarray(batch["images"]["student"]),
                                   expected["images"]["student"])
-  evals = pipeline.make_eval_iterator(sources.open_source(_digits(split="test", batch_size=100)),
-                                      VIEWS, sharding=sharding)
+  evals = pipeline.make_eval_iterator(
+      sources.open_source(_digits(split="test", batch_size=100)), VIEWS, sharding=sharding)
   assert evals.num_examples == 445 and len(evals) == 5
   first, second = list(evals), list(evals)  # re-iterable: two full passes
   assert len(first) == len(second) == 5
@@ -370,7 +378,8 @@ def test_tfds_streaming_train_shards_hosts_and_reshuffles_on_resume(tfds_dir):
   cfg = _tfds(tfds_dir)
   host_ids = []
   for p in range(2):
-    batches = _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=0, process_index=p,
+    batches = _batches(pipeline.train_dataset(sources.open_source(cfg),
+                                              VIEWS, seed=0, process_index=p,
                                               process_count=2), 10)
     ids = np.concatenate([_ids(b["images"]["teacher"]) for b in batches])
     for b in batches:
@@ -380,7 +389,8 @@ def test_tfds_streaming_train_shards_hosts_and_reshuffles_on_resume(tfds_dir):
   assert not host_ids[0] & host_ids[1]
   assert host_ids[0] | host_ids[1] == set(range(NUM_TFDS))
   first = _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=0), 1)[0]
-  resumed = _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=0, start_step=100), 1)[0]
+  resumed = _batches(pipeline.train_dataset(sources.open_source(cfg),
+                                            VIEWS, seed=0, start_step=100), 1)[0]
   assert not np.array_equal(_ids(first["images"]["student"]),
                             _ids(resumed["images"]["student"]))
 
@@ -388,7 +398,8 @@ def test_tfds_streaming_train_shards_hosts_and_reshuffles_on_resume(tfds_dir):
 def test_tfds_cache_raw_resumes_exactly_and_views_are_consistent(tfds_dir):
   cfg = _tfds(tfds_dir, cache_raw=True, crop_area_min=0.5)
   reference = _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=1), 7)
-  resumed = _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=1, start_step=6), 1)[0]
+  resumed = _batches(pipeline.train_dataset(sources.open_source(cfg),
+                                            VIEWS, seed=1, start_step=6), 1)[0]
   for name in VIEWS:
     np.testing.assert_array_equal(resumed["images"][name],
                                   reference[6]["images"][name])
@@ -417,7 +428,8 @@ def test_folder_pipeline_decodes_jpegs(tmp_path):
   root = _jpeg_folder(tmp_path / "imgs")
   cfg = ConfigDict(dict(source="folder", root=str(root), batch_size=4))
   for teaching in ("function_matching", "independent", "fixed"):
-    batch = _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=0, crops=CROPS[teaching]),
+    batch = _batches(pipeline.train_dataset(sources.open_source(cfg),
+                                            VIEWS, seed=0, crops=CROPS[teaching]),
                      1)[0]
     assert batch["images"]["teacher"].shape == (4, 32, 32, 3)
     student = batch["images"]["student"]
@@ -429,8 +441,10 @@ def test_folder_pipeline_decodes_jpegs(tmp_path):
   # Holding the files' bytes in memory changes nothing but the reads.
   cached = ConfigDict(dict(cfg, cache_raw=True))
   assert sources.open_source(cached).holds == "encoded"
-  for a, b in zip(_batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=3), 2),
-                  _batches(pipeline.train_dataset(sources.open_source(cached), VIEWS, seed=3), 2)):
+  for a, b in zip(_batches(pipeline.train_dataset(sources.open_source(cfg),
+                                                  VIEWS, seed=3), 2),
+                  _batches(pipeline.train_dataset(sources.open_source(cached),
+                                                  VIEWS, seed=3), 2)):
     np.testing.assert_array_equal(a["images"]["student"], b["images"]["student"])
 
 
@@ -439,6 +453,7 @@ def test_decode_error_while_iterating_names_the_source(tmp_path):
   (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff" + os.urandom(500))
   cfg = ConfigDict(dict(source="folder", root=str(root), batch_size=5,
                         verify_images=False))
-  evals = pipeline.make_eval_iterator(sources.open_source(cfg), VIEWS, sharding=_mesh_sharding())
+  evals = pipeline.make_eval_iterator(sources.open_source(cfg),
+                                      VIEWS, sharding=_mesh_sharding())
   with pytest.raises(UserError, match=f"reading folder {root} failed"):
     list(evals)
