@@ -10,7 +10,7 @@ from ml_collections import ConfigDict
 from PIL import Image
 
 from conftest import TINY_OVERRIDES, run_cli, repo_path
-from funmatch.data import pipeline
+from funmatch.data import pipeline, sources
 from funmatch.train import cli, metrics_io
 
 sys.path.insert(0, repo_path("tools"))

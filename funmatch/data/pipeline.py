@@ -334,39 +334,9 @@ def eval_dataset(source: DataSource, views: Mapping[str, int], *,
   spec = preprocess.spec_from_config(cfg, where)
   local_batch = local_batch_size(cfg, process_count, where)
   num_examples = eval_size(cfg, source.num_examples, where)
-  if source.random_access:
-    ranges = [host_range(num_examples, p, process_count) for p in range(process_count)]
-    start, end = ranges[process_index]
-
-    def make(unused_key, index, raw, label):
-      return _eval_example(eval_views(raw, source.encoded, views, spec), label, index)
-
-    indices = tf.data.Dataset.range(start, end)
-    examples = source.examples(tf.data.Dataset.zip(indices, indices)).map(
-        make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  else:
-    if num_examples < source.num_examples:
-      # The first N of the split, in order, each host up to its own part (a
-      # minival is small; the records a host skips are not decoded).
-      ranges = [host_range(num_examples, p, process_count)
-                for p in range(process_count)]
-      start, end = ranges[process_index]
-      ds, _ = source.stream(process_index=0, process_count=1, shuffle_seed=None)
-      ds = ds.skip(start).take(end - start)
-    else:  # the whole split: each host reads only its own sub-split
-      ends = np.cumsum(source.host_sizes(process_count)).tolist()
-      ranges = list(zip([0] + ends[:-1], ends))
-      start, _ = ranges[process_index]
-      ds, _ = source.stream(process_index=process_index,
-                            process_count=process_count, shuffle_seed=None)
-
-    def make_streamed(count, example):
-      raw, label = example
-      return _eval_example(eval_views(raw, True, views, spec), label, count + start)
-
-    examples = ds.enumerate().map(make_streamed,
-                                  num_parallel_calls=tf.data.AUTOTUNE,
-                                  deterministic=True)
+  read = _indexed_eval if source.random_access else _streamed_eval
+  ranges, examples = read(source, num_examples, views, spec, process_index,
+                          process_count)
   sizes = [end - start for start, end in ranges]
   num_batches = max(1, math.ceil(max(sizes) / local_batch))
   num_pad = num_batches * local_batch - sizes[process_index]
@@ -374,6 +344,43 @@ def eval_dataset(source: DataSource, views: Mapping[str, int], *,
   ds = examples.concatenate(padding).batch(local_batch, drop_remainder=True)
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
   return ds, num_examples, num_batches
+
+
+def _indexed_eval(source, num_examples, views, spec, process_index, process_count):
+  """(every host's [start, end), this host's eval examples) read by index."""
+  ranges = [host_range(num_examples, p, process_count) for p in range(process_count)]
+  start, end = ranges[process_index]
+
+  def make(unused_key, index, raw, label):
+    return _eval_example(eval_views(raw, source.encoded, views, spec), label, index)
+
+  indices = tf.data.Dataset.range(start, end)
+  return ranges, source.examples(tf.data.Dataset.zip(indices, indices)).map(
+      make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _streamed_eval(source, num_examples, views, spec, process_index, process_count):
+  """(every host's [start, end), this host's eval examples) streamed in order."""
+  if num_examples < source.num_examples:
+    # The first N of the split, in order, each host up to its own part (a
+    # minival is small; the records a host skips are not decoded).
+    ranges = [host_range(num_examples, p, process_count) for p in range(process_count)]
+    start, end = ranges[process_index]
+    ds, _ = source.stream(process_index=0, process_count=1, shuffle_seed=None)
+    ds = ds.skip(start).take(end - start)
+  else:  # the whole split: each host reads only its own sub-split
+    ends = np.cumsum(source.host_sizes(process_count)).tolist()
+    ranges = list(zip([0] + ends[:-1], ends))
+    start, _ = ranges[process_index]
+    ds, _ = source.stream(process_index=process_index, process_count=process_count,
+                          shuffle_seed=None)
+
+  def make(count, example):
+    raw, label = example
+    return _eval_example(eval_views(raw, True, views, spec), label, count + start)
+
+  return ranges, ds.enumerate().map(make, num_parallel_calls=tf.data.AUTOTUNE,
+                                    deterministic=True)
 
 
 def _eval_example(images, label, index) -> Batch:
