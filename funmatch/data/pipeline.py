@@ -9,7 +9,7 @@ fields take the defaults shown):
 
   source           'digits' | 'tfds' | 'folder'                   (required)
     digits:  split 'train' | 'test' ('train'); image_size int (32): 8x8 digits
-             upsampled bilinearly; fixed stratified split, see sources.py.
+             upsampled bilinearly; fixed stratified split, see digits.py.
     tfds:    name (required); split, TFDS slicing like 'train[:90%]' ('train');
              data_dir (TFDS default); image_key ('image'); label_key ('label').
              Never downloads: an unprepared dataset is a UserError.
