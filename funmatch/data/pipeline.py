@@ -63,9 +63,9 @@ global batch, so P may change between runs as long as B does not.
 A TFDS index i is the i-th example of the (sliced) split in the order TFDS
 wrote its files; ArrayRecord reads, cache_raw and TFRecord streaming all see
 that order, so a run may switch between cache_raw and ArrayRecord. ArrayRecord
-records are read in chunks of `ArrayRecordSource.read_chunk` indices per call,
-several chunks at once, then parsed, decoded (only the crop window of a JPEG) and resized in
-tf.data (AUTOTUNE, deterministic order).
+records are read in chunks of `ArrayRecordSource.read_chunk` indices per
+call, several chunks at once, then parsed, decoded (only the crop window of a
+JPEG) and resized in tf.data (AUTOTUNE, deterministic order).
 Streaming TFDS cannot resume exactly: each host reads its own sub-split, and
 its file-order, shuffle and augmentation seeds are derived from
 (seed, start_step, process_index), so a resumed run sees a fresh order.

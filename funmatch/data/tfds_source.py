@@ -74,8 +74,9 @@ def open_tfds(cfg: Any, where: str) -> DataSource:
     raise UserError(f"{where}.split={fields.split!r} of TFDS {fields.name!r} has no "
                     "examples")
   label = _check_features(builder, fields, where)
+  root = _root(builder, fields.data_dir)
   repair = (f"copy the file again or re-create the dataset with "
-            f"{_build_command(fields.name, _root(builder, fields.data_dir), file_format)}")
+            f"{_build_command(fields.name, root, file_format)}")
   shards = split_shards(builder, fields.split)
   _check_shards(fields.name, shards, file_format, repair)
   description = dict(
@@ -319,9 +320,10 @@ class ShardReader:
 
   Reads go straight to one ArrayRecord reader per shard file, opened on first
   use and shared by all threads and sources (it is thread-safe and releases the
-  GIL while it reads; see _READERS). Not through the data source's `__getitems__`: that starts a Python
-  thread pool on every call, up to one thread per shard touched, and under
-  tf.data's threads those pools deadlocked in our stress runs. Records come
+  GIL while it reads; see _READERS). Not through the data source's
+  `__getitems__`: that starts a Python thread pool on every call, up to one
+  thread per shard touched, and under tf.data's threads those pools deadlocked
+  in our stress runs. Records come
   back serialized; `parse` (a TF function) takes out the encoded image and the
   label, so decoding stays in tf.data.
   """
