@@ -22,9 +22,9 @@ def record_ids(prefix: str, delay_s: float) -> None:
   from funmatch.data import pipeline  # pylint: disable=import-outside-toplevel
   original = pipeline.train_dataset
 
-  def train_dataset(cfg, views, *, seed, start_step=0, process_index=0,
+  def train_dataset(source, views, *, seed, start_step=0, process_index=0,
                     process_count=1, **kwargs):
-    ds = original(cfg, views, seed=seed, start_step=start_step,
+    ds = original(source, views, seed=seed, start_step=start_step,
                   process_index=process_index, process_count=process_count, **kwargs)
     path = f"{prefix}.{process_index}.jsonl"
 

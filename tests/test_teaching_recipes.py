@@ -10,7 +10,7 @@ from ml_collections import ConfigDict
 from PIL import Image
 
 from conftest import TINY_OVERRIDES, run_cli, repo_path
-from funmatch.data import pipeline
+from funmatch.data import pipeline, sources
 from funmatch.train import cli, metrics_io
 
 sys.path.insert(0, repo_path("tools"))
@@ -34,7 +34,8 @@ def test_out_of_domain_images_reach_every_model(tmp_path):
   cfg = ConfigDict(dict(source="folder", root=colour_folder(tmp_path / "ood"), batch_size=8,
                         image_size=16, crop="inception", crop_area_min=0.3, flip=True))
   known = np.array(COLORS, np.float32) / 127.5 - 1.0
-  batch = next(pipeline.train_dataset(cfg, {"student": 16, "teacher": 24}, seed=0,
+  batch = next(pipeline.train_dataset(sources.open_source(cfg),
+                                      {"student": 16, "teacher": 24}, seed=0,
                                       crops="independent").as_numpy_iterator())
   for name, res in (("student", 16), ("teacher", 24)):
     images = batch["images"][name]

@@ -135,7 +135,7 @@ def _available_data(config, args, notes):
     return config, synthetic, False
   for name in list(config.evals.keys()):
     try:
-      sources.source_info(config.evals[name], f"evals.{name}")
+      sources.open_source(config.evals[name], f"evals.{name}")
     except UserError as e:
       notes.append(f"eval set '{name}' not available ({e}); dropped")
       config.evals = ml_collections.ConfigDict(
@@ -354,7 +354,7 @@ def measure_real_data(run, config, step_fn, stepper, args, results):
   from funmatch import parallel  # pylint: disable=import-outside-toplevel
   from funmatch.data import pipeline  # pylint: disable=import-outside-toplevel
   batches = pipeline.make_train_iterator(
-      config.input, run.plan.views, seed=int(config.seed), start_step=0,
+      run.data.train_source, run.plan.views, seed=int(config.seed), start_step=0,
       sharding=parallel.batch_sharding(run.mesh), crops=run.plan.crops)
   real = Stepper(step_fn, stepper.state, None, run.teacher_params, batches=batches)
   stepper.state = None  # donated onwards

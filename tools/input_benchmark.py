@@ -173,11 +173,11 @@ def mode_config(recipe_cfg, mode: str, dirs: dict[str, str], args):
   return cfg
 
 
-def measure(cfg, views, args) -> dict[str, float]:
+def measure(source, views, args) -> dict[str, float]:
   """Host 0's images/s and CPU ms per image over --batches after --warmup."""
   from funmatch.data import pipeline  # pylint: disable=import-outside-toplevel
   local_batch = args.batch_size // args.process_count
-  ds = pipeline.train_dataset(cfg, views, seed=0, process_index=0,
+  ds = pipeline.train_dataset(source, views, seed=0, process_index=0,
                               process_count=args.process_count)
   batches = ds.as_numpy_iterator()
   for _ in range(args.warmup):
@@ -192,13 +192,12 @@ def measure(cfg, views, args) -> dict[str, float]:
 
 def run(args) -> dict:
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from funmatch.data import pipeline  # pylint: disable=import-outside-toplevel
-  from funmatch.data import sources  # pylint: disable=import-outside-toplevel
+  from funmatch.data import sources, tfds_source  # pylint: disable=import-outside-toplevel
   dirs = prepare(args.data_dir, args.images, args.shards)
   sizes = [os.path.getsize(os.path.join(root, f))
            for root, _, files in os.walk(dirs["array_record"]) for f in files
            if ".array_record-" in f]
-  own_chunk = pipeline._READ_CHUNK  # pylint: disable=protected-access
+  own_chunk = tfds_source.ArrayRecordSource.read_chunk
   chunks = [int(c) for c in args.read_chunk.split(",") if c] or [own_chunk]
   modes = args.modes.split(",")
   variants = [(m, c) for m in modes for c in (chunks if m == "array_record" else [None])]
@@ -206,16 +205,17 @@ def run(args) -> dict:
   samples = {}
   for recipe in args.recipes.split(","):
     views, recipe_cfg = recipe_input(recipe)
-    configs = {mode: mode_config(recipe_cfg, mode, dirs, args) for mode in modes}
-    for mode, cfg in configs.items():
-      assert sources.source_info(cfg).access == mode, mode  # the mode asked for
+    opened = {mode: sources.open_source(mode_config(recipe_cfg, mode, dirs, args))
+              for mode in modes}
+    for mode, source in opened.items():
+      assert source.access == mode, mode  # the mode asked for
     # The pipeline's one-line mode report (streaming warns) would repeat every round.
     logging.getLogger("funmatch").setLevel(logging.ERROR)
     for round_index in range(args.rounds):
       for mode, chunk in variants:
         if chunk:
-          pipeline._READ_CHUNK = chunk  # pylint: disable=protected-access
-        result = measure(configs[mode], views, args)
+          tfds_source.ArrayRecordSource.read_chunk = chunk
+        result = measure(opened[mode], views, args)
         key = (recipe, mode if not chunk or len(chunks) == 1 else f"{mode}@{chunk}")
         samples.setdefault(key, []).append(result)
         print(f"  round {round_index + 1}: {recipe}px {key[1]:<18} "

@@ -76,7 +76,7 @@ def run(config, workdir, step) -> dict:
   objective = objectives.make_objective(config)
   mesh = parallel.make_mesh(config)
   num_classes = int(config.num_classes or
-                    sources.source_info(config.input, where="input").num_classes)
+                    sources.open_source(config.input, where="input").num_classes)
   student, params = build.build_model(config.student, num_classes, "student",
                                       seed=int(config.seed))
   if workdir:

@@ -112,7 +112,7 @@ def time_steps(teacher: str, optimizer: str, lr: float, compute_steps: int, peri
   run = build.build(config, "distill")
   state = state_lib.init_state(run)
   batch = next(pipeline.make_train_iterator(
-      config.input, run.plan.views, seed=0, start_step=0,
+      run.data.train_source, run.plan.views, seed=0, start_step=0,
       sharding=parallel.batch_sharding(run.mesh), crops=run.plan.crops))
   train_step = step_lib.jit_train_step(run, state)
   warmup = 20 if optimizer == "adam" else int(config.optax.start_preconditioning_step) + 1

@@ -20,5 +20,5 @@ except RuntimeError:  # TF already initialised its devices elsewhere.
 from funmatch.data.pipeline import EvalIterable
 from funmatch.data.pipeline import make_eval_iterator
 from funmatch.data.pipeline import make_train_iterator
-from funmatch.data.sources import SourceInfo
-from funmatch.data.sources import source_info
+from funmatch.data.source import DataSource
+from funmatch.data.sources import open_source

@@ -1,11 +1,15 @@
 """tf.data input pipelines: per-host batches -> global jax.Arrays on the mesh.
 
-Input config (`config.input` for training, `config.evals.<name>` per eval set;
-an `ml_collections.ConfigDict`, missing fields take the defaults shown):
+Every function here takes a `DataSource` (funmatch/data/source.py), opened
+once per split by `sources.open_source(cfg, where)`; the batch size and the
+preprocessing come from the config section it was opened from
+(`source.config`). Input config (`config.input` for training,
+`config.evals.<name>` per eval set; an `ml_collections.ConfigDict`, missing
+fields take the defaults shown):
 
   source           'digits' | 'tfds' | 'folder'                   (required)
     digits:  split 'train' | 'test' ('train'); image_size int (32): 8x8 digits
-             upsampled bilinearly; fixed stratified split, see sources.py.
+             upsampled bilinearly; fixed stratified split, see digits.py.
     tfds:    name (required); split, TFDS slicing like 'train[:90%]' ('train');
              data_dir (TFDS default); image_key ('image'); label_key ('label').
              Never downloads: an unprepared dataset is a UserError.
@@ -59,9 +63,9 @@ global batch, so P may change between runs as long as B does not.
 A TFDS index i is the i-th example of the (sliced) split in the order TFDS
 wrote its files; ArrayRecord reads, cache_raw and TFRecord streaming all see
 that order, so a run may switch between cache_raw and ArrayRecord. ArrayRecord
-records are read in chunks of _READ_CHUNK indices per call, several chunks at
-once, then parsed, decoded (only the crop window of a JPEG) and resized in
-tf.data (AUTOTUNE, deterministic order).
+records are read in chunks of `ArrayRecordSource.read_chunk` indices per
+call, several chunks at once, then parsed, decoded (only the crop window of a
+JPEG) and resized in tf.data (AUTOTUNE, deterministic order).
 Streaming TFDS cannot resume exactly: each host reads its own sub-split, and
 its file-order, shuffle and augmentation seeds are derived from
 (seed, start_step, process_index), so a resumed run sees a fresh order.
@@ -85,13 +89,12 @@ import tensorflow as tf
 
 from funmatch.data import preprocess
 from funmatch.data import sources
+from funmatch.data.source import DataSource
 from funmatch.errors import UserError
 from funmatch.teaching import STUDENT_VIEW
 
 CROPS = ("shared", "independent", "fixed")
 _DEVICE_PREFETCH = 2
-# Records per ArrayRecord read call (see _with_examples).
-_READ_CHUNK = 64
 _ACCESS_WORDS = {
     "memory": "held in memory and read by index",
     "files": "image files read by index",
@@ -205,87 +208,50 @@ def eval_views(raw: tf.Tensor, encoded: bool, views: Mapping[str, int],
           for name, res in views.items()}
 
 
-def _with_examples(data: Any, stream: tf.data.Dataset) -> tf.data.Dataset:
-  """(key, index) -> (key, index, raw example, label), in stream order.
-
-  In memory (or image files), a lookup per element. From ArrayRecord files,
-  chunks of _READ_CHUNK indices are read per call: the Python call and the
-  reader's per-shard setup are paid once per chunk, the reader releases the
-  GIL while it reads, and AUTOTUNE runs several chunks at once. Order stays
-  deterministic, so the stream is still a pure function of (seed, step).
-  """
-  parallel = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  if isinstance(data, sources.ArrayRecordSplit):
-    def read(indices):
-      return np.array(data.read(indices.tolist()), dtype=object)
-
-    def read_chunk(keys, indices):
-      records = tf.numpy_function(read, [indices], tf.string, stateful=False)
-      return keys, indices, tf.reshape(records, tf.shape(indices))
-
-    def parse(key, index, record):
-      return (key, index) + data.parse(record)
-
-    chunks = stream.batch(_READ_CHUNK).map(read_chunk, **parallel)
-    return chunks.unbatch().map(parse, **parallel)
-
-  values = tf.constant(data.values)
-  labels = tf.constant(data.labels, tf.int32)
-
-  def lookup(key, index):
-    raw = tf.gather(values, index)
-    if data.kind == "paths":
-      raw = tf.io.read_file(raw)
-    return key, index, raw, tf.gather(labels, index)
-
-  return stream.map(lookup, **parallel)
-
-
-def _log_access(info: sources.SourceInfo, where: str) -> None:
+def _log_access(source: DataSource) -> None:
   """One line saying how the data is read and whether resume is exact."""
-  if info.random_access:
+  if source.random_access:
     log.info("%s: %s, %s: batch k is a pure function of (seed, k), resume is "
-             "exact", where, info.name, _ACCESS_WORDS[info.access])
+             "exact", source.where, source.name, _ACCESS_WORDS[source.access])
   else:
     log.warning("%s: %s, %s: resume is NOT exact (a resumed run sees a fresh data "
-                "order); %s", where, info.name, _ACCESS_WORDS[info.access], info.note)
+                "order); %s", source.where, source.name, _ACCESS_WORDS[source.access],
+                source.note)
 
 
 # ---------------------------------------------------------------------------
 # Host-level tf.data datasets (testable on one process).
 
 
-def train_dataset(cfg: Any, views: Mapping[str, int], *, seed: int,
+def train_dataset(source: DataSource, views: Mapping[str, int], *, seed: int,
                   start_step: int = 0, crops: str = "shared",
-                  process_index: int = 0, process_count: int = 1,
-                  where: str = "input") -> tf.data.Dataset:
+                  process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
   """Endless local batches of one host: {'images', 'label', 'index'}.
 
   'index' is the example's index in the source (-1 for streaming TFDS).
   """
   check_crops(crops, views)
-  info = sources.source_info(cfg, where)
+  cfg, where = source.config, source.where
   spec = preprocess.spec_from_config(cfg, where)
   local_batch = local_batch_size(cfg, process_count, where)
   if start_step < 0:
     raise ValueError(f"start_step={start_step} must be >= 0")
-  _log_access(info, where)
-  if info.random_access:
-    data = sources.load_random_access(cfg, where)
+  _log_access(source)
+  if source.random_access:
     examples = _random_access_train(
-        data, views, spec, crops, seed, start_step,
+        source, views, spec, crops, seed, start_step,
         local_batch * process_count, process_index, process_count)
   else:
-    examples = _streaming_train(cfg, views, spec, crops, seed, start_step,
-                                process_index, process_count, where)
+    examples = _streaming_train(source, views, spec, crops, seed, start_step,
+                                process_index, process_count)
   ds = examples.batch(local_batch, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 
-def _random_access_train(data, views, spec, crops, seed, start_step,
+def _random_access_train(source, views, spec, crops, seed, start_step,
                          global_batch, process_index, process_count):
   """Examples of this host, in global-stream order, starting at start_step."""
-  n = data.num_examples
+  n = source.num_examples
   local_batch = global_batch // process_count
   first_epoch, offset = divmod(start_step * global_batch, n)
 
@@ -302,11 +268,11 @@ def _random_access_train(data, views, spec, crops, seed, start_step,
       lambda pos, idx: (pos[lo:lo + local_batch], idx[lo:lo + local_batch]))
 
   def make(position, index, raw, label):
-    images = train_views(raw, data.encoded, example_seed(seed, position), views,
+    images = train_views(raw, source.encoded, example_seed(seed, position), views,
                          crops, spec)
     return {"images": images, "label": label, "index": index}
 
-  examples = _with_examples(data, stream.unbatch())
+  examples = source.examples(stream.unbatch())
   return examples.map(make, num_parallel_calls=tf.data.AUTOTUNE,
                       deterministic=True)
 
@@ -319,17 +285,18 @@ def _stream_seeds(seed: int, start_step: int, process_index: int
   return tuple(int(s) for s in state.generate_state(3, np.uint32))
 
 
-def _streaming_train(cfg, views, spec, crops, seed, start_step,
-                     process_index, process_count, where):
+def _streaming_train(source, views, spec, crops, seed, start_step,
+                     process_index, process_count):
   file_seed, shuffle_seed, aug_seed = _stream_seeds(seed, start_step,
                                                     process_index)
-  ds, num_examples = sources.tfds_dataset(cfg, process_index=process_index,
-                                          process_count=process_count,
-                                          shuffle_seed=file_seed, where=where)
+  ds, num_examples = source.stream(process_index=process_index,
+                                   process_count=process_count,
+                                   shuffle_seed=file_seed)
   if not num_examples:  # repeat() over nothing would spin forever
-    raise UserError(f"{where}.split has no examples for process {process_index} "
-                    f"of {process_count}; use a larger split")
-  ds = ds.repeat().shuffle(cfg.get("shuffle_buffer", 50_000), seed=shuffle_seed)
+    raise UserError(f"{source.where}.split has no examples for process "
+                    f"{process_index} of {process_count}; use a larger split")
+  ds = ds.repeat().shuffle(source.config.get("shuffle_buffer", 50_000),
+                           seed=shuffle_seed)
 
   def make(count, example):
     raw, label = example
@@ -352,8 +319,8 @@ def eval_size(cfg: Any, split_examples: int, where: str = "eval") -> int:
   return min(limit, split_examples) if limit else split_examples
 
 
-def eval_dataset(cfg: Any, views: Mapping[str, int], *, process_index: int = 0,
-                 process_count: int = 1, where: str = "eval"
+def eval_dataset(source: DataSource, views: Mapping[str, int], *,
+                 process_index: int = 0, process_count: int = 1
                  ) -> tuple[tf.data.Dataset, int, int]:
   """One pass of local eval batches: {'images', 'label', 'mask', 'index'}.
 
@@ -363,46 +330,13 @@ def eval_dataset(cfg: Any, views: Mapping[str, int], *, process_index: int = 0,
   hosts like a whole split, so each is still counted exactly once.
   """
   check_views(views)
-  info = sources.source_info(cfg, where)
+  cfg, where = source.config, source.where
   spec = preprocess.spec_from_config(cfg, where)
   local_batch = local_batch_size(cfg, process_count, where)
-  num_examples = eval_size(cfg, info.num_examples, where)
-  if info.random_access:
-    data = sources.load_random_access(cfg, where)
-    ranges = [host_range(num_examples, p, process_count) for p in range(process_count)]
-    start, end = ranges[process_index]
-
-    def make(unused_key, index, raw, label):
-      return _eval_example(eval_views(raw, data.encoded, views, spec), label, index)
-
-    indices = tf.data.Dataset.range(start, end)
-    examples = _with_examples(data, tf.data.Dataset.zip(indices, indices)).map(
-        make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  else:
-    if num_examples < info.num_examples:
-      # The first N of the split, in order, each host up to its own part (a
-      # minival is small; the records a host skips are not decoded).
-      ranges = [host_range(num_examples, p, process_count)
-                for p in range(process_count)]
-      start, end = ranges[process_index]
-      ds, _ = sources.tfds_dataset(cfg, process_index=0, process_count=1,
-                                   shuffle_seed=None, where=where)
-      ds = ds.skip(start).take(end - start)
-    else:  # the whole split: each host reads only its own sub-split
-      ends = np.cumsum(sources.tfds_host_sizes(cfg, process_count, where)).tolist()
-      ranges = list(zip([0] + ends[:-1], ends))
-      start, _ = ranges[process_index]
-      ds, _ = sources.tfds_dataset(cfg, process_index=process_index,
-                                   process_count=process_count, shuffle_seed=None,
-                                   where=where)
-
-    def make_streamed(count, example):
-      raw, label = example
-      return _eval_example(eval_views(raw, True, views, spec), label, count + start)
-
-    examples = ds.enumerate().map(make_streamed,
-                                  num_parallel_calls=tf.data.AUTOTUNE,
-                                  deterministic=True)
+  num_examples = eval_size(cfg, source.num_examples, where)
+  read = _indexed_eval if source.random_access else _streamed_eval
+  ranges, examples = read(source, num_examples, views, spec, process_index,
+                          process_count)
   sizes = [end - start for start, end in ranges]
   num_batches = max(1, math.ceil(max(sizes) / local_batch))
   num_pad = num_batches * local_batch - sizes[process_index]
@@ -410,6 +344,43 @@ def eval_dataset(cfg: Any, views: Mapping[str, int], *, process_index: int = 0,
   ds = examples.concatenate(padding).batch(local_batch, drop_remainder=True)
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
   return ds, num_examples, num_batches
+
+
+def _indexed_eval(source, num_examples, views, spec, process_index, process_count):
+  """(every host's [start, end), this host's eval examples) read by index."""
+  ranges = [host_range(num_examples, p, process_count) for p in range(process_count)]
+  start, end = ranges[process_index]
+
+  def make(unused_key, index, raw, label):
+    return _eval_example(eval_views(raw, source.encoded, views, spec), label, index)
+
+  indices = tf.data.Dataset.range(start, end)
+  return ranges, source.examples(tf.data.Dataset.zip(indices, indices)).map(
+      make, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _streamed_eval(source, num_examples, views, spec, process_index, process_count):
+  """(every host's [start, end), this host's eval examples) streamed in order."""
+  if num_examples < source.num_examples:
+    # The first N of the split, in order, each host up to its own part (a
+    # minival is small; the records a host skips are not decoded).
+    ranges = [host_range(num_examples, p, process_count) for p in range(process_count)]
+    start, end = ranges[process_index]
+    ds, _ = source.stream(process_index=0, process_count=1, shuffle_seed=None)
+    ds = ds.skip(start).take(end - start)
+  else:  # the whole split: each host reads only its own sub-split
+    ends = np.cumsum(source.host_sizes(process_count)).tolist()
+    ranges = list(zip([0] + ends[:-1], ends))
+    start, _ = ranges[process_index]
+    ds, _ = source.stream(process_index=process_index, process_count=process_count,
+                          shuffle_seed=None)
+
+  def make(count, example):
+    raw, label = example
+    return _eval_example(eval_views(raw, True, views, spec), label, count + start)
+
+  return ranges, ds.enumerate().map(make, num_parallel_calls=tf.data.AUTOTUNE,
+                                    deterministic=True)
 
 
 def _eval_example(images, label, index) -> Batch:
@@ -428,7 +399,7 @@ def _padding_example(views: Mapping[str, int]) -> Batch:
 # Device side: global jax.Arrays, prefetched.
 
 
-def _host_batches(ds: tf.data.Dataset, info: sources.SourceInfo) -> Iterator[Batch]:
+def _host_batches(ds: tf.data.Dataset, source: DataSource) -> Iterator[Batch]:
   """Numpy batches without 'index'; TF read/decode errors become UserErrors."""
   iterator = ds.as_numpy_iterator()
   while True:
@@ -444,7 +415,7 @@ def _host_batches(ds: tf.data.Dataset, info: sources.SourceInfo) -> Iterator[Bat
       reason = re.sub(r"^Error in user-defined function .*? with iterator: \S+: ", "",
                       reason)
       reason = re.sub(r"^ValueError: ", "", reason)
-      raise UserError(f"reading {info.name} failed: {reason}; {info.repair}") from e
+      raise UserError(f"reading {source.name} failed: {reason}; {source.repair}") from e
     batch.pop("index", None)
     yield batch
 
@@ -472,20 +443,18 @@ def _prefetch_to_device(batches: Iterable[Batch], put: Callable[[Batch], Batch],
     yield queue.popleft()
 
 
-def make_train_iterator(input_cfg: Any, views: Mapping[str, int], *, seed: int,
+def make_train_iterator(source: DataSource, views: Mapping[str, int], *, seed: int,
                         start_step: int, sharding: jax.sharding.NamedSharding,
-                        crops: str = "shared",
-                        where: str = "input") -> Iterator[Batch]:
+                        crops: str = "shared") -> Iterator[Batch]:
   """Endless global training batches, starting at `start_step`.
 
   Yields {'images': {view: float32 [B, r, r, 3] in [-1, 1]}, 'label': int32 [B]}
   as jax.Arrays sharded by `sharding` over the leading (batch) axis.
   """
-  info = sources.source_info(input_cfg, where)
-  ds = train_dataset(input_cfg, views, seed=seed, start_step=start_step,
+  ds = train_dataset(source, views, seed=seed, start_step=start_step,
                      crops=crops, process_index=jax.process_index(),
-                     process_count=jax.process_count(), where=where)
-  return _prefetch_to_device(_host_batches(ds, info),
+                     process_count=jax.process_count())
+  return _prefetch_to_device(_host_batches(ds, source),
                              lambda b: _to_global(b, sharding))
 
 
@@ -496,11 +465,11 @@ class EvalIterable:
   'mask': bool [B]}; padding examples (only in the last batches) have mask False.
   """
 
-  def __init__(self, ds: tf.data.Dataset, info: sources.SourceInfo,
+  def __init__(self, ds: tf.data.Dataset, source: DataSource,
                num_examples: int, num_batches: int, sharding: jax.sharding.Sharding):
     self._ds = ds
     self._sharding = sharding
-    self.info = info
+    self.source = source
     self.num_examples = num_examples  # what one pass covers (max_examples)
     self.num_batches = num_batches
 
@@ -508,17 +477,15 @@ class EvalIterable:
     return self.num_batches
 
   def __iter__(self) -> Iterator[Batch]:
-    return _prefetch_to_device(_host_batches(self._ds, self.info),
+    return _prefetch_to_device(_host_batches(self._ds, self.source),
                                lambda b: _to_global(b, self._sharding))
 
 
-def make_eval_iterator(eval_cfg: Any, views: Mapping[str, int], *,
-                       sharding: jax.sharding.NamedSharding,
-                       where: str = "eval") -> EvalIterable:
+def make_eval_iterator(source: DataSource, views: Mapping[str, int], *,
+                       sharding: jax.sharding.NamedSharding) -> EvalIterable:
   """A re-iterable pass over an eval split (see `EvalIterable`)."""
-  info = sources.source_info(eval_cfg, where)
   ds, num_examples, num_batches = eval_dataset(
-      eval_cfg, views, process_index=jax.process_index(),
-      process_count=jax.process_count(), where=where)
-  return EvalIterable(ds, info, num_examples, num_batches, sharding)
+      source, views, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  return EvalIterable(ds, source, num_examples, num_batches, sharding)
 

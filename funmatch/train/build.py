@@ -2,7 +2,7 @@
 
     validate (no I/O) -> check storage (gs:// reachable; lists, never writes)
       -> resolve the models' options from their weights (file headers, a
-      workdir's config.json) -> describe the data -> build the models (random
+      workdir's config.json) -> open the data -> build the models (random
       init) -> load the weights -> the optimizer
 
 `build(config, mode, workdir=...)` runs them all; `build_eval` builds what
@@ -51,12 +51,16 @@ class Spec:
 
 @dataclasses.dataclass(frozen=True)
 class DataInfo:
-  """The training data as the schedule sees it (stage 2)."""
+  """The training data as the schedule sees it, and the run's opened splits
+  (stage 2). Each split is opened once per run (funmatch.data.DataSource);
+  the loop, the evaluator and the tools read through these objects."""
   num_classes: int
   train_examples: int
   steps_per_epoch: float
   total_steps: int
   class_names: tuple[str, ...] | None = None  # when the data names its classes
+  train_source: Any = None  # config.input (None: an evaluation, synthetic data)
+  eval_sources: dict[str, Any] = dataclasses.field(default_factory=dict)  # by eval name
 
   def record(self) -> dict[str, Any]:
     """What config.json keeps of the data (eval and predict read it back)."""
@@ -192,7 +196,7 @@ def check_storage(config: ml_collections.ConfigDict, spec: Spec,
 
 
 # ---------------------------------------------------------------------------
-# Stage 2: the data (reads descriptions, never the examples).
+# Stage 2: the data (opens each split once: reads descriptions, never the examples).
 
 
 def total_steps_of(config, train_examples: int) -> tuple[int, float]:
@@ -210,43 +214,47 @@ def total_steps_of(config, train_examples: int) -> tuple[int, float]:
   return total, steps_per_epoch
 
 
-def _eval_infos(config: ml_collections.ConfigDict, num_classes: int) -> list:
-  """Describes (and checks) every eval set: it must have the run's classes."""
+def _open_evals(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
+  """Opens (and checks) every eval set: it must have the run's classes."""
   from funmatch.data import sources  # pylint: disable=import-outside-toplevel
-  infos = []
+  opened = {}
   for eval_name, eval_config in config.evals.items():
-    info = sources.source_info(eval_config, where=f"evals.{eval_name}")
-    if info.num_classes != num_classes:
-      raise UserError(f"config.evals.{eval_name} has {info.num_classes} classes but the "
-                      f"run has {num_classes}; evaluate on a dataset with the same classes")
-    infos.append(info)
-  return infos
+    source = sources.open_source(eval_config, where=f"evals.{eval_name}")
+    if source.num_classes != num_classes:
+      raise UserError(f"config.evals.{eval_name} has {source.num_classes} classes but "
+                      f"the run has {num_classes}; evaluate on a dataset with the same "
+                      "classes")
+    opened[eval_name] = source
+  return opened
 
 
-def _class_names(infos, num_classes: int) -> tuple[str, ...] | None:
+def _class_names(opened, num_classes: int) -> tuple[str, ...] | None:
   """The first class names that fit the run (training data, else an eval set:
   distilling on other images, the eval set names the classes)."""
-  for info in infos:
-    if info.class_names and len(info.class_names) == num_classes:
-      return tuple(info.class_names)
+  for source in opened:
+    if source.class_names and len(source.class_names) == num_classes:
+      return tuple(source.class_names)
   return None
 
 
 def describe_data(config: ml_collections.ConfigDict) -> DataInfo:
-  """Class count, example count and schedule length of the configured data."""
+  """Opens the training split and the eval sets; class count, example count and
+  schedule length of the run."""
   from funmatch.data import sources  # pylint: disable=import-outside-toplevel
-  train_info = sources.source_info(config.input, where="input")
-  num_classes = int(config.num_classes or train_info.num_classes)
-  eval_infos = _eval_infos(config, num_classes)
-  total_steps, steps_per_epoch = total_steps_of(config, train_info.num_examples)
-  return DataInfo(num_classes, train_info.num_examples, steps_per_epoch, total_steps,
-                  _class_names([train_info, *eval_infos], num_classes))
+  train = sources.open_source(config.input, where="input")
+  num_classes = int(config.num_classes or train.num_classes)
+  evals = _open_evals(config, num_classes)
+  total_steps, steps_per_epoch = total_steps_of(config, train.num_examples)
+  return DataInfo(num_classes, train.num_examples, steps_per_epoch, total_steps,
+                  _class_names([train, *evals.values()], num_classes),
+                  train_source=train, eval_sources=evals)
 
 
 def describe_eval_data(config: ml_collections.ConfigDict, num_classes: int) -> DataInfo:
   """The data of an evaluation: the eval sets only (the training data may be gone)."""
-  infos = _eval_infos(config, num_classes)
-  return DataInfo(num_classes, 0, 0.0, 0, _class_names(infos, num_classes))
+  evals = _open_evals(config, num_classes)
+  return DataInfo(num_classes, 0, 0.0, 0, _class_names(evals.values(), num_classes),
+                  eval_sources=evals)
 
 
 # ---------------------------------------------------------------------------

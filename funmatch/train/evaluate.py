@@ -46,12 +46,13 @@ def eval_every_steps(config, name: str) -> int:
 
 
 def make_eval_sets(run) -> dict[str, Any]:
-  """One re-iterable eval pipeline per entry of config.evals."""
+  """One re-iterable eval pipeline per entry of config.evals, over the splits the
+  run opened (run.data.eval_sources)."""
   from funmatch.data import pipeline  # pylint: disable=import-outside-toplevel
   sharding = parallel.batch_sharding(run.mesh)
-  return {name: pipeline.make_eval_iterator(eval_config, run.plan.views, sharding=sharding,
-                                            where=f"evals.{name}")
-          for name, eval_config in run.config.evals.items()}
+  return {name: pipeline.make_eval_iterator(run.data.eval_sources[name], run.plan.views,
+                                            sharding=sharding)
+          for name in run.config.evals}
 
 
 class Evaluator:

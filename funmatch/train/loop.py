@@ -127,8 +127,9 @@ def _train_batches(run: build_lib.Run, start_step: int) -> Iterator[Any] | None:
     return None
   from funmatch.data import pipeline  # pylint: disable=import-outside-toplevel
   batches = pipeline.make_train_iterator(
-      run.config.input, run.plan.views, seed=int(run.config.seed), start_step=start_step,
-      sharding=parallel.batch_sharding(run.mesh), crops=run.plan.crops)
+      run.data.train_source, run.plan.views, seed=int(run.config.seed),
+      start_step=start_step, sharding=parallel.batch_sharding(run.mesh),
+      crops=run.plan.crops)
   return itertools.chain([next(batches)], batches)
 
 

@@ -155,10 +155,13 @@ class LinearProbe:
     self._train_batches = None
 
   def _iterator(self, cfg, where):
+    """An eval pass over the split `cfg` configures, opened here: the training
+    split as an eval set is its own configured split (its image_size may be the
+    eval set's), opened once per probe (see __call__)."""
     from funmatch import parallel  # pylint: disable=import-outside-toplevel
-    from funmatch.data import pipeline  # pylint: disable=import-outside-toplevel
-    return pipeline.make_eval_iterator(cfg, self.views, sharding=parallel.batch_sharding(
-        self.mesh), where=where)
+    from funmatch.data import pipeline, sources  # pylint: disable=import-outside-toplevel
+    return pipeline.make_eval_iterator(sources.open_source(cfg, where), self.views,
+                                       sharding=parallel.batch_sharding(self.mesh))
 
   def eval_sets(self) -> dict[str, Any]:
     """The config's eval sets, with the student's view only."""

@@ -62,20 +62,20 @@ def test_the_builder_never_enters_the_registry(jpeg_tfds):
   assert testdata.NAME not in tfds.list_builders(with_community_datasets=False)
   with pytest.raises(tfds.core.registered.DatasetNotFoundError):
     tfds.builder(testdata.NAME)  # without data_dir there is nothing to find
-  assert sources.source_info(_cfg(jpeg_tfds["array_record"])).num_examples == N
+  assert sources.open_source(_cfg(jpeg_tfds["array_record"])).num_examples == N
 
 
 def test_random_access_is_picked_when_array_record_files_exist(jpeg_tfds):
   for key, access in (("array_record", "array_record"), ("both", "array_record"),
                       ("tfrecord", "streaming")):
-    info = sources.source_info(_cfg(jpeg_tfds[key]))
+    info = sources.open_source(_cfg(jpeg_tfds[key]))
     assert (info.access, info.random_access) == (access, access != "streaming")
     assert info.class_names == testdata.CLASSES
-  forced = sources.source_info(_cfg(jpeg_tfds["both"], random_access=False))
+  forced = sources.open_source(_cfg(jpeg_tfds["both"], random_access=False))
   assert forced.access == "streaming"
-  cached = sources.source_info(_cfg(jpeg_tfds["array_record"], cache_raw=True))
+  cached = sources.open_source(_cfg(jpeg_tfds["array_record"], cache_raw=True))
   assert cached.access == "memory"
-  assert sources.source_info(_cfg(jpeg_tfds["array_record"],
+  assert sources.open_source(_cfg(jpeg_tfds["array_record"],
                                   split="train[:75%]")).num_examples == 30
 
 
@@ -86,7 +86,8 @@ def test_random_access_is_picked_when_array_record_files_exist(jpeg_tfds):
 def test_batches_follow_the_index_stream_and_the_records(jpeg_tfds):
   data_dir = jpeg_tfds["array_record"]
   cfg = _cfg(data_dir)
-  batches = _batches(pipeline.train_dataset(cfg, VIEWS, seed=3), 7)  # > 2 epochs
+  batches = _batches(pipeline.train_dataset(sources.open_source(cfg),
+                                            VIEWS, seed=3), 7)  # > 2 epochs
   stream = np.concatenate([b["index"] for b in batches])
   expected = np.concatenate([pipeline.epoch_permutation(3, e, N).numpy()
                              for e in range(3)])
@@ -116,20 +117,22 @@ def test_array_record_files_on_gcs_give_the_local_batches(jpeg_tfds, gcs):
     for name in files:
       path = os.path.join(directory, name)
       fileio.upload_file(path, f"{remote}/{os.path.relpath(path, local)}")
-  info = sources.source_info(_cfg(remote))
+  info = sources.open_source(_cfg(remote))
   assert info.access == "array_record" and info.num_examples == N
-  _assert_batches_equal(_batches(pipeline.train_dataset(_cfg(remote), VIEWS, seed=3), 2),
-                        _batches(pipeline.train_dataset(_cfg(local), VIEWS, seed=3), 2))
+  _assert_batches_equal(_batches(pipeline.train_dataset(sources.open_source(_cfg(remote)),
+                                                        VIEWS, seed=3), 2),
+                        _batches(pipeline.train_dataset(sources.open_source(_cfg(local)),
+                                                        VIEWS, seed=3), 2))
 
 
 def test_index_names_the_same_example_in_every_mode(jpeg_tfds):
   """Index i is the same record from ArrayRecord, memory or TFRecord order, so
   a run may switch between cache_raw and ArrayRecord and keep its batches."""
-  from_files = _batches(pipeline.train_dataset(_cfg(jpeg_tfds["array_record"]),
-                                               VIEWS, seed=5, start_step=2), 3)
+  from_files = _batches(pipeline.train_dataset(
+      sources.open_source(_cfg(jpeg_tfds["array_record"])), VIEWS, seed=5, start_step=2), 3)
   for data_dir in (jpeg_tfds["array_record"], jpeg_tfds["tfrecord"]):
     in_memory = _batches(pipeline.train_dataset(
-        _cfg(data_dir, cache_raw=True), VIEWS, seed=5, start_step=2), 3)
+        sources.open_source(_cfg(data_dir, cache_raw=True)), VIEWS, seed=5, start_step=2), 3)
     _assert_batches_equal(in_memory, from_files)
   streamed_names = [ex["file_name"] for ex in tfds.builder(
       testdata.NAME, data_dir=jpeg_tfds["tfrecord"]).as_dataset(
@@ -144,9 +147,10 @@ def test_index_names_the_same_example_in_every_mode(jpeg_tfds):
 
 def test_start_step_gives_exactly_the_uninterrupted_batches(jpeg_tfds):
   cfg = _cfg(jpeg_tfds["array_record"])  # 40 % 12 != 0: batches span epochs
-  reference = _batches(pipeline.train_dataset(cfg, VIEWS, seed=7), 9)
+  reference = _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=7), 9)
   for step in (1, 3, 6):
-    resumed = _batches(pipeline.train_dataset(cfg, VIEWS, seed=7, start_step=step),
+    resumed = _batches(pipeline.train_dataset(sources.open_source(cfg),
+                                              VIEWS, seed=7, start_step=step),
                        9 - step)
     _assert_batches_equal(resumed, reference[step:])
 
@@ -154,10 +158,10 @@ def test_start_step_gives_exactly_the_uninterrupted_batches(jpeg_tfds):
 def test_two_hosts_together_give_the_one_host_batch(jpeg_tfds):
   cfg = _cfg(jpeg_tfds["array_record"])
   for start_step in (0, 5):
-    whole = _batches(pipeline.train_dataset(cfg, VIEWS, seed=2,
+    whole = _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=2,
                                             start_step=start_step), 3)
     hosts = [_batches(pipeline.train_dataset(
-        cfg, VIEWS, seed=2, start_step=start_step, process_index=p,
+        sources.open_source(cfg), VIEWS, seed=2, start_step=start_step, process_index=p,
         process_count=2), 3) for p in range(2)]
     for k in range(3):
       assert len(hosts[0][k]["index"]) == 6
@@ -172,13 +176,13 @@ def test_two_hosts_together_give_the_one_host_batch(jpeg_tfds):
 def test_sliced_split_reads_its_own_records(jpeg_tfds):
   data_dir = jpeg_tfds["array_record"]
   everything = _record_reader(data_dir)
-  data = sources.load_random_access(_cfg(data_dir, split="train[10:]"))
+  data = sources.open_source(_cfg(data_dir, split="train[10:]"))
   assert data.num_examples == N - 10
   records = _record_reader(data_dir, "train[10:]")
   for i in (0, 17, N - 11):
     assert records[i]["file_name"] == everything[i + 10]["file_name"]
-  batch = _batches(pipeline.train_dataset(_cfg(data_dir, split="train[10:]"),
-                                          VIEWS, seed=0), 1)[0]
+  batch = _batches(pipeline.train_dataset(
+      sources.open_source(_cfg(data_dir, split="train[10:]")), VIEWS, seed=0), 1)[0]
   assert batch["index"].max() < N - 10
 
 
@@ -193,7 +197,7 @@ def test_eval_reads_every_example_once_in_split_order(jpeg_tfds, process_count):
   indices, images, counts = [], [], set()
   for p in range(process_count):
     ds, num_examples, num_batches = pipeline.eval_dataset(
-        cfg, VIEWS, process_index=p, process_count=process_count)
+        sources.open_source(cfg), VIEWS, process_index=p, process_count=process_count)
     batches = list(ds.as_numpy_iterator())
     assert num_examples == testdata.NUM_TEST and len(batches) == num_batches
     counts.add(len(batches))
@@ -202,7 +206,7 @@ def test_eval_reads_every_example_once_in_split_order(jpeg_tfds, process_count):
       images.extend(b["images"]["teacher"][b["mask"]])
   assert len(counts) == 1
   assert indices == list(range(testdata.NUM_TEST))
-  ds, _, _ = pipeline.eval_dataset(streamed, VIEWS)
+  ds, _, _ = pipeline.eval_dataset(sources.open_source(streamed), VIEWS)
   expected = np.concatenate([b["images"]["teacher"][b["mask"]]
                              for b in ds.as_numpy_iterator()])
   np.testing.assert_array_equal(np.stack(images), expected)
@@ -218,13 +222,14 @@ def test_streaming_still_works_and_says_resume_is_not_exact(jpeg_tfds, caplog):
     cfg = _cfg(data_dir, **kwargs)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="funmatch"):
-      batches = _batches(pipeline.train_dataset(cfg, VIEWS, seed=0), 4)
+      batches = _batches(pipeline.train_dataset(sources.open_source(cfg),
+                                                VIEWS, seed=0), 4)
     assert "resume is NOT exact" in caplog.text and "TFRecord" in caplog.text
     assert all(np.all(b["index"] == -1) for b in batches)
     assert batches[0]["images"]["teacher"].shape == (12, 24, 24, 3)
   caplog.clear()
   with caplog.at_level(logging.INFO, logger="funmatch"):
-    pipeline.train_dataset(_cfg(jpeg_tfds["both"]), VIEWS, seed=0)
+    pipeline.train_dataset(sources.open_source(_cfg(jpeg_tfds["both"])), VIEWS, seed=0)
   assert "ArrayRecord files read by index" in caplog.text
   assert "resume is exact" in caplog.text
 
@@ -248,18 +253,18 @@ def _one_line_error(call, match):
 def test_forced_modes_the_files_cannot_serve(jpeg_tfds):
   before = _listing(os.path.dirname(jpeg_tfds["tfrecord"]))
   message = _one_line_error(
-      lambda: sources.source_info(_cfg(jpeg_tfds["tfrecord"], random_access=True)),
+      lambda: sources.open_source(_cfg(jpeg_tfds["tfrecord"], random_access=True)),
       "input.random_access=True")
   assert testdata.version_dir(jpeg_tfds["tfrecord"]) in message
   assert "--file_format=array_record" in message
-  _one_line_error(lambda: sources.source_info(
+  _one_line_error(lambda: sources.open_source(
       _cfg(jpeg_tfds["array_record"], random_access=False), where="evals.val"),
                   "evals.val.random_access=False.*cannot stream")
-  _one_line_error(lambda: sources.source_info(
+  _one_line_error(lambda: sources.open_source(
       _cfg(jpeg_tfds["array_record"], random_access="yes")), "True, False or None")
-  _one_line_error(lambda: sources.source_info(
+  _one_line_error(lambda: sources.open_source(
       _cfg(jpeg_tfds["both"], random_access=False, cache_raw=True)), "drop one")
-  _one_line_error(lambda: sources.source_info(
+  _one_line_error(lambda: sources.open_source(
       ConfigDict(dict(source="digits", random_access=False))), "only TFDS can stream")
   assert _listing(os.path.dirname(jpeg_tfds["tfrecord"])) == before
 
@@ -290,19 +295,19 @@ def test_missing_or_truncated_shard_is_named_up_front(jpeg_tfds, tmp_path, damag
     with open(shard, "wb") as f:
       f.write(content[:len(content) // 2] if damage == "truncated" else b"")
   before = _listing(data_dir)
-  message = _one_line_error(lambda: sources.source_info(_cfg(data_dir)),
+  message = _one_line_error(lambda: sources.open_source(_cfg(data_dir)),
                             f"shard {shard} ")
   assert "tfds build" in message and "--file_format=array_record" in message
   assert _listing(data_dir) == before
   # The other split's shards are intact: it still reads.
-  assert sources.source_info(_cfg(data_dir, split="test")).num_examples == 13
+  assert sources.open_source(_cfg(data_dir, split="test")).num_examples == 13
 
 
 def test_missing_tfrecord_shard_is_named_up_front(jpeg_tfds, tmp_path):
   data_dir = testdata.copy_dataset(jpeg_tfds["tfrecord"], str(tmp_path / "d"))
   shard = testdata.shard_path(data_dir, "tfrecord", 2)
   os.remove(shard)
-  _one_line_error(lambda: sources.source_info(_cfg(data_dir)),
+  _one_line_error(lambda: sources.open_source(_cfg(data_dir)),
                   f"shard {shard} is missing")
 
 
@@ -315,13 +320,15 @@ def test_garbled_shard_is_named_when_read(jpeg_tfds, tmp_path):
     f.seek(100)
     f.write(bytes(range(200)))
   cfg = _cfg(data_dir)
-  assert sources.source_info(cfg).access == "array_record"
-  evals = pipeline.make_eval_iterator(cfg, VIEWS, sharding=_sharding())
+  assert sources.open_source(cfg).access == "array_record"
+  evals = pipeline.make_eval_iterator(sources.open_source(cfg),
+                                      VIEWS, sharding=_sharding())
   message = _one_line_error(lambda: list(evals), f"ArrayRecord shard {shard} is "
                             "damaged")
   assert "Function" not in message and "Iterator::" not in message
   assert "tfds build" in message
-  batches = pipeline.make_train_iterator(cfg, VIEWS, seed=0, start_step=0,
+  batches = pipeline.make_train_iterator(sources.open_source(cfg),
+                                         VIEWS, seed=0, start_step=0,
                                          sharding=_sharding())
   _one_line_error(lambda: [next(batches) for _ in range(4)],  # all of epoch 0
                   f"ArrayRecord shard {shard} is damaged")
@@ -331,11 +338,11 @@ def test_reopening_a_split_keeps_the_open_files_flat(jpeg_tfds):
   if not os.path.isdir("/proc/self/fd"):
     pytest.skip("needs /proc/self/fd")
   cfg = _cfg(jpeg_tfds["array_record"])
-  _batches(pipeline.train_dataset(cfg, VIEWS, seed=0), 4)
+  _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=0), 4)
   before = len(os.listdir("/proc/self/fd"))
   for seed in range(3):
-    _batches(pipeline.train_dataset(cfg, VIEWS, seed=seed), 4)
-    list(pipeline.eval_dataset(_cfg(jpeg_tfds["array_record"], split="test"),
-                               VIEWS)[0].as_numpy_iterator())
+    _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=seed), 4)
+    test_split = sources.open_source(_cfg(jpeg_tfds["array_record"], split="test"))
+    list(pipeline.eval_dataset(test_split, VIEWS)[0].as_numpy_iterator())
   # The test split's shards open once (+3); nothing grows with each dataset.
   assert len(os.listdir("/proc/self/fd")) <= before + testdata.NUM_SHARDS

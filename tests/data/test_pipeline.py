@@ -47,7 +47,8 @@ def test_consistent_views_are_one_crop_at_each_resolution(teaching):
   cfg = _digits(crop_area_min=0.3)
   spec = pp.spec_from_config(cfg)
   images, _ = sources.digits("train", 32)
-  batches = _batches(pipeline.train_dataset(cfg, VIEWS, seed=3, crops=CROPS[teaching]), 2)
+  batches = _batches(pipeline.train_dataset(sources.open_source(cfg),
+                                            VIEWS, seed=3, crops=CROPS[teaching]), 2)
   for step, batch in enumerate(batches):
     for i in range(0, 8, 3):
       position = step * 8 + i
@@ -68,10 +69,10 @@ def test_consistent_views_are_one_crop_at_each_resolution(teaching):
 def test_same_resolution_views_identical_only_when_consistent():
   views = {"a": 24, "b": 24}
   consistent = _batches(pipeline.train_dataset(
-      _digits(), views, seed=0, crops="shared"), 1)[0]["images"]
+      sources.open_source(_digits()), views, seed=0, crops="shared"), 1)[0]["images"]
   np.testing.assert_array_equal(consistent["a"], consistent["b"])
   independent = _batches(pipeline.train_dataset(
-      _digits(), views, seed=0, crops="independent"), 1)[0]["images"]
+      sources.open_source(_digits()), views, seed=0, crops="independent"), 1)[0]["images"]
   differs = [not np.array_equal(a, b)
              for a, b in zip(independent["a"], independent["b"])]
   assert sum(differs) >= 6
@@ -81,7 +82,7 @@ def test_independent_views_use_their_own_crops():
   cfg = _digits()
   spec = pp.spec_from_config(cfg)
   images, _ = sources.digits("train", 32)
-  batch = _batches(pipeline.train_dataset(cfg, VIEWS, seed=1,
+  batch = _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=1,
                                           crops="independent"), 1)[0]
   for i in (0, 5):
     seed = pipeline.example_seed(1, i)
@@ -97,7 +98,8 @@ def test_fixed_teacher_view_is_the_same_every_epoch():
   cfg = _digits(split="test", batch_size=89)
   spec = pp.spec_from_config(cfg)
   images, _ = sources.digits("test", 32)
-  batches = _batches(pipeline.train_dataset(cfg, VIEWS, seed=2, crops="fixed"),
+  batches = _batches(pipeline.train_dataset(sources.open_source(cfg),
+                                            VIEWS, seed=2, crops="fixed"),
                      10)
   by_epoch = [{}, {}]
   for step, batch in enumerate(batches):
@@ -120,11 +122,12 @@ def test_fixed_teacher_view_is_the_same_every_epoch():
 def test_crops_and_batch_errors():
   # The teaching plan makes crops and views; a mismatch is a programming error.
   with pytest.raises(ValueError, match="crops"):
-    pipeline.train_dataset(_digits(), VIEWS, seed=0, crops="patient")
+    pipeline.train_dataset(sources.open_source(_digits()), VIEWS, seed=0, crops="patient")
   with pytest.raises(ValueError, match="student"):
-    pipeline.train_dataset(_digits(), {"teacher": 32}, seed=0, crops="fixed")
+    pipeline.train_dataset(sources.open_source(_digits()),
+                           {"teacher": 32}, seed=0, crops="fixed")
   with pytest.raises(UserError, match="batch_size=10.*processes"):
-    pipeline.train_dataset(_digits(batch_size=10), VIEWS, seed=0,
+    pipeline.train_dataset(sources.open_source(_digits(batch_size=10)), VIEWS, seed=0,
                            process_count=3)
 
 
@@ -134,7 +137,8 @@ def test_crops_and_batch_errors():
 
 def test_each_epoch_is_a_permutation_and_epochs_differ():
   n = 1352
-  batches = _batches(pipeline.train_dataset(_digits(batch_size=64), {"s": 8},
+  batches = _batches(pipeline.train_dataset(sources.open_source(_digits(batch_size=64)),
+                                            {"s": 8},
                                             seed=5), 43)
   stream = np.concatenate([b["index"] for b in batches])
   np.testing.assert_array_equal(np.sort(stream[:n]), np.arange(n))
@@ -150,26 +154,28 @@ def test_each_epoch_is_a_permutation_and_epochs_differ():
 
 def test_start_step_resumes_exactly():
   cfg = _digits(batch_size=64)  # 1352 % 64 != 0: batch 21 spans two epochs
-  reference = _batches(pipeline.train_dataset(cfg, VIEWS, seed=7), 24)
+  reference = _batches(pipeline.train_dataset(sources.open_source(cfg),
+                                              VIEWS, seed=7), 24)
   for step in (1, 21, 23):
-    resumed = _batches(pipeline.train_dataset(cfg, VIEWS, seed=7,
+    resumed = _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=7,
                                               start_step=step), 1)[0]
     for key in ("label", "index"):
       np.testing.assert_array_equal(resumed[key], reference[step][key])
     for name in VIEWS:
       np.testing.assert_array_equal(resumed["images"][name],
                                     reference[step]["images"][name])
-  other_seed = _batches(pipeline.train_dataset(cfg, VIEWS, seed=8), 1)[0]
+  other_seed = _batches(pipeline.train_dataset(sources.open_source(cfg),
+                                               VIEWS, seed=8), 1)[0]
   assert not np.array_equal(other_seed["index"], reference[0]["index"])
 
 
 def test_hosts_take_their_slice_of_every_global_batch():
   cfg = _digits(batch_size=32)
   for start_step in (0, 40):
-    whole = _batches(pipeline.train_dataset(cfg, VIEWS, seed=4,
+    whole = _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=4,
                                             start_step=start_step), 3)
     hosts = [_batches(pipeline.train_dataset(
-        cfg, VIEWS, seed=4, start_step=start_step, process_index=p,
+        sources.open_source(cfg), VIEWS, seed=4, start_step=start_step, process_index=p,
         process_count=2), 3) for p in range(2)]
     for k in range(3):
       assert len(hosts[0][k]["label"]) == 16
@@ -195,7 +201,7 @@ def test_eval_covers_every_example_once(process_count):
   seen, batch_counts = [], []
   for p in range(process_count):
     ds, num_examples, num_batches = pipeline.eval_dataset(
-        cfg, VIEWS, process_index=p, process_count=process_count)
+        sources.open_source(cfg), VIEWS, process_index=p, process_count=process_count)
     batches = list(ds.as_numpy_iterator())
     assert num_examples == 445 and len(batches) == num_batches
     batch_counts.append(len(batches))
@@ -219,7 +225,7 @@ def _eval_pass(cfg, process_count):
   positions, labels, images, counts = [], [], [], []
   for p in range(process_count):
     ds, num_examples, num_batches = pipeline.eval_dataset(
-        cfg, VIEWS, process_index=p, process_count=process_count)
+        sources.open_source(cfg), VIEWS, process_index=p, process_count=process_count)
     batches = list(ds.as_numpy_iterator())
     assert len(batches) == num_batches
     counts.append(num_batches)
@@ -245,11 +251,11 @@ def test_max_examples_evaluates_the_first_n_once(process_count):
 
 def test_max_examples_beyond_the_split_or_bad():
   cfg = _digits(split="test", batch_size=60, max_examples=10_000)
-  assert pipeline.eval_dataset(cfg, VIEWS)[1] == 445
+  assert pipeline.eval_dataset(sources.open_source(cfg), VIEWS)[1] == 445
   for bad in (-1, 2.5, True, "10"):
     with pytest.raises(UserError, match=r"evals.x.max_examples=.* integer >= 0"):
-      pipeline.eval_dataset(_digits(split="test", max_examples=bad), VIEWS,
-                            where="evals.x")
+      pipeline.eval_dataset(sources.open_source(
+          _digits(split="test", max_examples=bad), "evals.x"), VIEWS)
 
 
 def test_host_range_partitions_contiguously():
@@ -265,10 +271,11 @@ def test_host_range_partitions_contiguously():
 def test_device_iterators_give_sharded_global_arrays():
   sharding = _mesh_sharding()
   cfg = _digits(batch_size=16)
-  it = pipeline.make_train_iterator(cfg, VIEWS, seed=9, start_step=2,
+  it = pipeline.make_train_iterator(sources.open_source(cfg), VIEWS, seed=9, start_step=2,
                                     sharding=sharding)
   batches = [next(it) for _ in range(4)]
-  host = _batches(pipeline.train_dataset(cfg, VIEWS, seed=9, start_step=2), 4)
+  host = _batches(pipeline.train_dataset(sources.open_source(cfg),
+                                         VIEWS, seed=9, start_step=2), 4)
   for batch, expected in zip(batches, host):
     assert set(batch) == {"images", "label"}
     assert isinstance(batch["label"], jax.Array)
@@ -279,8 +286,8 @@ def test_device_iterators_give_sharded_global_arrays():
     np.testing.assert_array_equal(np.asarray(batch["label"]), expected["label"])
     np.testing.assert_array_equal(np.asarray(batch["images"]["student"]),
                                   expected["images"]["student"])
-  evals = pipeline.make_eval_iterator(_digits(split="test", batch_size=100),
-                                      VIEWS, sharding=sharding)
+  evals = pipeline.make_eval_iterator(
+      sources.open_source(_digits(split="test", batch_size=100)), VIEWS, sharding=sharding)
   assert evals.num_examples == 445 and len(evals) == 5
   first, second = list(evals), list(evals)  # re-iterable: two full passes
   assert len(first) == len(second) == 5
@@ -342,7 +349,7 @@ def test_tfds_eval_covers_every_example_once(tfds_dir, process_count):
   lengths = set()
   for p in range(process_count):
     ds, num_examples, num_batches = pipeline.eval_dataset(
-        cfg, VIEWS, process_index=p, process_count=process_count)
+        sources.open_source(cfg), VIEWS, process_index=p, process_count=process_count)
     batches = list(ds.as_numpy_iterator())
     assert num_examples == NUM_TFDS - 5 and len(batches) == num_batches
     lengths.add(len(batches))
@@ -371,7 +378,8 @@ def test_tfds_streaming_train_shards_hosts_and_reshuffles_on_resume(tfds_dir):
   cfg = _tfds(tfds_dir)
   host_ids = []
   for p in range(2):
-    batches = _batches(pipeline.train_dataset(cfg, VIEWS, seed=0, process_index=p,
+    batches = _batches(pipeline.train_dataset(sources.open_source(cfg),
+                                              VIEWS, seed=0, process_index=p,
                                               process_count=2), 10)
     ids = np.concatenate([_ids(b["images"]["teacher"]) for b in batches])
     for b in batches:
@@ -380,20 +388,22 @@ def test_tfds_streaming_train_shards_hosts_and_reshuffles_on_resume(tfds_dir):
     host_ids.append(set(ids))
   assert not host_ids[0] & host_ids[1]
   assert host_ids[0] | host_ids[1] == set(range(NUM_TFDS))
-  first = _batches(pipeline.train_dataset(cfg, VIEWS, seed=0), 1)[0]
-  resumed = _batches(pipeline.train_dataset(cfg, VIEWS, seed=0, start_step=100), 1)[0]
+  first = _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=0), 1)[0]
+  resumed = _batches(pipeline.train_dataset(sources.open_source(cfg),
+                                            VIEWS, seed=0, start_step=100), 1)[0]
   assert not np.array_equal(_ids(first["images"]["student"]),
                             _ids(resumed["images"]["student"]))
 
 
 def test_tfds_cache_raw_resumes_exactly_and_views_are_consistent(tfds_dir):
   cfg = _tfds(tfds_dir, cache_raw=True, crop_area_min=0.5)
-  reference = _batches(pipeline.train_dataset(cfg, VIEWS, seed=1), 7)
-  resumed = _batches(pipeline.train_dataset(cfg, VIEWS, seed=1, start_step=6), 1)[0]
+  reference = _batches(pipeline.train_dataset(sources.open_source(cfg), VIEWS, seed=1), 7)
+  resumed = _batches(pipeline.train_dataset(sources.open_source(cfg),
+                                            VIEWS, seed=1, start_step=6), 1)[0]
   for name in VIEWS:
     np.testing.assert_array_equal(resumed["images"][name],
                                   reference[6]["images"][name])
-  data = sources.load_random_access(cfg)
+  data = sources.open_source(cfg)
   spec = pp.spec_from_config(cfg)
   batch = reference[6]
   for i in (0, 7):
@@ -418,20 +428,23 @@ def test_folder_pipeline_decodes_jpegs(tmp_path):
   root = _jpeg_folder(tmp_path / "imgs")
   cfg = ConfigDict(dict(source="folder", root=str(root), batch_size=4))
   for teaching in ("function_matching", "independent", "fixed"):
-    batch = _batches(pipeline.train_dataset(cfg, VIEWS, seed=0, crops=CROPS[teaching]),
+    batch = _batches(pipeline.train_dataset(sources.open_source(cfg),
+                                            VIEWS, seed=0, crops=CROPS[teaching]),
                      1)[0]
     assert batch["images"]["teacher"].shape == (4, 32, 32, 3)
     student = batch["images"]["student"]
     assert -1 <= student.min() < student.max() <= 1
-  ds, num_examples, _ = pipeline.eval_dataset(cfg, VIEWS)
+  ds, num_examples, _ = pipeline.eval_dataset(sources.open_source(cfg), VIEWS)
   labels = np.concatenate([b["label"][b["mask"]] for b in ds.as_numpy_iterator()])
   assert num_examples == 12
   np.testing.assert_array_equal(labels, [0] * 6 + [1] * 6)
   # Holding the files' bytes in memory changes nothing but the reads.
   cached = ConfigDict(dict(cfg, cache_raw=True))
-  assert sources.load_random_access(cached).kind == "encoded"
-  for a, b in zip(_batches(pipeline.train_dataset(cfg, VIEWS, seed=3), 2),
-                  _batches(pipeline.train_dataset(cached, VIEWS, seed=3), 2)):
+  assert sources.open_source(cached).holds == "encoded"
+  for a, b in zip(_batches(pipeline.train_dataset(sources.open_source(cfg),
+                                                  VIEWS, seed=3), 2),
+                  _batches(pipeline.train_dataset(sources.open_source(cached),
+                                                  VIEWS, seed=3), 2)):
     np.testing.assert_array_equal(a["images"]["student"], b["images"]["student"])
 
 
@@ -440,6 +453,7 @@ def test_decode_error_while_iterating_names_the_source(tmp_path):
   (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff" + os.urandom(500))
   cfg = ConfigDict(dict(source="folder", root=str(root), batch_size=5,
                         verify_images=False))
-  evals = pipeline.make_eval_iterator(cfg, VIEWS, sharding=_mesh_sharding())
+  evals = pipeline.make_eval_iterator(sources.open_source(cfg),
+                                      VIEWS, sharding=_mesh_sharding())
   with pytest.raises(UserError, match=f"reading folder {root} failed"):
     list(evals)

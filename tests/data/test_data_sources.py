@@ -65,17 +65,17 @@ def test_digits_images_are_upsampled_uint8_rgb():
 
 
 def test_digits_info_and_config_errors():
-  info = sources.source_info(ConfigDict({"source": "digits", "split": "test"}))
+  info = sources.open_source(ConfigDict({"source": "digits", "split": "test"}))
   assert (info.num_examples, info.num_classes, info.random_access) == (445, 10, True)
   with pytest.raises(UserError, match="input.source"):
-    sources.source_info(ConfigDict({"source": "imagenet"}))
+    sources.open_source(ConfigDict({"source": "imagenet"}))
   with pytest.raises(UserError, match="evals.x.split"):
-    sources.source_info(ConfigDict({"source": "digits", "split": "val"}),
+    sources.open_source(ConfigDict({"source": "digits", "split": "val"}),
                         where="evals.x")
   with pytest.raises(UserError, match="batch_size"):
-    sources.source_info(ConfigDict({"source": "digits", "batch_size": 0}))
+    sources.open_source(ConfigDict({"source": "digits", "batch_size": 0}))
   with pytest.raises(UserError, match="crop"):
-    sources.source_info(ConfigDict({"source": "digits", "crop": "centre"}))
+    sources.open_source(ConfigDict({"source": "digits", "crop": "centre"}))
 
 
 # ---------------------------------------------------------------------------
@@ -109,45 +109,45 @@ def test_folder_lists_classes_alphabetically(tmp_path):
       "cat": [("c.PNG", 40), ("d.png", 50), ("e.jpg", 60)]})
   (root / "ant" / "notes.txt").write_text("not an image")
   os.makedirs(root / ".hidden")
-  info = sources.source_info(_folder_cfg(root))
+  info = sources.open_source(_folder_cfg(root))
   assert info.class_names == ("ant", "cat", "zebra")
   assert (info.num_examples, info.num_classes) == (6, 3)
-  data = sources.load_random_access(_folder_cfg(root))
-  assert data.kind == "paths"
+  data = sources.open_source(_folder_cfg(root))
+  assert data.holds == "paths"
   names = [os.path.relpath(p, root) for p in data.values]
   assert names == ["ant/x.jpeg", "cat/c.PNG", "cat/d.png", "cat/e.jpg",
                    "zebra/a.JPG", "zebra/b.png"]
   np.testing.assert_array_equal(data.labels, [0, 1, 1, 1, 2, 2])
-  info = sources.source_info(_folder_cfg(root, classes=["zebra", "ant", "cat"]))
+  info = sources.open_source(_folder_cfg(root, classes=["zebra", "ant", "cat"]))
   assert info.class_names == ("zebra", "ant", "cat")
   with pytest.raises(UserError, match="classes"):
-    sources.source_info(_folder_cfg(root, classes=["ant", "cat"]))
+    sources.open_source(_folder_cfg(root, classes=["ant", "cat"]))
 
 
 def test_folder_errors_name_the_culprit(tmp_path):
   with pytest.raises(UserError, match="nowhere"):
-    sources.source_info(_folder_cfg(tmp_path / "nowhere"))
+    sources.open_source(_folder_cfg(tmp_path / "nowhere"))
   os.makedirs(tmp_path / "flat")
   _write_image(tmp_path / "flat" / "a.png", 1, "PNG")
   with pytest.raises(UserError, match="no class sub-folders"):
-    sources.source_info(_folder_cfg(tmp_path / "flat"))
+    sources.open_source(_folder_cfg(tmp_path / "flat"))
   root = _folder(tmp_path / "data", {"a": [("1.png", 1)]})
   os.makedirs(root / "empty")
   (root / "empty" / "readme.txt").write_text("x")
   with pytest.raises(UserError, match=f"{root / 'empty'} has no"):
-    sources.source_info(_folder_cfg(root))
+    sources.open_source(_folder_cfg(root))
 
 
 def test_folder_rejects_unreadable_images_by_path(tmp_path):
   root = _folder(tmp_path / "data", {"a": [("1.png", 1), ("2.jpg", 2)],
                                      "b": [("3.jpg", 3)]})
-  assert sources.source_info(_folder_cfg(root)).num_examples == 3
+  assert sources.open_source(_folder_cfg(root)).num_examples == 3
   garbage = root / "b" / "garbage.jpg"
   garbage.write_bytes(os.urandom(2000))
   with pytest.raises(UserError, match="garbage.jpg"):
-    sources.source_info(_folder_cfg(root))
+    sources.open_source(_folder_cfg(root))
   # Skipping the check is possible (the pipeline then fails when reading).
-  assert sources.source_info(
+  assert sources.open_source(
       _folder_cfg(root, verify_images=False)).num_examples == 4
   garbage.unlink()
 
@@ -159,12 +159,12 @@ def test_folder_rejects_unreadable_images_by_path(tmp_path):
   Image.fromarray(big).save(root / "a" / "cut.jpg", quality=90)
   truncate(root / "a" / "cut.jpg")
   with pytest.raises(UserError, match="cut.jpg"):
-    sources.source_info(_folder_cfg(root))
+    sources.open_source(_folder_cfg(root))
   (root / "a" / "cut.jpg").unlink()
   Image.fromarray(big).save(root / "a" / "cut.png")
   truncate(root / "a" / "cut.png")
   with pytest.raises(UserError, match="cut.png"):
-    sources.source_info(_folder_cfg(root))
+    sources.open_source(_folder_cfg(root))
 
 
 def test_folder_and_tfds_metadata_on_gcs(tmp_path, tfds_dir, gcs):
@@ -179,24 +179,24 @@ def test_folder_and_tfds_metadata_on_gcs(tmp_path, tfds_dir, gcs):
     for name in files:
       path = os.path.join(directory, name)
       fileio.upload_file(path, f"{remote}/{os.path.relpath(path, tmp_path)}")
-  info = sources.source_info(_folder_cfg(f"{remote}/data"))
+  info = sources.open_source(_folder_cfg(f"{remote}/data"))
   assert (info.class_names, info.num_examples) == (("a", "b"), 3)
-  cached = sources.load_random_access(_folder_cfg(f"{remote}/data", cache_raw=True))
-  expected = sources.load_random_access(_folder_cfg(local, cache_raw=True))
+  cached = sources.open_source(_folder_cfg(f"{remote}/data", cache_raw=True))
+  expected = sources.open_source(_folder_cfg(local, cache_raw=True))
   assert list(cached.values) == list(expected.values)
   np.testing.assert_array_equal(cached.labels, expected.labels)
   fileio.write_atomic(f"{remote}/data/b/bad.jpg", b"\xff\xd8\xff not a jpeg")
   with pytest.raises(UserError, match="bad.jpg"):
-    sources.source_info(_folder_cfg(f"{remote}/data"))
+    sources.open_source(_folder_cfg(f"{remote}/data"))
 
   for directory, _, files in os.walk(tfds_dir):
     for name in files:
       path = os.path.join(directory, name)
       fileio.upload_file(path, f"{remote}/tfds/{os.path.relpath(path, tfds_dir)}")
-  info = sources.source_info(_tfds_cfg(f"{remote}/tfds", split="train[:50%]"))
+  info = sources.open_source(_tfds_cfg(f"{remote}/tfds", split="train[:50%]"))
   assert (info.num_examples, info.num_classes) == (15, 3)
   with pytest.raises(UserError, match=f"not prepared in data_dir {remote}/nothing"):
-    sources.source_info(_tfds_cfg(f"{remote}/nothing"))
+    sources.open_source(_tfds_cfg(f"{remote}/nothing"))
 
 
 def test_check_image_file_accepts_what_tensorflow_decodes(tmp_path):
@@ -261,48 +261,47 @@ def _ids(encoded):
 
 
 def test_tfds_info_reads_splits_and_slices(tfds_dir):
-  info = sources.source_info(_tfds_cfg(tfds_dir))
+  info = sources.open_source(_tfds_cfg(tfds_dir))
   assert (info.num_examples, info.num_classes) == (NUM_TFDS_TRAIN, 3)
   assert info.class_names == ("red", "green", "blue")
   assert not info.random_access
-  assert sources.source_info(
+  assert sources.open_source(
       _tfds_cfg(tfds_dir, split="train[:50%]")).num_examples == 15
-  assert sources.source_info(
+  assert sources.open_source(
       _tfds_cfg(tfds_dir, split="test[2:]", cache_raw=True)).random_access
 
 
 @pytest.mark.parametrize("split", ["validation", "train[:abc]", "train[5:3%"])
 def test_tfds_bad_split_is_a_user_error(tfds_dir, split):
   with pytest.raises(UserError, match="split"):
-    sources.source_info(_tfds_cfg(tfds_dir, split=split))
+    sources.open_source(_tfds_cfg(tfds_dir, split=split))
 
 
 def test_tfds_not_prepared_names_the_data_dir(tmp_path, tfds_dir):
   empty = str(tmp_path / "empty_tfds")
   with pytest.raises(UserError, match=f"not prepared in data_dir {empty}.*tfds build"):
-    sources.source_info(_tfds_cfg(empty))
+    sources.open_source(_tfds_cfg(empty))
   with pytest.raises(UserError, match="not found"):
-    sources.source_info(_tfds_cfg(tfds_dir, name="no_such_dataset_anywhere"))
+    sources.open_source(_tfds_cfg(tfds_dir, name="no_such_dataset_anywhere"))
   with pytest.raises(UserError, match="image_key"):
-    sources.source_info(_tfds_cfg(tfds_dir, image_key="picture"))
+    sources.open_source(_tfds_cfg(tfds_dir, image_key="picture"))
 
 
 def test_tfds_cache_raw_holds_the_whole_split(tfds_dir):
-  data = sources.load_random_access(_tfds_cfg(tfds_dir, split="train[10:]",
+  data = sources.open_source(_tfds_cfg(tfds_dir, split="train[10:]",
                                               cache_raw=True))
-  assert data.kind == "encoded" and data.num_examples == NUM_TFDS_TRAIN - 10
+  assert data.holds == "encoded" and data.num_examples == NUM_TFDS_TRAIN - 10
   ids = _ids(data.values)
   assert len(set(ids)) == len(ids) and set(ids) <= set(range(NUM_TFDS_TRAIN))
   np.testing.assert_array_equal(data.labels, np.array(ids) % 3)
 
 
 def test_tfds_hosts_read_disjoint_parts_covering_the_split(tfds_dir):
-  cfg = _tfds_cfg(tfds_dir)
-  assert sum(sources.tfds_host_sizes(cfg, 3)) == NUM_TFDS_TRAIN
+  source = sources.open_source(_tfds_cfg(tfds_dir))
+  assert sum(source.host_sizes(3)) == NUM_TFDS_TRAIN
   seen = []
   for p in range(3):
-    ds, count = sources.tfds_dataset(cfg, process_index=p, process_count=3,
-                                     shuffle_seed=None)
+    ds, count = source.stream(process_index=p, process_count=3, shuffle_seed=None)
     pairs = list(ds.as_numpy_iterator())
     assert len(pairs) == count
     seen += _ids([e for e, _ in pairs])
