@@ -97,7 +97,7 @@ def parse(argv: Sequence[str], prog: str, extra_flags: dict[str, dict[str, Any]]
   if args.list_configs:
     print(config_util.recipe_table(), flush=True)
     raise SystemExit(0)
-  usage = parser.format_usage().strip().removeprefix("usage: ")
+  usage = " ".join(parser.format_usage().split()[1:])  # one line
   if not args.config:
     fail(f"--config is required (usage: {usage})")
   if needs_workdir and not args.workdir:
@@ -130,8 +130,8 @@ def start_processes(extras: dict[str, Any]) -> int:
 
 
 def _commands():
-  """The command bodies (the trainer, JAX; TensorFlow once the config is valid) behind
-  only once the flags and the config are known to be right."""
+  """The command bodies (the trainer and JAX; TensorFlow once the config is valid),
+  imported only once the flags and the config are known to be right."""
   from funmatch.train import commands  # pylint: disable=import-outside-toplevel
   return commands
 
