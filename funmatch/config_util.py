@@ -211,3 +211,94 @@ def load_recipe(beside: str, name: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+# ---------------------------------------------------------------------------
+# Finding and loading a recipe: `--config FILE.py[:args]` or `--config NAME[:args]`.
+
+RECIPE_PACKAGE = "funmatch.configs"
+
+
+def recipe_dir() -> str | None:
+  """The folder of the shipped recipes: the installed `funmatch.configs`, or in a
+  source checkout whose install does not map that package (`pip install -e` of
+  setup.py), the `configs/` folder beside `funmatch/`."""
+  try:
+    spec = importlib.util.find_spec(RECIPE_PACKAGE)
+  except ImportError:
+    spec = None
+  if spec is not None and spec.submodule_search_locations:
+    return list(spec.submodule_search_locations)[0]
+  checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "configs")
+  return checkout if os.path.isfile(os.path.join(checkout, "digits.py")) else None
+
+
+def recipes() -> dict[str, str]:
+  """Every shipped recipe's name and the first line of its docstring (read, not run)."""
+  folder = recipe_dir()
+  found = {}
+  for file_name in sorted(os.listdir(folder)) if folder else ():
+    if file_name.endswith(".py") and not file_name.startswith("_"):
+      with open(os.path.join(folder, file_name), encoding="utf-8") as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
+      found[file_name[:-3]] = (doc.strip().splitlines() or [""])[0]
+  return found
+
+
+def recipe_table() -> str:
+  """`--list-configs`: one line per shipped recipe."""
+  names = recipes()
+  width = max(map(len, names), default=0)
+  return "\n".join(f"{name:<{width}}  {line}" for name, line in names.items())
+
+
+def recipe_path(path_or_name: str) -> str:
+  """The recipe file of `--config`: a file path, else a shipped recipe's name
+  (`digits` or `digits.py`)."""
+  if os.path.isfile(path_or_name):
+    return path_or_name
+  name = path_or_name.removesuffix(".py")
+  folder = recipe_dir()
+  if os.sep not in path_or_name and folder and name in recipes():
+    return os.path.join(folder, f"{name}.py")
+  if os.sep in path_or_name:
+    raise UserError(f"config file not found: {path_or_name}")
+  raise UserError(f"config file not found: {path_or_name}, and no shipped recipe has that "
+                  f"name; known recipes: {', '.join(recipes()) or 'none'} "
+                  "(--list-configs describes them; a file path works too)")
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """The locked config of `--config FILE.py[:args]` or `NAME[:args]`.
+
+  Recipes are big_vision-style: `get_config(args)` gets the text after the colon,
+  `get_config()` nothing when there is no colon. Locked, so a mistyped override is
+  an error instead of a new key.
+  """
+  path_or_name, colon, arg = spec.partition(":")
+  path = recipe_path(path_or_name)
+  try:
+    module = _load_module(path)
+    config = module.get_config(arg) if colon else module.get_config()
+  except UserError:
+    raise
+  except OSError as e:
+    raise UserError(f"cannot load --config {path}: {e}") from None
+  except Exception as e:  # pylint: disable=broad-except
+    text = (str(e).strip().splitlines() or [""])[0]
+    raise UserError(f"cannot load --config {path} ({type(e).__name__}: {text}); "
+                    "check the file and its :arguments") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UserError(f"--config {path}: get_config() returned {type(config).__name__}, "
+                    "not a ConfigDict")
+  config.lock()
+  return config
+
+
+def _load_module(path: str) -> types.ModuleType:
+  name = "funmatch_recipe_" + os.path.basename(path).removesuffix(".py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -1,6 +1,5 @@
 """Every recipe in configs/ loads, uses only known keys, and holds the paper's values."""
 import glob
-import importlib
 import os
 
 import pytest
@@ -14,7 +13,8 @@ RECIPES = sorted(os.path.basename(p)[:-3] for p in glob.glob(repo_path("configs"
 
 
 def load(name, arg=None):
-  return importlib.import_module(f"funmatch.configs.{name}").get_config(arg)
+  """The recipe by its shipped name, as `--config NAME[:arg]` finds it."""
+  return config_util.load_config(name + (f":{arg}" if arg else ""))
 
 
 @pytest.mark.parametrize("name", RECIPES)

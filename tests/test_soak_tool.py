@@ -1,6 +1,7 @@
 """tools/soak.py: its analysis on synthetic samples, and one short real run."""
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -137,3 +138,17 @@ def test_a_short_real_run(teacher_workdir, tmp_path):
   if "eval_seconds" in report["results"]:  # an eval after the warm-up (load-dependent)
     assert report["results"]["eval_seconds"]["test"]["last_s"] > 0
   assert os.path.exists(report["log"])
+  # No library noise: the run's console (stdout and stderr) opens with funmatch's lines.
+  with open(report["log"]) as f:
+    log = f.read()
+  assert re.match(r"\d\d:\d\d:\d\d \w", log), log[:300]  # funmatch's "HH:MM:SS ..." lines
+  assert "absl::InitializeLog" not in log and "oneDNN" not in log
+
+
+def test_how_a_run_ended_comes_from_its_exit_status_and_checkpoints(tmp_path, monkeypatch):
+  monkeypatch.setattr(soak.checkpoint, "saved_steps", lambda workdir: [10, 20, 27])
+  assert soak.ended_with_a_saved_checkpoint(0, str(tmp_path), last_logged_step=26)
+  assert not soak.ended_with_a_saved_checkpoint(-9, str(tmp_path), last_logged_step=26)
+  assert not soak.ended_with_a_saved_checkpoint(0, str(tmp_path), last_logged_step=30)
+  monkeypatch.setattr(soak.checkpoint, "saved_steps", lambda workdir: [])
+  assert not soak.ended_with_a_saved_checkpoint(0, str(tmp_path), last_logged_step=0)

@@ -216,3 +216,123 @@ def test_startup_clock_counts_imports_once_per_process(monkeypatch):
   assert later.phases["imports"] < 100.0
   line = first.report()
   assert line.startswith("start-up ") and "imports 1" in line and ", config " in line
+
+
+# ---------------------------------------------------------------------------
+# Parsing: flags with types, overrides by the field's type, recipes by name.
+
+
+def _parse(*args, extra=None):
+  return cli.parse(["prog", "--config", repo_path("configs", "digits.py") + ":teacher=/t",
+                    *args], "prog", extra or {}, needs_workdir=False)
+
+
+def _error(capsys, *args, extra=None):
+  with pytest.raises(SystemExit) as exit_info:
+    _parse(*args, extra=extra)
+  err = capsys.readouterr().err
+  lines = [l for l in err.splitlines() if l.startswith("funmatch: error:")]
+  assert exit_info.value.code == 2 and len(lines) == 1, err
+  return lines[0]
+
+
+def test_overrides_take_the_type_of_the_field_they_replace():
+  config, _, _ = _parse(
+      "--config.lr=1", "--config.seed=0x10", "--config.input.flip", "--config.mixup.per_example=t",
+      "--config.student.depth=(1,1,2,2)", "--config.teacher.width=0.5",
+      "--config.input.random_access=False", "--config.teachers=('teacher',)",
+      "--config.mesh=(('data',-1),('fsdp',2))", "--config.student.init", "/a/b.npz",
+      "--config.objective_args.temperature", "2")
+  assert config.lr == 1.0 and isinstance(config.lr, float)
+  assert config.seed == 16 and config.input.flip is True and config.mixup.per_example is True
+  assert config.student.depth == (1, 1, 2, 2) and config.teacher.width == 0.5  # untyped
+  assert config.input.random_access is False  # a typed None placeholder
+  assert config.teachers == ("teacher",) and config.mesh == (("data", -1), ("fsdp", 2))
+  assert config.student.init == "/a/b.npz" and config.objective_args.temperature == 2.0
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config.student.detph=3"], "unknown config key 'detph' in --config.student.detph "
+                                   "(did you mean 'depth'"),
+    (["--config.temperature=2.0"], "(it moved to config.objective_args.temperature)"),
+    (["--config.input.nope.x=1"], "unknown config key 'nope' in --config.input.nope.x"),
+    (["--config.lr.x=1"], "config.lr is a float, not a group of keys"),
+    (["--config.lr=fast"], "--config.lr=fast: config.lr takes a number"),
+    (["--config.seed=1.5"], "--config.seed=1.5: config.seed takes an integer"),
+    (["--config.input.flip=yes"], "config.input.flip takes true or false"),
+    (["--config.seed"], "--config.seed needs a value"),
+    (["--config.mesh=a b"], "config.mesh is a tuple"),
+    (["--bogus=1"], "unrecognized arguments: --bogus=1"),
+])
+def test_override_mistakes_name_the_key_in_one_line(capsys, args, expected):
+  assert expected in _error(capsys, *args)
+
+
+def test_extra_flags_have_real_types(capsys):
+  extra = {"step": cli.STEP_FLAG, "student_only": cli.bool_flag("alone")}
+  _, _, extras = _parse(extra=extra)
+  assert extras["step"] is None and extras["student_only"] is False
+  assert extras["num_processes"] is None
+  _, _, extras = _parse("--step", "20", "--student_only", "--num_processes=2", extra=extra)
+  assert extras["step"] == 20 and extras["student_only"] is True and extras["num_processes"] == 2
+  _, _, extras = _parse("--student_only=false", extra=extra)
+  assert extras["student_only"] is False
+  assert "--step='abc' must be an integer" in _error(capsys, "--step=abc", extra=extra)
+  assert "--num_processes='two' must be an integer" in _error(capsys, "--num_processes=two")
+
+
+def test_recipes_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
+  """`--config NAME[:args]` finds the shipped recipe wherever the command runs."""
+  monkeypatch.chdir(tmp_path)
+  for spec in ("digits:teacher=/t", "digits.py:teacher=/t"):
+    config, _, _ = cli.parse(["prog", "--config", spec], "prog", {}, needs_workdir=False)
+    assert config.teacher.init == "/t" and config.input.source == "digits"
+  config, _, _ = cli.parse(["prog", "--config", "flowers_pet:data=pet"], "prog", {},
+                           needs_workdir=False)
+  assert config.input.name == "oxford_iiit_pet"
+  with pytest.raises(SystemExit):
+    cli.parse(["prog", "--config", "digitz"], "prog", {}, needs_workdir=False)
+  line = capsys.readouterr().err.strip()
+  assert line.startswith("funmatch: error: config file not found: digitz")
+  assert "digits, digits_consistent" in line and "a file path works too" in line
+  with pytest.raises(SystemExit):
+    cli.parse(["prog", "--config", "sub/digits.py"], "prog", {}, needs_workdir=False)
+  assert "config file not found: sub/digits.py" in capsys.readouterr().err  # a path: no lookup
+
+
+def test_list_configs_names_every_recipe_with_its_first_docstring_line(capsys):
+  code, out, _ = run_cli(cli.eval_main, ["--list-configs"], capsys)
+  assert code == 0
+  lines = dict(line.split(None, 1) for line in out.strip().splitlines())
+  assert set(lines) == {os.path.basename(p)[:-3] for p in os.listdir(repo_path("configs"))
+                        if p.endswith(".py") and not p.startswith("_")}
+  assert lines["digits"].startswith("Function matching on digits")
+
+
+def test_help_and_flag_mistakes_import_neither_jax_nor_tensorflow():
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  code = ("import sys\nfrom funmatch.train import cli\n"
+          "for argv in (['--help'], ['--list-configs'], ['--step=x']):\n"
+          "  try:\n    cli.eval_main(['funmatch-eval', *argv])\n"
+          "  except SystemExit:\n    pass\n"
+          "print('heavy:', sorted(m for m in ('jax', 'tensorflow') if m in sys.modules))")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+  assert "usage: funmatch-eval" in result.stdout and "--config.a.b=VALUE" in result.stdout
+  assert "heavy: []" in result.stdout, result.stdout
+  assert "--step='x' must be an integer" in result.stderr
+
+
+def test_native_start_up_lines_are_dropped_and_warnings_kept(capfd):
+  from funmatch import console  # pylint: disable=import-outside-toplevel
+  with console.native_lines_filtered():
+    os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are "
+                b"written to STDERR\n"
+                b"I0000 00:00:1796408443.145705    7406 port.cc:153] oneDNN custom "
+                b"operations are on.\n"
+                b"W0000 00:00:1796408443.145705    7406 gpu.cc:9] a warning that matters\n"
+                b"a Python-level line\n")
+  err = capfd.readouterr().err
+  assert "InitializeLog" not in err and "oneDNN" not in err
+  assert "a warning that matters" in err and "a Python-level line" in err

@@ -44,7 +44,7 @@ import statistics
 import sys
 import time
 
-from funmatch import console
+from funmatch import console, timing
 
 SECTIONS = ("teacher_forward", "student_step", "real_data", "host")  # --skip
 TARGETS = {"full_over_parts": "<= 1.05", "real_over_synthetic_throughput": ">= 0.95",
@@ -188,22 +188,6 @@ class _GivenOutputs:
     return variables["params"]
 
 
-def timed(call, steps: int, repeats: int, block):
-  """Median, min and all per-call seconds of `call` (already warmed up).
-
-  Each repeat makes `steps` calls back to back (asynchronous dispatch, as in
-  the trainer) and blocks once at the end.
-  """
-  per_call = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    outs = [call() for _ in range(steps)]
-    block(outs)  # all of them: independent calls need not finish in order
-    per_call.append((time.perf_counter() - start) / steps)
-  return {"median_ms": 1000 * statistics.median(per_call), "min_ms": 1000 * min(per_call),
-          "all_ms": [1000 * t for t in per_call], "steps": steps, "repeats": repeats}
-
-
 def compile_info(jitted, *example_args):
   """(compiled executable, FLOPs, bytes accessed, memory analysis) of `jitted`.
 
@@ -281,17 +265,6 @@ class Stepper:
     return metrics
 
 
-def _block(tree):
-  import jax  # pylint: disable=import-outside-toplevel
-  jax.block_until_ready(tree)
-
-
-def _first_call(call):
-  start = time.perf_counter()
-  _block(call())
-  return time.perf_counter() - start
-
-
 def teacher_forward_fn(teachers):
   """jit(teacher_params, images) -> {teacher: logits}, as the step computes them."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -305,9 +278,9 @@ def measure_teacher(run, batch, args, results):
   fn = teacher_forward_fn(run.teachers)
   compiled, flops, _, _ = compile_info(fn, run.teacher_params, batch["images"])
   call = lambda: compiled(run.teacher_params, batch["images"])
-  first = _first_call(call)
+  first = timing.first_call_seconds(call)
   results["timings"]["teacher_forward"] = {"compile_s": compile_info.seconds,
-                                 **timed(call, args.steps, args.repeats, _block),
+                                 **timing.repeated(call, args.steps, args.repeats),
                                            "first_call_s": first}
   results["flops"]["teacher_forward"] = flops
   return fn
@@ -325,9 +298,9 @@ def measure_student(run, batch, args, results):
   state = state_lib.init_state(run)
   compiled, flops, _, _ = compile_info(step_fn, state, batch, teacher_outs)
   stepper = Stepper(compiled, state, batch, teacher_outs)
-  first = _first_call(stepper)
+  first = timing.first_call_seconds(stepper)
   results["timings"]["student_step"] = {"compile_s": compile_info.seconds,
-                                 **timed(stepper, args.steps, args.repeats, _block),
+                                 **timing.repeated(stepper, args.steps, args.repeats),
                                         "first_call_s": first}
   results["flops"]["student_step"] = flops
 
@@ -340,9 +313,9 @@ def measure_full_step(run, batch, args, results):
   # Timed through the jitted function itself (its cache holds the executable just
   # compiled), exactly as the trainer calls it.
   stepper = Stepper(step_fn, state, batch, run.teacher_params)
-  first = _first_call(stepper)
+  first = timing.first_call_seconds(stepper)
   results["timings"]["full_step"] = {"compile_s": compile_info.seconds,
-                                 **timed(stepper, args.steps, args.repeats, _block),
+                                 **timing.repeated(stepper, args.steps, args.repeats),
                                      "first_call_s": first}
   results["flops"]["full_step"] = flops
   results["flops"]["full_step_bytes_accessed"] = bytes_accessed
@@ -358,11 +331,11 @@ def measure_real_data(run, config, step_fn, stepper, args, results):
       sharding=parallel.batch_sharding(run.mesh), crops=run.plan.crops)
   real = Stepper(step_fn, stepper.state, None, run.teacher_params, batches=batches)
   stepper.state = None  # donated onwards
-  first = _first_call(real)  # starts the pipeline (and compiles if the batch differs)
+  first = timing.first_call_seconds(real)  # starts the pipeline (and compiles if the batch differs)
   for _ in range(2):  # let the tf.data and device prefetch buffers fill
     real()
   results["timings"]["full_step_real_data"] = {
-      **timed(real, args.steps, args.repeats, _block), "first_call_s": first}
+      **timing.repeated(real, args.steps, args.repeats), "first_call_s": first}
   real.state = real.batches = None  # frees the state and stops the input pipeline
 
 
@@ -380,8 +353,8 @@ def measure_host(run, step_fn, args, results):
   batch = synthetic_batch(run, batch_size, views, seed=1)
   n = args.host_steps
   stepper = Stepper(step_fn, state_lib.init_state(run), batch, run.teacher_params)
-  _first_call(stepper)
-  _block(stepper())
+  timing.first_call_seconds(stepper)
+  timing.block_until_ready(stepper())
   raw_step = step_lib.make_train_step(run.student, run.teachers, run.objective,
                                       run.optimizer, run.schedule, run.num_classes,
                                       run.plan.mixup)
@@ -392,7 +365,7 @@ def measure_host(run, step_fn, args, results):
   looped = jax.jit(many_steps, donate_argnums=(0,))
   loop_state = state_lib.init_state(run)
   loop_state = looped(loop_state, batch, run.teacher_params)
-  _block(loop_state)
+  timing.block_until_ready(loop_state)
   dispatch, pipelined, device, faults, sys_s = [], [], [], [], []
   for _ in range(args.repeats):
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -401,7 +374,7 @@ def measure_host(run, step_fn, args, results):
     for _ in range(n):
       out = stepper()
     dispatched = time.perf_counter()
-    _block(out)
+    timing.block_until_ready(out)
     done = time.perf_counter()
     after = resource.getrusage(resource.RUSAGE_SELF)
     faults.append((after.ru_minflt - usage.ru_minflt) / n)
@@ -410,7 +383,7 @@ def measure_host(run, step_fn, args, results):
     pipelined.append((done - start) / n)
     start = time.perf_counter()
     loop_state = looped(loop_state, batch, run.teacher_params)
-    _block(loop_state)
+    timing.block_until_ready(loop_state)
     device.append((time.perf_counter() - start) / n)
   ms = lambda xs: 1000 * statistics.median(xs)
   results["timings"]["host"] = {
@@ -455,8 +428,8 @@ def measure_bf16_teacher(run, teacher_fn, batch, args, results):
     # The configured teachers' forward was compiled already: reuse it.
     fns[dtype] = teacher_fn if same and teacher_fn else teacher_forward_fn(teachers)
     call = lambda fn=fns[dtype]: fn(run.teacher_params, batch["images"])
-    first = _first_call(call)
-    out[dtype] = {**timed(call, args.steps, args.repeats, _block), "first_call_s": first}
+    first = timing.first_call_seconds(call)
+    out[dtype] = {**timing.repeated(call, args.steps, args.repeats), "first_call_s": first}
   out["speedup"] = out["float32"]["median_ms"] / out["bfloat16"]["median_ms"]
   eval_name, batches = _eval_batches(run, args.agreement_batches)
   if batches is None:

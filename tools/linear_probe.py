@@ -15,49 +15,21 @@ one line on stderr, exit code 2.
 import json
 import sys
 
-
 from funmatch.console import fail as _fail
+from funmatch.train import cli
 
 
 def parse(argv):
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
-  flag_values = flags.FlagValues()
-  config_flag = config_flags.DEFINE_config_file(
-      "config", None, "recipe file", flag_values=flag_values, lock_config=True)
-  flags.DEFINE_string("workdir", None, "a funmatch workdir to probe", flag_values=flag_values)
-  flags.DEFINE_bool("random_init", False, "probe the randomly initialised student",
-                    flag_values=flag_values)
-  flags.DEFINE_string("step", None, "checkpoint step (default: latest)",
-                      flag_values=flag_values)
-  flags.DEFINE_string("output", None, "append the result as a JSON line to this file",
-                      flag_values=flag_values)
-  usage = ("usage: linear_probe.py --config FILE.py[:args] (--workdir DIR | --random_init) "
-           "[--step N] [--output FILE] [--config.key=value ...]")
-  if any(a in ("-h", "--help") for a in argv[1:]):
-    print(usage + "\n\n" + __doc__)
-    raise SystemExit(0)
-  try:
-    flag_values(list(argv))
-    config = config_flag.value
-  except UserError as e:
-    _fail(str(e))
-  except flags.Error as e:
-    _fail(f"{str(e).strip().splitlines()[0]}\n{usage}")
-  except Exception as e:  # pylint: disable=broad-except  (a config that does not load)
-    _fail(f"cannot load --config ({type(e).__name__}: {str(e).strip().splitlines()[0]})")
-  if config is None:
-    _fail(f"--config is required\n{usage}")
-  if bool(flag_values.workdir) == bool(flag_values.random_init):
+  """(config, workdir, step, output): the trainer's --config/--config.a.b parsing."""
+  config, workdir, extras = cli.parse(
+      list(argv), "linear_probe.py",
+      {"random_init": dict(action="store_true", help="probe the randomly initialised student"),
+       "step": cli.STEP_FLAG,
+       "output": dict(help="append the result as a JSON line to this file")},
+      needs_workdir=False, description=__doc__.splitlines()[0])
+  if bool(workdir) == bool(extras["random_init"]):
     _fail("give exactly one of --workdir DIR (a trained student) and --random_init")
-  step = flag_values.step
-  if step is not None:
-    try:
-      step = int(step)
-    except ValueError:
-      _fail(f"--step must be an integer, got '{step}'")
-  return config, flag_values.workdir, step, flag_values.output
+  return config, workdir, extras["step"], extras["output"]
 
 
 def run(config, workdir, step) -> dict:
@@ -90,10 +62,8 @@ def run(config, workdir, step) -> dict:
 
 def main(argv=None) -> int:
   argv = sys.argv if argv is None else argv
-  from funmatch import console  # pylint: disable=import-outside-toplevel
   from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
-  console.setup()
-  config, workdir, step, output = parse(argv)
+  config, workdir, step, output = parse(argv)  # sets the console up (console.setup)
   try:
     if output:
       from funmatch import fileio  # pylint: disable=import-outside-toplevel

@@ -38,8 +38,9 @@ import json
 import os
 import statistics
 import sys
-import time
 import types
+
+from funmatch import timing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 INSTALL = ("pip install torch==2.13.0 && pip install timm --no-deps && "
@@ -187,11 +188,11 @@ class TorchStep:
 
 
 def load_benchmark_tool():
-  spec = importlib.util.spec_from_file_location("funmatch_benchmark_tool",
-                                                os.path.join(HERE, "benchmark.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  """tools/benchmark.py as a module: it builds the run exactly as the trainer does."""
+  if HERE not in sys.path:  # run as a script, tools/ is already there
+    sys.path.insert(0, HERE)
+  import benchmark  # pylint: disable=import-outside-toplevel  (after the torch check)
+  return benchmark
 
 
 class FunmatchStep:
@@ -216,18 +217,10 @@ class FunmatchStep:
                                  run.teacher_params)
     self.student_params = int(parameter_overview.count_parameters(run.models.student_params))
     self.teacher_params = int(parameter_overview.count_parameters(run.teacher_params))
-    self.block = bench._block  # pylint: disable=protected-access
+    self.block = timing.block_until_ready
 
   def __call__(self):
     return self.stepper()
-
-
-def _time(call, steps: int, block) -> float:
-  """Seconds per step of `steps` back-to-back calls, blocking once at the end."""
-  start = time.perf_counter()
-  outs = [call() for _ in range(steps)]
-  block(outs)
-  return (time.perf_counter() - start) / steps
 
 
 def compare(name, bench, torch, resnetv2, args):
@@ -235,14 +228,12 @@ def compare(name, bench, torch, resnetv2, args):
   recipe, sets = CONFIGS[name]
   ours = FunmatchStep(bench, recipe, sets, args.conv_impl)
   theirs = TorchStep(torch, resnetv2, ours.config, ours.run.num_classes)
-  start = time.perf_counter()
-  ours.block(ours())  # compile + first step
-  compile_s = time.perf_counter() - start
+  compile_s = timing.first_call_seconds(ours, ours.block)  # compile + first step
   theirs()  # first step (allocations)
   times = {"funmatch": [], "pytorch": []}
   for _ in range(args.repeats):  # alternate, so both see the same load
-    times["funmatch"].append(_time(ours, args.steps, ours.block))
-    times["pytorch"].append(_time(theirs, args.steps, lambda outs: None))
+    times["funmatch"].append(timing.time_calls(ours, args.steps, block=ours.block).seconds)
+    times["pytorch"].append(timing.time_calls(theirs, args.steps, block=None).seconds)
   batch = int(ours.config.input.batch_size)
   result = {"recipe": recipe, "sets": sets, "batch_size": batch, "views": ours.run.plan.views,
             "num_classes": ours.run.num_classes, "funmatch_compile_s": compile_s,
@@ -254,9 +245,8 @@ def compare(name, bench, torch, resnetv2, args):
                                    "teacher": theirs.params("teacher")}},
             "notes": ours.notes}
   for side, per_step in times.items():
-    median = statistics.median(per_step)
-    result[side] = {"median_ms": 1000 * median, "min_ms": 1000 * min(per_step),
-                    "all_ms": [1000 * t for t in per_step], "img_per_s": batch / median}
+    result[side] = {**timing.summary_ms(per_step),
+                    "img_per_s": batch / statistics.median(per_step)}
   result["funmatch_over_pytorch_img_per_s"] = (result["pytorch"]["median_ms"]
                                                / result["funmatch"]["median_ms"])
   # Best repeat against best repeat: on a busy machine the least disturbed estimate.

@@ -21,6 +21,8 @@ import os
 import sys
 import time
 
+from funmatch import timing
+
 
 
 def parse_args(argv):
@@ -104,7 +106,6 @@ def time_steps(teacher: str, optimizer: str, lr: float, compute_steps: int, peri
   Starts after Shampoo's first preconditioner (step > start_preconditioning_step)
   so every timed period holds exactly one recompute, as in a long run.
   """
-  import jax  # pylint: disable=import-outside-toplevel
   from funmatch import parallel  # pylint: disable=import-outside-toplevel
   from funmatch.data import pipeline  # pylint: disable=import-outside-toplevel
   from funmatch.train import build, state as state_lib, step as step_lib  # pylint: disable=import-outside-toplevel
@@ -116,18 +117,16 @@ def time_steps(teacher: str, optimizer: str, lr: float, compute_steps: int, peri
       sharding=parallel.batch_sharding(run.mesh), crops=run.plan.crops))
   train_step = step_lib.jit_train_step(run, state)
   warmup = 20 if optimizer == "adam" else int(config.optax.start_preconditioning_step) + 1
-  start = time.perf_counter()
-  for _ in range(warmup):
-    state, metrics = train_step(state, batch, run.teacher_params)
-  jax.block_until_ready(metrics)
-  compile_and_warmup = time.perf_counter() - start
+  carried = {"state": state}
+
+  def one_step():  # carries the (donated) state from step to step, as the trainer does
+    carried["state"], metrics = train_step(carried["state"], batch, run.teacher_params)
+    return metrics
+
   steps = periods * compute_steps
-  start = time.perf_counter()
-  for _ in range(steps):
-    state, metrics = train_step(state, batch, run.teacher_params)
-  jax.block_until_ready(metrics)
-  return dict(seconds_per_step=(time.perf_counter() - start) / steps, timed_steps=steps,
-              compile_and_warmup_seconds=round(compile_and_warmup, 1))
+  measured = timing.time_calls(one_step, steps, warmup=warmup)
+  return dict(seconds_per_step=measured.seconds, timed_steps=steps,
+              compile_and_warmup_seconds=round(measured.warmup_seconds, 1))
 
 
 def step_time_ratio(timing) -> float:

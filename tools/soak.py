@@ -48,7 +48,8 @@ import sys
 import tempfile
 import time
 
-from funmatch import console
+from funmatch import checkpoint, console, fileio
+from funmatch.train import metrics_io, workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = {"rss_growth_pct": 2.0, "handle_drift": 2, "step_time_drift_pct": 5.0}
@@ -127,36 +128,40 @@ def dir_bytes(path: str) -> int:
   return total
 
 
-def checkpoint_steps(ckpt_dir: str) -> list[int]:
-  """Steps of the finished checkpoints (numbered folders; temporaries are not)."""
+def read_timed_rows(workdir: str) -> list[dict]:
+  """The rows of the run's metrics (funmatch.train.metrics_io) that time something:
+  train rows with a step time, eval rows with `<eval>/seconds`."""
   try:
-    return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
-  except FileNotFoundError:
+    rows = metrics_io.read_metrics(workdir)
+  except FileNotFoundError:  # nothing logged yet
     return []
-
-
-def read_metrics(path: str) -> list[dict]:
-  """Rows of metrics.jsonl (train rows with a step time, eval rows with
-  `<eval>/seconds`); a torn last line is skipped."""
-  rows = []
-  try:
-    with open(path) as f:
-      for line in f:
-        try:
-          rows.append(json.loads(line))
-        except ValueError:
-          pass
-  except FileNotFoundError:
-    pass
   return [r for r in rows if "step" in r and (
       r.get("img_per_sec") or any(k.endswith("/seconds") for k in r))]
 
 
 def workdir_sample(workdir: str) -> dict:
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  return {"ckpt_bytes": dir_bytes(ckpt_dir), "ckpt_steps": checkpoint_steps(ckpt_dir),
+  metrics = fileio.join(workdir, metrics_io.METRICS_FILE)
+  return {"ckpt_bytes": dir_bytes(checkpoint.checkpoint_dir(workdir)),
+          "ckpt_steps": saved_steps(workdir),
           "metrics_bytes": os.path.getsize(metrics) if os.path.exists(metrics) else 0}
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """The finished checkpoints (funmatch.checkpoint), read while the run saves and
+  deletes them: a folder that goes away during the listing is read again."""
+  for _ in range(3):
+    try:
+      return checkpoint.saved_steps(workdir)
+    except FileNotFoundError:
+      continue
+  return checkpoint.saved_steps(workdir)
+
+
+def ended_with_a_saved_checkpoint(exit_code: int, workdir: str, last_logged_step: int) -> bool:
+  """Whether SIGTERM ended the run as it should: exit status 0 (a run of 10**8 steps
+  ends early only when stopped) and a checkpoint at or after its last logged step."""
+  steps = saved_steps(workdir)
+  return exit_code == 0 and bool(steps) and steps[-1] >= last_logged_step
 
 
 # ---------------------------------------------------------------------------
@@ -372,7 +377,7 @@ def soak(args) -> dict:
         measured = process_sample(process.pid)
         if measured is None or process.poll() is not None:
           break
-        rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+        rows = read_timed_rows(run_dir)
         samples.append({"t": time.perf_counter() - start, **measured,
                         **workdir_sample(run_dir),
                         "step": rows[-1]["step"] if rows else 0})
@@ -384,9 +389,9 @@ def soak(args) -> dict:
                 f"{samples[-1]['ckpt_steps']}", flush=True)
     finally:
       exit_code = _stop(process)
-  rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-  with open(log_path) as f:
-    graceful = "received: saved a checkpoint" in f.read()
+  rows = read_timed_rows(run_dir)
+  graceful = ended_with_a_saved_checkpoint(
+      exit_code, run_dir, max((r["step"] for r in rows if r.get("img_per_sec")), default=0))
   batch_size = _batch_size(run_dir)
   report = {
       "settings": {k: v for k, v in vars(args).items()}, "command": command,
@@ -394,7 +399,7 @@ def soak(args) -> dict:
       "saved_on_sigterm": graceful, "batch_size": batch_size,
       "load_before": load_before, "load_after": os.getloadavg(),
       "cpus": os.cpu_count(), "samples": samples,
-      "final_checkpoints": checkpoint_steps(os.path.join(run_dir, "checkpoints"))}
+      "final_checkpoints": saved_steps(run_dir)}
   if exit_code != 0 or first_step_s is None:
     raise SystemExit(f"funmatch: error: the distillation exited with {exit_code} "
                      "before the soak ended (or logged no step within "
@@ -421,8 +426,7 @@ def _stop(process: subprocess.Popen) -> int:
 
 
 def _batch_size(run_dir: str) -> int:
-  with open(os.path.join(run_dir, "config.json")) as f:
-    return int(json.load(f)["config"]["input"]["batch_size"])
+  return int(workdir_lib.read_config(run_dir)["config"]["input"]["batch_size"])
 
 
 def main(argv=None) -> int:

@@ -1,124 +1,126 @@
 """Console entry points: funmatch-distill, -train, -eval, -export, -predict, -fetch.
 
-The first four take `--config FILE.py[:key=value,...]`, `--workdir DIR` and any
-number of `--config.a.b=value` overrides (ml_collections config_flags; the config
-is locked, so a mistyped key is an error, not a new key). funmatch-predict and
-funmatch-fetch need no config: a workdir, export or name says everything. User
-mistakes end in one line on stderr and exit code 2.
+The first four take `--config FILE.py[:key=value,...]` (or a shipped recipe's
+NAME[:key=value,...]; `--list-configs` lists them), `--workdir DIR` and any number
+of `--config.a.b=value` overrides (the config is locked, so a mistyped key is an
+error, not a new key). funmatch-predict and funmatch-fetch need no config: a
+workdir, export or name says everything. User mistakes end in one line on stderr
+and exit code 2.
+
+This module stays light (no JAX, no TensorFlow) so that `--help` and flag
+mistakes answer at once; each command imports its heavy body when it runs.
 """
+import argparse
 import logging
-import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
-USAGE = ("usage: {prog} --config FILE.py[:key=value,...] --workdir DIR "
-         "[--config.key=value ...]{extra}")
-
-
-from funmatch.console import fail, guarded, setup
+from funmatch import config_util, distributed, fileio, overrides
+from funmatch.console import ArgumentParser, add_verbose_flag, fail, guarded, setup
+from funmatch.errors import UserError
+from funmatch.train import workdir as workdir_lib
 
 # Keys that moved: a command line that uses the old name gets the new one.
 MOVED_KEYS = {name: f"objective_args.{name}" for name in
               ("temperature", "distance", "ensemble", "label_smoothing")}
 
+OVERRIDES_HELP = (
+    "--config.a.b=VALUE (or --config.a.b VALUE) sets one key of the recipe's config; "
+    "the value is read as the key's type (true/false, numbers, tuples as Python "
+    "literals: --config.student.depth='(1,1,2,2)'). A recipe is a FILE.py or the NAME "
+    "of one shipped in funmatch.configs (--list-configs).")
 
-def parse(argv: Sequence[str], prog: str, extra_flags: dict[str, str],
-          needs_workdir: bool = True):
+
+def integer(flag: str):
+  """An argparse type: an int, or one line naming the flag."""
+  def parse_int(text: str) -> int:
+    try:
+      return int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{flag}={text!r} must be an integer") from None
+  return parse_int
+
+
+def boolean(text: str) -> bool:
+  """An argparse type for `--flag`, `--flag=true|false`."""
+  lowered = text.strip().lower()
+  if lowered not in ("true", "false", "1", "0", "yes", "no"):
+    raise argparse.ArgumentTypeError(f"takes no value or true/false, got {text!r}")
+  return lowered in ("true", "1", "yes")
+
+
+def bool_flag(help_text: str) -> dict[str, Any]:
+  """add_argument options of a boolean flag: `--name`, `--name=true|false`."""
+  return dict(nargs="?", const=True, default=False, type=boolean, help=help_text)
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+  """Every config-taking command can run multi-host (funmatch.distributed)."""
+  help_text = distributed.FLAGS
+  parser.add_argument("--coordinator_address", metavar="HOST:PORT",
+                      help=help_text["coordinator_address"])
+  for name, metavar in (("num_processes", "N"), ("process_id", "I")):
+    parser.add_argument(f"--{name}", type=integer(f"--{name}"), metavar=metavar,
+                        help=help_text[name])
+
+
+def config_parser(prog: str, description: str | None = None,
+                  extra_flags: dict[str, dict[str, Any]] | None = None) -> ArgumentParser:
+  """The flags of a config-taking command: --config, --workdir, --list-configs,
+  --verbose, the multi-host flags and `extra_flags` (name -> add_argument options)."""
+  parser = ArgumentParser(prog=prog, description=description, epilog=OVERRIDES_HELP,
+                          allow_abbrev=False)
+  parser.add_argument("--config", metavar="FILE.py|NAME[:key=value,...]",
+                      help="the recipe, with its arguments after the colon")
+  parser.add_argument("--workdir", metavar="DIR", help="run directory (local or gs://)")
+  parser.add_argument("--list-configs", action="store_true",
+                      help="list the recipes shipped with funmatch and exit")
+  add_verbose_flag(parser)
+  add_distributed_flags(parser)
+  for name, options in (extra_flags or {}).items():
+    parser.add_argument(f"--{name}", **options)
+  return parser
+
+
+def parse(argv: Sequence[str], prog: str, extra_flags: dict[str, dict[str, Any]],
+          needs_workdir: bool = True, description: str | None = None):
   """Parses argv into (config, workdir, extras); user errors exit 2 in one line.
 
   Tools use it too (needs_workdir=False), so every command takes the same
-  `--config FILE.py:args --config.a.b=value` overrides.
+  `--config FILE.py:args --config.a.b=value` overrides. extras holds the values of
+  `extra_flags` and of the multi-host flags, by name. Calls console.setup() once
+  the flags are read (--verbose) and before the recipe, which imports JAX, loads.
   """
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
-
-  flag_values = flags.FlagValues()
-  config_flag = config_flags.DEFINE_config_file(
-      "config", None, "recipe file", flag_values=flag_values, lock_config=True,
-      sys_argv=list(argv))
-  flags.DEFINE_string("workdir", None, "run directory", flag_values=flag_values)
-  extra_flags = {**extra_flags, **_distributed_flags()}  # every CLI can run multi-host
-  for name, help_text in extra_flags.items():
-    flags.DEFINE_string(name, None, help_text, flag_values=flag_values)
-  usage = USAGE.format(prog=prog, extra="".join(f" [--{n} ...]" for n in extra_flags))
-  if any(a in ("-h", "--help", "-help") for a in argv[1:]):
-    print(usage + "\n\n" + __doc__)
+  config_overrides, rest = overrides.split_argv(list(argv[1:]))
+  parser = config_parser(prog, description, extra_flags)
+  args = parser.parse_args(rest)
+  if args.list_configs:
+    print(config_util.recipe_table(), flush=True)
     raise SystemExit(0)
-  config_path = _config_path(argv)
-  if config_path and not os.path.isfile(config_path):
-    fail(f"config file not found: {config_path}")
+  usage = " ".join(parser.format_usage().split()[1:])  # one line
+  if not args.config:
+    fail(f"--config is required (usage: {usage})")
+  if needs_workdir and not args.workdir:
+    fail(f"--workdir is required (usage: {usage})")
+  setup(verbose=args.verbose)
   try:
-    flag_values(list(argv))
-    config = config_flag.value
-    if config is not None:
-      config.get("seed")  # a config that failed to load raises here
-  except UserError as e:
-    fail(str(e))
-  except flags.Error as e:
-    fail(f"{_first_line(e)} ({usage})")
-  except (AttributeError, KeyError) as e:
-    # ml_collections puts the key on the first line and a suggestion on the next.
-    while e.args and isinstance(e.args[0], BaseException):
-      e = e.args[0]
-    lines = str(e.args[0] if e.args else e).strip().splitlines() or [""]
-    key = lines[0].strip("'\"")
-    hint = f" ({lines[1].strip()})" if len(lines) > 1 else ""
-    if key in MOVED_KEYS:
-      hint = f" (it moved to config.{MOVED_KEYS[key]})"
-    bad = [a for a in argv if a.startswith("--config.") and key in a]
-    fail(f"unknown config key '{key}'" + (f" in {bad[0].split('=')[0]}" if bad else "") +
-         hint + "; check the spelling against the recipe file (the config is locked)")
-  except (OSError, IOError) as e:
-    fail(f"cannot load --config: {_first_line(e)}")
-  except Exception as e:  # pylint: disable=broad-except
-    fail(f"cannot load --config ({type(e).__name__}: {_first_line(e)}); "
-         "check the file and its :arguments")
-  if config is None:
-    fail(f"--config is required ({usage})")
-  if needs_workdir and not flag_values.workdir:
-    fail(f"--workdir is required ({usage})")
-  extras = {name: flag_values[name].value for name in extra_flags}
-  from funmatch import fileio  # pylint: disable=import-outside-toplevel
-  try:  # `gs:/b/run` would otherwise become a local folder named 'gs:'
-    for what, path in (("--workdir", flag_values.workdir), ("--output", extras.get("output"))):
-      if path:
+    for what, path in (("--workdir", args.workdir), ("--output", getattr(args, "output", None))):
+      if path:  # `gs:/b/run` would otherwise become a local folder named 'gs:'
         fileio.check_path(path, what)
+    config = config_util.load_config(args.config)
+    overrides.apply(config, config_overrides, MOVED_KEYS)
   except UserError as e:
     fail(str(e))
-  return config, flag_values.workdir, extras
+  names = [*(extra_flags or {}), *distributed.FLAGS]
+  return config, args.workdir, {name: getattr(args, name) for name in names}
 
 
-def _config_path(argv: Sequence[str]) -> str | None:
-  """The FILE.py of `--config FILE.py[:args]` or `--config=FILE.py[:args]`."""
-  for i, arg in enumerate(argv):
-    value = None
-    if arg == "--config" and i + 1 < len(argv):
-      value = argv[i + 1]
-    elif arg.startswith("--config="):
-      value = arg.split("=", 1)[1]
-    if value is not None:
-      return value.split(":", 1)[0]
-  return None
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0] if text else type(e).__name__
-
-
-def _distributed_flags() -> dict[str, str]:
-  from funmatch import distributed  # pylint: disable=import-outside-toplevel
-  return distributed.FLAGS
-
-
-def start_processes(extras: dict[str, str | None]) -> int:
+def start_processes(extras: dict[str, Any]) -> int:
   """Joins the other processes of a multi-host run before any device use.
 
   Returns this process's id; logs and console output come from process 0, the
   others report only warnings and errors.
   """
-  from funmatch import distributed  # pylint: disable=import-outside-toplevel
   process_id, _ = distributed.initialize(extras.get("coordinator_address"),
                                          extras.get("num_processes"),
                                          extras.get("process_id"))
@@ -127,44 +129,42 @@ def start_processes(extras: dict[str, str | None]) -> int:
   return process_id
 
 
-def _train_like(mode: str, prog: str, argv) -> int:
-  setup()
-  config, workdir, extras = parse(argv, prog, {})
+def _commands():
+  """The command bodies (the trainer and JAX; TensorFlow once the config is valid),
+  imported only once the flags and the config are known to be right."""
+  from funmatch.train import commands  # pylint: disable=import-outside-toplevel
+  return commands
+
+
+def _train_like(mode: str, prog: str, argv, description: str) -> int:
+  config, workdir, extras = parse(argv, prog, {}, description=description)
 
   def main():
     process_id = start_processes(extras)
-    from funmatch.train import build  # pylint: disable=import-outside-toplevel
-    build.validate(config, mode)  # config mistakes fail before TensorFlow is imported
-    from funmatch.train import evaluate, loop  # pylint: disable=import-outside-toplevel
-    results = loop.train_and_evaluate(config, workdir, mode)
-    if results and process_id == 0:
-      print(evaluate.format_table(results), flush=True)
+    _commands().train(config, workdir, mode, show=process_id == 0)
 
   return guarded(main)
 
 
 def distill_main(argv=None) -> int:
   """funmatch-distill: distil the configured teacher(s) into the student."""
-  return _train_like("distill", "funmatch-distill", argv or sys.argv)
+  return _train_like("distill", "funmatch-distill", argv or sys.argv, distill_main.__doc__)
 
 
 def train_main(argv=None) -> int:
   """funmatch-train: supervised training on labels (teachers, baselines)."""
-  return _train_like("train", "funmatch-train", argv or sys.argv)
+  return _train_like("train", "funmatch-train", argv or sys.argv, train_main.__doc__)
 
 
 def _check_reachable(workdir: str, output: str | None) -> None:
   """eval/export (e.g. from a workstation against a pod's bucket): the workdir and
   the output can be reached, before anything is read or written."""
-  from funmatch import fileio  # pylint: disable=import-outside-toplevel
   fileio.check_reachable(workdir, "--workdir")
   if output:
     fileio.check_reachable(output, "--output")
 
 
 def _mode_of(workdir: str) -> str:
-  from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
-  from funmatch.train import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   stored = workdir_lib.read_config(workdir)
   if stored is None:
     raise UserError(f"--workdir {workdir} holds no funmatch run (no "
@@ -172,24 +172,7 @@ def _mode_of(workdir: str) -> str:
   return stored["mode"]
 
 
-def _parse_step(text):
-  from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
-  if text is None:
-    return None
-  try:
-    return int(text)
-  except ValueError:
-    raise UserError(f"--step must be an integer, got '{text}'") from None
-
-
-def _parse_bool(name: str, text) -> bool:
-  from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
-  if text is None:
-    return False
-  lowered = str(text).strip().lower()
-  if lowered not in ("", "true", "false", "1", "0", "yes", "no"):
-    raise UserError(f"--{name} takes no value or true/false, got '{text}'")
-  return lowered in ("", "true", "1", "yes")
+STEP_FLAG = dict(type=integer("--step"), default=None, help="checkpoint step (default: latest)")
 
 
 def eval_main(argv=None) -> int:
@@ -198,42 +181,28 @@ def eval_main(argv=None) -> int:
   Needs the eval sets and the teachers' weights (none with --student_only), not
   the training data.
   """
-  setup()
-  argv = [("--student_only=true" if a == "--student_only" else a)
-          for a in (argv or sys.argv)]
-  config, workdir, extras = parse(argv, "funmatch-eval",
-                                  {"step": "checkpoint step (default: latest)",
-                                   "output": "JSON file (default WORKDIR/eval_STEP.json)",
-                                   "student_only": "evaluate the student alone (no teacher)"})
+  config, workdir, extras = parse(
+      argv or sys.argv, "funmatch-eval",
+      {"step": STEP_FLAG,
+       "output": dict(help="JSON file (default WORKDIR/eval_STEP.json)"),
+       "student_only": bool_flag("evaluate the student alone (no teacher)")},
+      description=eval_main.__doc__)
 
   def main():
     start_processes(extras)
-    import jax  # pylint: disable=import-outside-toplevel
-    from funmatch import fileio, parallel  # pylint: disable=import-outside-toplevel
-    from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
-    from funmatch.train import build, evaluate  # pylint: disable=import-outside-toplevel
-    step = _parse_step(extras["step"])
-    student_only = _parse_bool("student_only", extras["student_only"])
     _check_reachable(workdir, extras["output"])
     mode = _mode_of(workdir)
     if not config.evals:
       raise UserError("the config has no config.evals to evaluate on")
-    run, step = build.build_eval(config, mode, workdir, step, student_only=student_only)
-    params = jax.device_put(run.models.student_params, parallel.replicated(run.mesh))
-    results = {"step": step, **evaluate.Evaluator(run)(params)}
-    output = extras["output"] or fileio.join(workdir, f"eval_{step}.json")
-    if jax.process_index() == 0:
-      print(evaluate.format_table(results), flush=True)
-      evaluate.write_json(output, results)
-      print(f"wrote {output}", flush=True)
+    _commands().evaluate(config, workdir, mode, extras["step"], extras["output"],
+                         student_only=extras["student_only"])
 
   return guarded(main)
 
 
 def _export_format(output: str, requested) -> str:
   """--format, or the one --output's suffix names."""
-  from funmatch.weights import layouts  # pylint: disable=import-outside-toplevel
-  from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
+  from funmatch.weights import layouts  # pylint: disable=import-outside-toplevel  (JAX: export only)
   if requested:
     layouts.check_format(requested, output)
     return requested
@@ -246,16 +215,15 @@ def _export_format(output: str, requested) -> str:
 
 def export_main(argv=None) -> int:
   """funmatch-export: write the student's params (no teachers, no aux) with metadata."""
-  setup()
-  config, workdir, extras = parse(argv or sys.argv, "funmatch-export",
-                                  {"step": "checkpoint step (default: latest)",
-                                   "output": "the file to write (.npz or .safetensors)",
-                                   "format": "npz | safetensors | timm (default: the "
-                                             "--output suffix's)"})
+  config, workdir, extras = parse(
+      argv or sys.argv, "funmatch-export",
+      {"step": STEP_FLAG,
+       "output": dict(help="the file to write (.npz or .safetensors)"),
+       "format": dict(choices=("npz", "safetensors", "timm"),
+                      help="default: the --output suffix's")},
+      description=export_main.__doc__)
 
   def main():
-    from funmatch import fileio  # pylint: disable=import-outside-toplevel
-    from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
     from funmatch.train import build  # pylint: disable=import-outside-toplevel
     from funmatch.weights.stored import StoredModel  # pylint: disable=import-outside-toplevel
     output = extras["output"]
@@ -267,7 +235,7 @@ def export_main(argv=None) -> int:
     if fileio.exists(output):
       raise UserError(f"--output {output} already exists; choose another path or "
                       "remove it first (funmatch never overwrites an export)")
-    step = _parse_step(extras["step"])
+    step = extras["step"]
     build.validate(config, _mode_of(workdir))
     # Orbax reads collectively: every process restores, process 0 alone writes.
     stored = StoredModel.from_workdir(workdir, step)
@@ -281,8 +249,6 @@ def export_main(argv=None) -> int:
 
 def fetch_main(argv=None) -> int:
   """funmatch-fetch: download published weights into the cache (needs network)."""
-  setup(compile_cache=False)
-  from funmatch.console import ArgumentParser  # pylint: disable=import-outside-toplevel
   parser = ArgumentParser(
       prog="funmatch-fetch",
       description="Downloads published weights by name into $FUNMATCH_CACHE/weights "
@@ -293,7 +259,9 @@ def fetch_main(argv=None) -> int:
                       help="the public bucket's https mirror (default) or the timm hub")
   parser.add_argument("--sha256", default="", help="expected digest (one name only)")
   parser.add_argument("--force", action="store_true", help="download even if cached")
+  add_verbose_flag(parser)
   args = parser.parse_args((argv or sys.argv)[1:])
+  setup(compile_cache=False, verbose=args.verbose)
 
   def main():
     from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
@@ -315,8 +283,6 @@ def fetch_main(argv=None) -> int:
 
 def predict_main(argv=None) -> int:
   """funmatch-predict: classify image files with a student (workdir, export or name)."""
-  setup()
-  from funmatch.console import ArgumentParser  # pylint: disable=import-outside-toplevel
   parser = ArgumentParser(
       prog="funmatch-predict",
       description="Classifies .jpg/.png images with a trained student and prints the "
@@ -328,7 +294,9 @@ def predict_main(argv=None) -> int:
   parser.add_argument("--topk", type=int, default=5)
   parser.add_argument("--output", default="", help="JSON file to write")
   parser.add_argument("--step", type=int, default=None, help="workdir checkpoint step")
+  add_verbose_flag(parser)
   args = parser.parse_args((argv or sys.argv)[1:])
+  setup(verbose=args.verbose)
 
   def main():
     from funmatch import predict  # pylint: disable=import-outside-toplevel
