@@ -90,29 +90,6 @@ def parse_args(argv):
 # The run: the trainer's build stages, with stand-ins for what is missing.
 
 
-def _random_like(shapes, seed: int = 0):
-  """Random params of the given shapes: fan-in scaled kernels, GN scale 1, biases 0.
-
-  Nothing is zero-initialised (unlike a fresh head), so the logits, and so the
-  bf16 agreement, are not trivially constant.
-  """
-  import flax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  rng = np.random.default_rng(seed)
-  flat = flax.traverse_util.flatten_dict(shapes)
-  out = {}
-  for path, leaf in flat.items():
-    shape = tuple(leaf.shape)
-    if len(shape) >= 2:
-      fan_in = int(np.prod(shape[:-1]))
-      out[path] = rng.standard_normal(shape, np.float32) * np.float32(fan_in ** -0.5)
-    elif path[-1] == "scale":
-      out[path] = np.ones(shape, np.float32)
-    else:
-      out[path] = np.zeros(shape, np.float32)
-  return flax.traverse_util.unflatten_dict(out)
-
-
 def _available_data(config, args, notes):
   """(config with the eval sets that exist, DataInfo, whether the data exists).
 
@@ -133,43 +110,42 @@ def _available_data(config, args, notes):
                  f"{num_classes} classes, no eval sets")
     config.evals = ml_collections.ConfigDict()
     return config, synthetic, False
+  evals = {}
   for name in list(config.evals.keys()):
     try:
-      sources.open_source(config.evals[name], f"evals.{name}")
+      evals[name] = sources.open_source(config.evals[name], f"evals.{name}")
     except UserError as e:
       notes.append(f"eval set '{name}' not available ({e}); dropped")
       config.evals = ml_collections.ConfigDict(
           {k: v for k, v in config.evals.items() if k != name})
-  try:
-    return config, build.describe_data(config), True
+  try:  # each split is opened once: the run takes the sources opened here
+    train = sources.open_source(config.input, where="input")
+    data = build.data_info(config, train, evals)
+    build.check_eval_classes(evals, data.num_classes)
   except UserError as e:
     notes.append(f"training data not available ({e}); synthetic data only, "
                  f"{num_classes} classes")
     return config, synthetic, False
+  return config, data, True
 
 
 def make_run(config, args, notes):
-  """(run, config actually built, data_available) through the trainer's stages."""
+  """(run, config actually built, data_available): the trainer's one build, with
+  synthetic data where the data is missing and random teachers if asked."""
   from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
   from funmatch.train import build  # pylint: disable=import-outside-toplevel
-  spec = build.validate(config, "distill")
+  build.validate(config, "distill")  # config mistakes first, before any data is probed
   config, data, data_available = _available_data(config, args, notes)
-  if not args.random_teachers:  # random weights imply nothing about the options
-    config = build.resolve_options(config, spec)
-  built = build.build_models(config, spec, data.num_classes)
   if args.random_teachers:
     notes.append("teachers have random weights (--random_teachers)")
-    built.teacher_params = {name: _random_like(params)
-                            for name, params in built.teacher_params.items()}
-    built = build.freeze_teachers(config, spec, built)
   else:
-    for name in spec.teacher_names:
+    for name in config.teachers or ():
       if not config[name].init:
         raise UserError(f"config.{name}.init is empty: give the recipe its teacher (e.g. "
                         f"--config {args.config.split(':')[0]}:teacher=PATH) or pass "
                         "--random_teachers to time random weights")
-    built = build.load_weights(config, spec, built, load_student=False)
-  return build.assemble(config, "distill", spec, data, built), config, data_available
+  needs = build.Needs(teacher_weights="random" if args.random_teachers else "init")
+  return build.build(config, "distill", needs=needs, data=data), config, data_available
 
 
 # ---------------------------------------------------------------------------

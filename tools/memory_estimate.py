@@ -62,38 +62,15 @@ def load_config(path, optimizer):
   return module.get_config(f"optimizer={optimizer}")
 
 
-def models(config, teacher_dtype):
-  """(student module, teacher module) as build.py makes them (before freezing)."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from funmatch import config_util, models as registry  # pylint: disable=import-outside-toplevel
-  student = registry.get_model(config.student.model, 1000,
-                               **config_util.model_kwargs(config.student))
-  teacher = registry.get_model(config.teacher.model, 1000, dtype=jnp.dtype(teacher_dtype),
-                               **config_util.model_kwargs(config.teacher))
-  return student, teacher
-
-
-def frozen(config, teacher, params):
-  """The teacher as build.py runs it (weights.layouts.freeze), on abstract params."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from funmatch.weights import layouts  # pylint: disable=import-outside-toplevel
-  modules = []
-
-  def freeze(p):
-    module, p = layouts.freeze(config.teacher.model, teacher, p)
-    modules.append(module)
-    return p
-
-  params = jax.eval_shape(freeze, params)
-  return modules[0], params
-
-
-def abstract_params(module, res):
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  images = jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32)
-  return jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x, train=False),
-                        images)["params"]
+def abstract_run(config, teacher_dtype):
+  """The recipe's run as the trainer builds it (funmatch.train.build), as shapes only:
+  nothing is allocated and no data or weights are read."""
+  from funmatch.train import build  # pylint: disable=import-outside-toplevel
+  config = config.copy_and_resolve_references()
+  for name in config.teachers:
+    config[name].dtype = teacher_dtype
+  synthetic = build.DataInfo(1000, int(config.input.batch_size), 1.0, 1000)
+  return build.build(config, "distill", needs=build.Needs(abstract=True), data=synthetic)
 
 
 def count(tree):
@@ -115,11 +92,9 @@ def per_device_bytes(tree, fsdp_size, min_size):
   return total
 
 
-def optimizer_state(config, params):
+def optimizer_state(run):
   import jax  # pylint: disable=import-outside-toplevel
-  from funmatch.optim import make_optimizer  # pylint: disable=import-outside-toplevel
-  optimizer, _ = make_optimizer(config, total_steps=1000)
-  return optimizer, jax.eval_shape(optimizer.init, params)
+  return run.optimizer, jax.eval_shape(run.optimizer.init, run.models.student_params)
 
 
 def measure_activations(student, teacher, optimizer, student_params, opt_state,
@@ -164,12 +139,14 @@ def main(argv=None) -> int:
   path = recipe_path(args.recipe)
   adam_config = load_config(path, "adam")
   shampoo_config = load_config(path, "shampoo")
-  student, teacher = models(adam_config, args.teacher_dtype)
-  s_res, t_res = int(adam_config.student.res), int(adam_config.teacher.res)
-  student_params = abstract_params(student, s_res)
-  teacher, teacher_params = frozen(adam_config, teacher, abstract_params(teacher, t_res))
-  adam, adam_state = optimizer_state(adam_config, student_params)
-  _, shampoo_state = optimizer_state(shampoo_config, student_params)
+  adam_run = abstract_run(adam_config, args.teacher_dtype)
+  teacher_name = adam_config.teachers[0]
+  student, teacher = adam_run.student, adam_run.teachers[teacher_name]
+  s_res, t_res = int(adam_config.student.res), int(adam_config[teacher_name].res)
+  student_params = adam_run.models.student_params
+  teacher_params = adam_run.teacher_params[teacher_name]
+  adam, adam_state = optimizer_state(adam_run)
+  _, shampoo_state = optimizer_state(abstract_run(shampoo_config, args.teacher_dtype))
   n_student, n_teacher = count(student_params), count(teacher_params)
 
   print(f"recipe {os.path.relpath(path)}: teacher {adam_config.teacher.model} "

@@ -1,30 +1,34 @@
-"""Builds a run from its config in stages, validating before anything is written.
+"""Builds a run from its config, in one order of stages, validating before anything is written.
 
     validate (no I/O) -> check storage (gs:// reachable; lists, never writes)
-      -> resolve the models' options from their weights (file headers, a
-      workdir's config.json) -> open the data -> build the models (random
-      init) -> load the weights -> the optimizer
+      -> the stored student (eval, export: a workdir's checkpoint) -> the models'
+      'auto' options from their weights (file headers, a workdir's config.json)
+      -> open the data -> build the models (random init) -> load the weights
+      -> the teaching plan and the optimizer
 
-`build(config, mode, workdir=...)` runs them all; `build_eval` builds what
-evaluating a checkpoint needs (the eval sets only, no optimizer, optionally no
-teacher); tools that need only some stages (a benchmark with random teachers)
-call them themselves. The run's config is a copy with every weight-dependent
-model option decided: that copy is what the workdir records. Nothing here
-writes anywhere, so a user mistake found here leaves the workdir (and any
-bucket) untouched: a malformed URL is refused by validation, an unreachable
-gs:// location (no credentials, no bucket, no permission) by the storage check,
-before any weights are read.
+`build(config, mode, workdir=..., needs=Needs(...))` is the one way to build a run:
+the loop, funmatch-eval, the benchmark and the memory estimate say what they need
+(`Needs`: teachers or not, their weights or random ones, the student from a
+checkpoint, the data, abstract shapes only, an optimizer) and none spells out the
+stages. The run's config is a copy with every weight-dependent model option
+decided: that copy is what the workdir records. Nothing here writes anywhere, so
+a user mistake found here leaves the workdir (and any bucket) untouched: a
+malformed URL is refused by validation, an unreachable gs:// location (no
+credentials, no bucket, no permission) by the storage check, before any weights
+are read.
 """
 import copy
 import dataclasses
 import logging
 import math
-from typing import Any
+from typing import Any, Callable
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from funmatch import config_util, fileio, models, parallel, teaching
 from funmatch.distill import objectives
@@ -90,6 +94,7 @@ class Run:
   output_shapes: Any               # (student_out, {teacher: out}) as shapes
   optimizer: Any
   schedule: Any
+  checkpoint_step: int | None = None  # the restored student's step (Needs.checkpoint_of)
 
   # Short names for what every caller reads.
   num_classes = property(lambda self: self.data.num_classes)
@@ -97,6 +102,37 @@ class Run:
   student = property(lambda self: self.models.student)
   teachers = property(lambda self: self.models.teachers)
   teacher_params = property(lambda self: self.models.teacher_params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Needs:
+  """What a caller needs of a run; `build` runs the stages these imply, in its one order.
+
+  Attributes:
+    teachers: False builds the student alone (funmatch-eval --student_only).
+    teacher_weights: 'init' loads each teacher's init; 'random' keeps random weights
+      (tools that time the step; random weights imply nothing about 'auto' options).
+    checkpoint_of: a workdir whose checkpoint (`step`, default the latest) is the
+      student (eval, export); '' starts the student from its init.
+    step: that checkpoint's step.
+    data: 'train' opens the training split and the eval sets; 'eval' the eval sets
+      only (the training data may be gone); a tool with its own (synthetic) data
+      passes a DataInfo to `build` instead.
+    abstract: models as shapes only (jax.eval_shape): no params computed, no
+      weights read (the memory estimate).
+    optimizer: False builds no optimizer (an evaluation).
+  """
+  teachers: bool = True
+  teacher_weights: str = "init"
+  checkpoint_of: str = ""
+  step: int | None = None
+  data: str = "train"
+  abstract: bool = False
+  optimizer: bool = True
+
+
+TRAIN = Needs()
+EVAL = Needs(data="eval", optimizer=False)
 
 
 # ---------------------------------------------------------------------------
@@ -217,15 +253,19 @@ def total_steps_of(config, train_examples: int) -> tuple[int, float]:
 def _open_evals(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
   """Opens (and checks) every eval set: it must have the run's classes."""
   from funmatch.data import sources  # pylint: disable=import-outside-toplevel
-  opened = {}
-  for eval_name, eval_config in config.evals.items():
-    source = sources.open_source(eval_config, where=f"evals.{eval_name}")
+  opened = {eval_name: sources.open_source(eval_config, where=f"evals.{eval_name}")
+            for eval_name, eval_config in config.evals.items()}
+  check_eval_classes(opened, num_classes)
+  return opened
+
+
+def check_eval_classes(evals: dict[str, Any], num_classes: int) -> None:
+  """Every eval set must have the run's classes."""
+  for eval_name, source in evals.items():
     if source.num_classes != num_classes:
       raise UserError(f"config.evals.{eval_name} has {source.num_classes} classes but "
                       f"the run has {num_classes}; evaluate on a dataset with the same "
                       "classes")
-    opened[eval_name] = source
-  return opened
 
 
 def _class_names(opened, num_classes: int) -> tuple[str, ...] | None:
@@ -243,7 +283,13 @@ def describe_data(config: ml_collections.ConfigDict) -> DataInfo:
   from funmatch.data import sources  # pylint: disable=import-outside-toplevel
   train = sources.open_source(config.input, where="input")
   num_classes = int(config.num_classes or train.num_classes)
-  evals = _open_evals(config, num_classes)
+  return data_info(config, train, _open_evals(config, num_classes))
+
+
+def data_info(config: ml_collections.ConfigDict, train: Any,
+              evals: dict[str, Any]) -> DataInfo:
+  """The DataInfo of already opened sources (a tool that opens them itself)."""
+  num_classes = int(config.num_classes or train.num_classes)
   total_steps, steps_per_epoch = total_steps_of(config, train.num_examples)
   return DataInfo(num_classes, train.num_examples, steps_per_epoch, total_steps,
                   _class_names([train, *evals.values()], num_classes),
@@ -291,8 +337,9 @@ def resolve_options(config: ml_collections.ConfigDict, spec: Spec,
 
 
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int,
-                what: str, seed: int = 0) -> tuple[nn.Module, Any]:
-  """The flax module and its random init params (from PRNGKey(seed)) for a model."""
+                what: str, seed: int = 0, abstract: bool = False) -> tuple[nn.Module, Any]:
+  """The flax module and its random init params (from PRNGKey(seed)) for a model
+  (abstract: their shapes only)."""
   conv.check_impl(model_config.get("conv_impl"), f"config.{what}.conv_impl")
   kwargs = config_util.model_kwargs(model_config)
   kwargs["dtype"] = model_dtype(model_config, what)
@@ -301,22 +348,25 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int,
   if res <= 0:
     raise UserError(f"config.{what}.res must be > 0, got {res}")
   dummy = jnp.zeros((1, res, res, 3), jnp.float32)
+  init = lambda rng: module.init(rng, dummy, train=False)["params"]
   try:
-    params = jax.jit(lambda rng: module.init(rng, dummy, train=False)["params"])(
-        jax.random.PRNGKey(seed))
+    rng = jax.random.PRNGKey(seed)
+    params = jax.eval_shape(init, rng) if abstract else jax.jit(init)(rng)
   except (ValueError, TypeError) as e:
     raise UserError(f"config.{what} cannot be built: {str(e).splitlines()[0]}") from None
   return module, params
 
 
-def build_models(config: ml_collections.ConfigDict, spec: Spec, num_classes: int) -> Models:
+def build_models(config: ml_collections.ConfigDict, spec: Spec, num_classes: int,
+                 abstract: bool = False) -> Models:
   """Student and teachers with random params. The student's init key is PRNGKey(seed)
   itself: seed 0 keeps the init every run had before the key followed the seed."""
   student, student_params = build_model(config.student, num_classes, "student",
-                                        seed=int(config.seed))
+                                        seed=int(config.seed), abstract=abstract)
   teachers, teacher_params = {}, {}
   for name in spec.teacher_names:
-    teachers[name], teacher_params[name] = build_model(config[name], num_classes, name)
+    teachers[name], teacher_params[name] = build_model(config[name], num_classes, name,
+                                                       abstract=abstract)
   return Models(student, student_params, teachers, teacher_params)
 
 
@@ -347,12 +397,25 @@ def load_weights(config: ml_collections.ConfigDict, spec: Spec, built: Models,
                                               teacher_params))
 
 
-def freeze_teachers(config: ml_collections.ConfigDict, spec: Spec, built: Models) -> Models:
-  """The teachers in their frozen form (layouts.freeze), placed as config.sharding says."""
+def freeze_teachers(config: ml_collections.ConfigDict, spec: Spec, built: Models,
+                    abstract: bool = False) -> Models:
+  """The teachers in their frozen form (layouts.freeze), placed as config.sharding says
+  (abstract: their shapes, placed nowhere)."""
   teachers, teacher_params = {}, {}
   for name in spec.teacher_names:
-    teachers[name], params = layouts.freeze(config[name].model, built.teachers[name],
-                                            built.teacher_params[name])
+    model, module, params = config[name].model, built.teachers[name], built.teacher_params[name]
+    if abstract:  # the frozen params' shapes; the frozen module comes out of the trace
+      frozen_modules = []
+
+      def freeze(p, model=model, module=module, frozen_modules=frozen_modules):
+        frozen_module, p = layouts.freeze(model, module, p)
+        frozen_modules.append(frozen_module)
+        return p
+
+      teacher_params[name] = jax.eval_shape(freeze, params)
+      teachers[name] = frozen_modules[0]
+      continue
+    teachers[name], params = layouts.freeze(model, module, params)
     teacher_params[name] = jax.device_put(
         params, parallel.group_shardings(config, name, params, spec.mesh))
   return Models(built.student, built.student_params, teachers, teacher_params)
@@ -392,38 +455,79 @@ def assemble(config: ml_collections.ConfigDict, mode: str, spec: Spec, data: Dat
              optimizer=optimizer, schedule=schedule)
 
 
-def build(config: ml_collections.ConfigDict, mode: str,
-          workdir: str | None = None) -> Run:
-  """Validates the config and builds the run (writes nothing, checks `workdir`'s
-  storage with the config's)."""
-  spec = validate(config, mode)
-  check_storage(config, spec, workdir)
-  config = resolve_options(config, spec)
-  data = describe_data(config)
-  built = build_models(config, spec, data.num_classes)
-  built = load_weights(config, spec, built)
-  return assemble(config, mode, spec, data, built)
+def build(config: ml_collections.ConfigDict, mode: str, *, workdir: str | None = None,
+          needs: Needs = TRAIN, data: DataInfo | None = None,
+          check_config: Callable[[ml_collections.ConfigDict], None] | None = None,
+          on_stage: Callable[[str], None] | None = None) -> Run:
+  """Validates the config and builds the run `needs` asks for; writes nothing.
 
-
-def build_eval(config: ml_collections.ConfigDict, mode: str, workdir: str,
-               step: int | None = None, student_only: bool = False) -> tuple[Run, int]:
-  """(run, step): the run that evaluates the checkpoint `step` (default: latest) of
-  `workdir`, whose params are the run's student params.
-
-  Needs the eval sets and the teachers' weights (none with student_only), never
-  the training data: the class count comes from the workdir's config.json (or
-  the checkpoint's head) and the student's options from its config.
+  Args:
+    workdir: the run's workdir (its storage is checked with the config's).
+    needs: what to build (`Needs`; TRAIN and EVAL are the usual two).
+    data: the data of a tool that brings its own (synthetic data); else opened per
+      `needs.data`.
+    check_config: called with the resolved config before any data is read (the loop
+      compares it with the run the workdir holds).
+    on_stage: called with each finished stage's name (the start-up clock).
   """
+  mark = on_stage or (lambda name: None)
   spec = validate(config, mode)
-  if student_only:
+  if not needs.teachers:
     spec = dataclasses.replace(spec, teacher_names=())
   check_storage(config, spec, workdir)
-  stored = StoredModel.from_workdir(workdir, step)
-  data = describe_eval_data(config, stored.num_classes)
-  config = resolve_options(config, spec, student_from=workdir)
-  built = build_models(config, spec, data.num_classes)
-  built = load_weights(config, spec, built, load_student=False)
-  stored.check_params(built.student_params, "config.student",
-                      "evaluate with the config the workdir was trained with")
-  built.student_params = stored.params
-  return assemble(config, mode, spec, data, built, train=False), stored.step
+  stored = None
+  if needs.checkpoint_of:
+    stored = StoredModel.from_workdir(needs.checkpoint_of, needs.step)
+  if needs.teacher_weights == "init" and not needs.abstract:
+    config = resolve_options(config, spec, student_from=needs.checkpoint_of)
+  if check_config:
+    check_config(config)
+  mark("config")
+  if data is None:
+    data = (describe_data(config) if needs.data == "train" else
+            describe_eval_data(config, stored.num_classes if stored else
+                               int(config.num_classes)))
+  mark("data")
+  built = build_models(config, spec, data.num_classes, abstract=needs.abstract)
+  mark("models")
+  built = _weights(config, spec, built, needs, stored)
+  mark("weights")
+  run = assemble(config, mode, spec, data, built, train=needs.optimizer)
+  return dataclasses.replace(run, checkpoint_step=stored.step if stored else None)
+
+
+def random_params(shapes: Any, seed: int = 0) -> Any:
+  """Random params of the given shapes: fan-in scaled kernels, norm scales 1, biases 0.
+
+  Nothing is zero-initialised (unlike a fresh head), so a random teacher's logits, and
+  a tool's bf16 agreement with them, are not trivially constant.
+  """
+  rng = np.random.default_rng(seed)
+  out = {}
+  for path, leaf in flax.traverse_util.flatten_dict(shapes).items():
+    shape = tuple(leaf.shape)
+    if len(shape) >= 2:
+      fan_in = int(np.prod(shape[:-1]))
+      out[path] = rng.standard_normal(shape, np.float32) * np.float32(fan_in ** -0.5)
+    elif path[-1] == "scale":
+      out[path] = np.ones(shape, np.float32)
+    else:
+      out[path] = np.zeros(shape, np.float32)
+  return flax.traverse_util.unflatten_dict(out)
+
+
+def _weights(config: ml_collections.ConfigDict, spec: Spec, built: Models, needs: Needs,
+             stored: StoredModel | None) -> Models:
+  """Stage 4 as `needs` asks: each model's init, random teachers, or the stored student."""
+  if needs.abstract:
+    return freeze_teachers(config, spec, built, abstract=True)
+  if needs.teacher_weights == "random":
+    built.teacher_params = {name: random_params(params)
+                            for name, params in built.teacher_params.items()}
+    return freeze_teachers(config, spec, built)
+  built = load_weights(config, spec, built, load_student=stored is None)
+  if stored is not None:
+    stored.check_params(built.student_params, "config.student",
+                        "evaluate with the config the workdir was trained with")
+    built.student_params = stored.params
+  return built

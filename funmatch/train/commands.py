@@ -19,7 +19,10 @@ def train(config, workdir: str, mode: str, show: bool) -> None:
 def evaluate(config, workdir: str, mode: str, step: int | None, output: str | None,
              student_only: bool) -> None:
   """Evaluates a checkpoint of `workdir`; process 0 prints the table and writes the JSON."""
-  run, step = build.build_eval(config, mode, workdir, step, student_only=student_only)
+  run = build.build(config, mode, workdir=workdir, needs=build.Needs(
+      teachers=not student_only, checkpoint_of=workdir, step=step, data="eval",
+      optimizer=False))
+  step = run.checkpoint_step
   params = jax.device_put(run.models.student_params, parallel.replicated(run.mesh))
   results = {"step": step, **evaluate_lib.Evaluator(run)(params)}
   output = output or fileio.join(workdir, f"eval_{step}.json")

@@ -96,20 +96,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains (distills) until the configured number of steps; returns final evals."""
   clock = startup.Clock()
   clock.mark("imports")
-  spec = build_lib.validate(config, mode)
-  build_lib.check_storage(config, spec, workdir)
-  # Cheap reads first: decide the weight-dependent options (file headers, a teacher
-  # workdir's config.json), then compare with the run the workdir holds.
-  config = build_lib.resolve_options(config, spec)
-  workdir_lib.check_resumable(workdir, config, mode)
-  clock.mark("config")
-  data = build_lib.describe_data(config)
-  clock.mark("data")
-  built = build_lib.build_models(config, spec, data.num_classes)
-  clock.mark("models")
-  built = build_lib.load_weights(config, spec, built)
-  clock.mark("weights")
-  run = build_lib.assemble(config, mode, spec, data, built)
+  # Cheap reads first: the weight-dependent options (file headers, a teacher
+  # workdir's config.json) are decided and compared with the run the workdir holds
+  # before any data is read.
+  run = build_lib.build(
+      config, mode, workdir=workdir, on_stage=clock.mark,
+      check_config=lambda resolved: workdir_lib.check_resumable(workdir, resolved, mode))
   # The first batches are read before anything is written, so a data file that
   # fails to read (a garbled shard) leaves the workdir as it was.
   start_step = max(checkpoint.saved_steps(workdir), default=0)
