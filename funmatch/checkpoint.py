@@ -11,7 +11,17 @@ Workdirs on gs:// work the same: Orbax writes there natively (metadata through
 etils.epath, which funmatch.fileio points at gcsfs, arrays through tensorstore);
 a finished save is marked by its commit_success.txt instead of a rename, and
 moving a checkpoint aside is copy-then-delete (fileio.move).
+
+A save that the storage refuses (a full disk, a read-only remount, Cloud
+Storage failing past fileio's retry bound) ends as one fileio.StorageError line
+naming the step and the directory; `kept()` says which checkpoint survived. The
+half-written step stays where a resume skips it (Orbax's temporary directory,
+or on gs:// a step without commit_success.txt). Orbax's background threads log
+the same error once per thread with a traceback; the main thread reports it,
+so those log records are dropped (`_DropBackgroundErrors`).
 """
+import contextlib
+import gc
 import logging
 import time
 from typing import Any
@@ -43,11 +53,35 @@ def saved_steps(workdir: str) -> list[int]:
   return sorted(ocp.step.checkpoint_steps(directory))
 
 
+class _DropBackgroundErrors(logging.Filter):
+  """Drops the tracebacks Orbax's worker threads log for an error that its
+  main-thread call (save, wait) raises again: that one is reported once."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and "/orbax/" in record.pathname.replace("\\", "/"))
+
+
+def _use_retry_policy() -> None:
+  """Points tensorstore's gcs driver (Orbax's array writes) at fileio's retry
+  policy. Orbax builds each tensorstore context from these module defaults."""
+  # pylint: disable-next=import-outside-toplevel
+  from orbax.checkpoint._src.serialization import tensorstore_utils
+  resources = fileio.retry_policy().tensorstore_context()
+  for name in ("_BASE_TS_CONTEXT", "_DEFAULT_OCDBT_TS_CONTEXT"):
+    getattr(tensorstore_utils, name).update(resources)
+
+
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` for the train state."""
 
   def __init__(self, workdir: str, *, save_every: int, keep: int = 3,
                keep_every: int | None = None, asynchronous: bool = True):
+    _use_retry_policy()
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropBackgroundErrors) for f in absl_logger.filters):
+      absl_logger.addFilter(_DropBackgroundErrors())
+    self._in_flight: int | None = None  # the step an asynchronous save is writing
+    self._failed = False
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(int(save_every), 1),
         max_to_keep=max(int(keep), 1),
@@ -61,7 +95,13 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, force: bool = False) -> bool:
     """Starts saving `state` at `step` if the interval says so (or `force`)."""
-    return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    if self._in_flight is not None:
+      self.wait()  # as Orbax would, but a failure here names the step in flight
+    with self._failures(step):
+      started = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    if started:
+      self._in_flight = step
+    return started
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """Restores into the structure, dtypes and shardings of `abstract_state`."""
@@ -97,11 +137,51 @@ class Checkpointer:
     return 0, None
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._failures(None):
+      self._manager.wait_until_finished()
+    self._in_flight = None
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the last save and closes; quiet after a failure (reported once)."""
+    if self._failed:
+      return  # closed when the failure was reported
+    self.wait()
     self._manager.close()
+
+  def kept(self) -> str:
+    """What survives a failed save: 'the last complete checkpoint is step N'."""
+    failed = self._in_flight
+    try:
+      steps = [s for s in self._manager.all_steps() if failed is None or s < failed]
+    except Exception:  # pylint: disable=broad-except  (the storage is failing)
+      steps = []
+    if not steps:
+      return "no checkpoint is complete yet"
+    return f"the last complete checkpoint is step {max(steps)}"
+
+  @contextlib.contextmanager
+  def _failures(self, step: int | None):
+    """A failed save of `step` (None: the one in flight) as one StorageError line."""
+    error = None
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      failed = step if step is not None else self._in_flight
+      error = fileio.storage_error(
+          e, f"saving checkpoint {failed} to {self._manager.directory}")
+      if error is None:
+        raise
+      self._failed, self._in_flight = True, failed
+    if error is not None:
+      self._finalize_writes()
+      raise error.keeping(self.kept())
+
+  def _finalize_writes(self) -> None:
+    """Closes the manager and finalizes Orbax's unfinished write coroutines now;
+    at interpreter exit each would print 'sys.meta_path is None' tracebacks."""
+    with contextlib.suppress(Exception):
+      self._manager.close()
+    gc.collect()
 
 
 def _first_line(e: BaseException) -> str:
