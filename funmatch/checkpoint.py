@@ -22,7 +22,9 @@ so those log records are dropped (`_DropBackgroundErrors`).
 """
 import contextlib
 import gc
+import inspect
 import logging
+import threading
 import time
 from typing import Any
 
@@ -177,11 +179,45 @@ class Checkpointer:
       raise error.keeping(self.kept())
 
   def _finalize_writes(self) -> None:
-    """Closes the manager and finalizes Orbax's unfinished write coroutines now;
-    at interpreter exit each would print 'sys.meta_path is None' tracebacks."""
+    """Stops what Orbax left of the failed save, so the process exits at once
+    and quietly: worker threads still waiting for a step that will never come
+    (for up to its 300 s coordination timeout; the interpreter would wait for
+    them), and write coroutines that would be finalized at interpreter exit
+    (each printing 'sys.meta_path is None' or 'never awaited')."""
     with contextlib.suppress(Exception):
       self._manager.close()
-    gc.collect()
+    _stop_waiting_threads()
+    _close_orbax_coroutines()
+
+
+def _stop_waiting_threads(join_s: float = 10.0) -> None:
+  """Cancels Orbax's worker threads of a failed save and wakes those waiting
+  for the signal of a step that failed (they return once cancelled)."""
+  # pylint: disable-next=import-outside-toplevel
+  from orbax.checkpoint._src.futures import future as ocp_future
+  waiting = [t for t in threading.enumerate()
+             if isinstance(t, ocp_future._SignalingThread)  # pylint: disable=protected-access
+             and t.is_alive()]
+  for thread in waiting:
+    thread.cancel()
+    with contextlib.suppress(Exception):
+      ocp_future.set_signals(thread._receive_signals,  # pylint: disable=protected-access
+                             operation_id=thread._operation_id)  # pylint: disable=protected-access
+  for thread in waiting:
+    with contextlib.suppress(Exception):  # a cancelled one raises CancelledError
+      thread.join(join_s)
+
+
+def _close_orbax_coroutines() -> None:
+  """Closes Orbax's coroutines that a failed save left unstarted or suspended:
+  now their cleanup runs while the interpreter is whole, instead of at exit."""
+  gc.collect()
+  for obj in gc.get_objects():
+    if (inspect.iscoroutine(obj) and "/orbax/" in obj.cr_code.co_filename
+        and inspect.getcoroutinestate(obj) != inspect.CORO_CLOSED):
+      with contextlib.suppress(Exception):
+        obj.close()
+  gc.collect()
 
 
 def _first_line(e: BaseException) -> str:
