@@ -24,6 +24,7 @@ import uuid
 
 import pytest
 
+import bad_inputs
 import conftest
 from conftest import repo_path, run_cli
 from funmatch import checkpoint, fileio
@@ -50,11 +51,33 @@ def start(workdir, env=None):
                           env={**(env or os.environ), "PYTHONPATH": repo_path()})
 
 
-def the_error(code, output):
+# (fault, exit code, its line, resumed bit-identically) for the bad-input sweep's
+# table (`--bad-input-table FILE` appends them to FILE; docs/reliability.md).
+ROWS = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def table(request):
+  yield
+  path = request.config.getoption("--bad-input-table")
+  if path and ROWS:
+    with open(path, "a") as f:
+      f.write("\n" + bad_inputs.fault_table(ROWS))
+
+
+def _resumed(names):
+  """Marks the rows of `names` resumed (after their bit-identity check passed)."""
+  for i, row in enumerate(ROWS):
+    if row[0] in names:
+      ROWS[i] = (*row[:3], True)
+
+
+def the_error(code, output, fault):
   """The one `funmatch: error:` line of a storage fault (exit code 4, no traceback)."""
   errors = [line for line in output.splitlines() if line.startswith("funmatch: error:")]
   assert code == fileio.STORAGE_EXIT_CODE and len(errors) == 1, output[-3000:]
   assert "Traceback" not in output and "Exception ignored" not in output, output[-3000:]
+  ROWS.append((fault, code, errors[0], False))
   return errors[0]
 
 
@@ -101,7 +124,7 @@ def test_full_disk_then_read_only_checkpoints_resume_bit_identically(reference, 
     # noise of Orbax's threads and coroutines would show at interpreter exit).
     process = start(workdir)
     output, _ = process.communicate(timeout=600)
-    assert the_error(process.returncode, output) == (
+    assert the_error(process.returncode, output, "disk full while saving a checkpoint") == (
         f"funmatch: error: no space left on device while saving checkpoint 8 to "
         f"{directory}; the last complete checkpoint is step 4; free space and run the "
         "same command to resume")
@@ -111,7 +134,7 @@ def test_full_disk_then_read_only_checkpoints_resume_bit_identically(reference, 
     _mount("--bind", directory, directory)
     _mount("-o", "remount,bind,ro", directory)
     code, _, err = run_cli(cli.train_main, train_args(workdir), capsys)
-    error = the_error(code, err)
+    error = the_error(code, err, "checkpoints directory remounted read-only")
     assert "the file system is read-only while saving checkpoint 8 to" in error, error
     assert "the last complete checkpoint is step 4" in error
     assert checkpoint.saved_steps(workdir) == [4]
@@ -120,6 +143,7 @@ def test_full_disk_then_read_only_checkpoints_resume_bit_identically(reference, 
     code, _, err = run_cli(cli.train_main, train_args(workdir), capsys)
     assert code == 0, err
     conftest.assert_same_state(workdir, reference, STEPS)
+  _resumed({"disk full while saving a checkpoint", "checkpoints directory remounted read-only"})
 
 
 @pytest.fixture
@@ -168,7 +192,7 @@ def test_gcs_kill9_outage_and_503_burst_resume_bit_identically(reference, proxie
     code, _, err = run_cli(cli.train_main, train_args(workdir), capsys)
   assert any("that process ran on this host and is gone" in r.getMessage()
              for r in caplog.records), caplog.text
-  error = the_error(code, err)
+  error = the_error(code, err, "gs://: 503 for longer than the retry bound (3 s)")
   assert error == (
       "funmatch: error: too many retries (storage kept failing for 3 s) while saving "
       f"checkpoint 8 to {directory}; the last complete checkpoint is step 4; check the "
@@ -190,3 +214,44 @@ def test_gcs_kill9_outage_and_503_burst_resume_bit_identically(reference, proxie
   assert checkpoint.saved_steps(workdir) == [4, 8]
   conftest.assert_same_state(workdir, reference, STEPS)
   assert max(r["step"] for r in metrics_io.read_metrics(workdir)) == STEPS
+  _resumed({"gs://: 503 for longer than the retry bound (3 s)"})
+  ROWS.append(("gs://: kill -9, restarted at once on the same host", 0,
+               "(a warning: the lease's holder ran on this host and is gone)", True))
+  ROWS.append(("gs://: a burst of 503s within the retry bound", 0, "(none: it took longer)",
+               True))
+
+
+def test_the_retry_policy_is_bounded_and_configurable(monkeypatch):
+  monkeypatch.setenv(fileio.RETRY_ENV, "20")
+  policy = fileio.retry_policy()
+  assert policy.total_s == 20 and policy.max_retries() == 4  # 1 + 2 + 4 + 8 <= 20 s
+  steps = [min(policy.initial_s * 2 ** i, policy.max_delay_s) for i in range(8)]
+  for attempt, step in enumerate(steps):
+    assert step / 2 <= policy.delay(attempt) <= step  # jittered, never above the step
+  assert policy.tensorstore_context() == {"gcs_request_retries": {
+      "max_retries": 4, "initial_delay": "1.0s", "max_delay": "32.0s"}}
+  assert policy.gcs_retry()._timeout == 20  # pylint: disable=protected-access
+  monkeypatch.setenv(fileio.RETRY_ENV, "soon")
+  with pytest.raises(fileio.UserError, match="FUNMATCH_STORAGE_RETRY_S='soon' is not a"):
+    fileio.retry_policy()
+
+
+def test_storage_causes_are_said_in_plain_words():
+  def cause(e):
+    return fileio.storage_cause(e)[0]
+  assert cause(OSError(28, "No space left on device")) == "no space left on device"
+  assert cause(OSError(30, "Read-only file system")) == "the file system is read-only"
+  assert cause(PermissionError(13, "Permission denied")) == "permission denied"
+  # tensorstore's words, raised by Orbax as ValueError
+  assert cause(ValueError("RESOURCE_EXHAUSTED: ... Failed to write 13250560 bytes to "
+                          "file 17: No space left on device [os_error_code='28']")) == \
+      "no space left on device"
+  try:
+    try:
+      raise OSError("Forbidden: b/o\nno storage.objects.create access")
+    except OSError as inner:
+      raise RuntimeError("save failed") from inner
+  except RuntimeError as outer:
+    assert cause(outer) == "permission denied"  # found in the chain
+  assert fileio.storage_cause(ValueError("a bug")) is None
+  assert fileio.storage_error(fileio.UserError("a mistake"), "x") is None
