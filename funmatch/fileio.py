@@ -169,7 +169,9 @@ async def retrying(request: Callable[..., Any], *args: Any,
 
 
 # (errno, words that mean it in messages of tensorstore/gcsfs/google-cloud, cause,
-# what to do); the first that matches an error, or any error it was raised from, wins.
+# what to do); the first that matches an error, or any error it was raised from,
+# wins. The words are specific on purpose: an error that is not about storage (a
+# peer process gone, a bug) must stay what it is.
 _CAUSES = (
     (errno.ENOSPC, ("no space left on device", "os_error_code='28'"),
      "no space left on device", "free space"),
@@ -177,15 +179,19 @@ _CAUSES = (
      "disk quota exceeded", "free space or raise the quota"),
     (errno.EROFS, ("read-only file system", "os_error_code='30'"),
      "the file system is read-only", "make it writable again (e.g. remount it read-write)"),
-    (errno.EACCES, ("permission denied", "os_error_code='13'", "forbidden", "403 "),
+    (errno.EACCES, ("permission denied", "os_error_code='13'", "forbidden:",
+                    "http_response_code='403'"),
      "permission denied", "give this run write access there"),
-    (None, ("bucket does not exist", "no such bucket", "bucket not found"),
+    (None, ("the specified bucket does not exist", "bucket does not exist",
+            "no such bucket"),
      "bucket not found", "create the bucket or fix the path"),
-    (None, ("429", "too many requests", "ratelimit", "rate limit", "quota"),
+    (None, ("too many requests", "ratelimit", "rate limit", "http_response_code='429'",
+            "quota exceeded", "quotaexceeded"),
      "Cloud Storage quota exceeded (429 Too Many Requests)",
      "wait, lower the request rate or raise the quota"),
-    (None, (RETRIES_EXHAUSTED, "retry attempts failed", "deadline_exceeded",
-            "unavailable", "503", "timed out", "timeout of"),
+    # Ours (gcs_retry), tensorstore's ("All 3 retry attempts failed") and
+    # google-api-core's ("Timeout of 300.0s exceeded, last exception: ...").
+    (None, (RETRIES_EXHAUSTED, "retry attempts failed", "s exceeded, last exception"),
      "too many retries (storage kept failing)",
      f"check the network and the storage service, or allow longer ({RETRY_ENV}, "
      f"default {DEFAULT_RETRY_S:g} s)"),

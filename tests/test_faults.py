@@ -253,5 +253,11 @@ def test_storage_causes_are_said_in_plain_words():
       raise RuntimeError("save failed") from inner
   except RuntimeError as outer:
     assert cause(outer) == "permission denied"  # found in the chain
+  assert cause(ValueError("ABORTED: All 3 retry attempts failed: ... "
+                          "[http_response_code='503']")).startswith("too many retries")
+  assert cause(ValueError("ABORTED: All 3 retry attempts failed: ... "
+                          "[http_response_code='429']")).startswith("Cloud Storage quota")
   assert fileio.storage_cause(ValueError("a bug")) is None
+  # A peer process gone is not a storage failure, whatever its words.
+  assert fileio.storage_cause(RuntimeError("UNAVAILABLE: failed to connect (503)")) is None
   assert fileio.storage_error(fileio.UserError("a mistake"), "x") is None
