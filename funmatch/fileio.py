@@ -482,6 +482,13 @@ def atomic_open(path: Any, mode: str = "w") -> Iterator[IO[Any]]:
   if mode not in ("w", "wb"):
     raise ValueError(f"atomic_open mode must be 'w' or 'wb', not {mode!r}")
   path = os.fspath(path)
+  with storage_failures(f"writing {path}"):  # e.g. an eval JSON on a full disk
+    with _atomic_open(path, mode) as f:
+      yield f
+
+
+@contextlib.contextmanager
+def _atomic_open(path: str, mode: str) -> Iterator[IO[Any]]:
   if is_remote(path):
     f = _UploadOnClose(path, binary=mode == "wb", append=False)
     with f:
