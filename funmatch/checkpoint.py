@@ -59,8 +59,11 @@ class _DropBackgroundErrors(logging.Filter):
   """Drops the tracebacks Orbax's worker threads log for an error that its
   main-thread call (save, wait) raises again: that one is reported once."""
 
+  _SOURCES = ("futures/future.py", "checkpointers/async_checkpointer.py")
+
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.exc_info and "/orbax/" in record.pathname.replace("\\", "/"))
+    path = record.pathname.replace("\\", "/")
+    return not (record.exc_info and "/orbax/" in path and path.endswith(self._SOURCES))
 
 
 def _use_retry_policy() -> None:
