@@ -259,6 +259,7 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[int, Any]:
     raise UserError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; "
                     f"available steps: {steps}")
   item_dir = fileio.join(checkpoint_dir(workdir), str(step), "default")
+  _use_retry_policy()
   try:
     with ocp.PyTreeCheckpointer() as checkpointer:
       params_meta = checkpointer.metadata(item_dir).item_metadata.tree["params"]
