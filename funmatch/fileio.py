@@ -35,7 +35,7 @@ gcsfs's listing cache (listings must see objects that tensorstore, Orbax and
 other hosts wrote). Both env settings are defaults a user may override.
 Import this module before anything resolves a gs:// path (checkpoint.py does).
 
-Storage that fails mid-run is stated here once too: `RETRY` is the one retry
+Storage that fails mid-run is stated here once too: `retry_policy()` is the one retry
 policy of every gs:// request (google-cloud-storage, gcsfs and tensorstore, which
 Orbax writes arrays through), and `storage_error` turns what a disk or Cloud
 Storage refused into a `StorageError`: one line naming the path, the cause in
@@ -47,7 +47,6 @@ import builtins
 import contextlib
 import dataclasses
 import errno
-import functools
 import os
 import random
 import time
@@ -67,7 +66,7 @@ from funmatch.errors import UserError
 RETRY_ENV = "FUNMATCH_STORAGE_RETRY_S"
 DEFAULT_RETRY_S = 300.0
 STORAGE_EXIT_CODE = 4
-# Words that mark a request given up on after RETRY's bound (our gcsfs retry's
+# Words that mark a request given up on after the retry bound (our gcsfs retry's
 # message); tensorstore and google-cloud-storage say it their own ways, below.
 RETRIES_EXHAUSTED = "still failing after retrying for"
 
@@ -134,7 +133,7 @@ class RetryPolicy:
 
 
 def retry_policy() -> RetryPolicy:
-  """RETRY's bound from FUNMATCH_STORAGE_RETRY_S (seconds, default 300); short
+  """The policy, its bound from FUNMATCH_STORAGE_RETRY_S (seconds, default 300); short
   bounds start with shorter delays so that they still retry a few times."""
   text = os.environ.get(RETRY_ENV, "").strip()
   try:
@@ -263,8 +262,8 @@ def _configure_backends() -> None:
   cached = getattr(gpath, "_is_tf_installed", None)
   if hasattr(cached, "cache_clear"):
     cached.cache_clear()
-  # gcsfs retries 6 times on its own schedule; its subclass in gcs_retry retries
-  # by RETRY instead (imported when a gs:// path is first resolved).
+  # gcsfs retries 6 times on its own schedule; its subclass in gcs_retry retries by
+  # retry_policy() instead (imported when a gs:// path is first resolved).
   fsspec.register_implementation("gs", "funmatch.gcs_retry.RetryingGCSFileSystem",
                                  clobber=True)
   fsspec.register_implementation("gcs", "funmatch.gcs_retry.RetryingGCSFileSystem",

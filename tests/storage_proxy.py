@@ -14,7 +14,7 @@ import json
 import re
 import threading
 import urllib.parse
-from typing import Callable, Optional
+from typing import Optional
 
 _HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "transfer-encoding",
                 "te", "trailer", "upgrade"}
@@ -139,8 +139,3 @@ class StorageProxy:
     self._server.shutdown()
     self._server.server_close()
 
-
-def matching(proxy: StorageProxy, predicate: Callable[[str], bool]) -> list[str]:
-  """The requests seen so far that `predicate` accepts."""
-  with proxy._lock:  # pylint: disable=protected-access
-    return [line for line in proxy.requests if predicate(line)]

@@ -15,7 +15,6 @@ uninterrupted run (`reference`, shared by all tests here).
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
