@@ -184,6 +184,7 @@ def test_gcs_kill9_outage_and_503_burst_resume_bit_identically(reference, proxie
   finally:
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=120)
+  assert checkpoint.saved_steps(workdir) == [4]  # killed before it saved step 8
   # 2. Cloud Storage answers 503 to checkpoint 8's array writes for longer than
   # the retry bound (3 s): one line; checkpoint 4 stays the last complete one.
   outage = proxy.fail(r"uploadType=media&name=[^&]*checkpoints%2F8%2F")
