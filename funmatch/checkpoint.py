@@ -172,13 +172,13 @@ class Checkpointer:
       yield
     except Exception as e:  # pylint: disable=broad-except
       failed = step if step is not None else self._in_flight
+      self._failed, self._in_flight = True, failed
+      self._finalize_writes()  # for any failure: a bug, too, must not hang the exit
       error = fileio.storage_error(
           e, f"saving checkpoint {failed} to {self._manager.directory}")
       if error is None:
         raise
-      self._failed, self._in_flight = True, failed
     if error is not None:
-      self._finalize_writes()
       raise error.keeping(self.kept())
 
   def _finalize_writes(self) -> None:
