@@ -56,14 +56,13 @@ def saved_steps(workdir: str) -> list[int]:
 
 
 class _DropBackgroundErrors(logging.Filter):
-  """Drops the tracebacks Orbax's worker threads log for an error that its
-  main-thread call (save, wait) raises again: that one is reported once."""
-
-  _SOURCES = ("futures/future.py", "checkpointers/async_checkpointer.py")
+  """Drops the tracebacks Orbax logs for an error that its main-thread call
+  (save, wait) raises again: that one is reported once. Which of its threads
+  logs it (the workers, the finalize thread, the manager) depends on timing, so
+  every Orbax record that carries a traceback goes."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    path = record.pathname.replace("\\", "/")
-    return not (record.exc_info and "/orbax/" in path and path.endswith(self._SOURCES))
+    return not (record.exc_info and "/orbax/" in record.pathname.replace("\\", "/"))
 
 
 def _use_retry_policy() -> None:
