@@ -318,6 +318,9 @@ class GcsLease:
           fileio.StorageError(f"{type(e).__name__}: {fileio.one_line(e)}",
                               f"refreshing the lease {self.path}",
                               "check the bucket and the network"))
+      # Without heartbeats the lease goes stale and may be taken over: stop
+      # writing, as for a lost lease (every process agrees on `lost`).
+      self.lost = "its heartbeat kept failing"
 
   def check(self) -> None:
     """Raises UserError if another run has taken this workdir over, StorageError
@@ -336,8 +339,8 @@ class GcsLease:
     if self._thread is not None:
       self._thread.join()
     with self._lock:
-      if self.lost or self._generation is None:
-        return
+      if (self.lost and not self.failure) or self._generation is None:
+        return  # (after a failure the lease is still ours: try to delete it)
       gexc = self._gexc
       try:
         current = self._read()

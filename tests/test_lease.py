@@ -175,6 +175,7 @@ def test_a_heartbeat_that_keeps_failing_ends_the_run_in_one_line(gcs, monkeypatc
     with lease.GcsLease(workdir, timeout_s=60, heartbeat_s=0.1) as held:
       outage = proxy.fail(r"^POST /upload/.*ifGenerationMatch=[1-9]")  # refreshes
       _wait_for(lambda: held.failure, "the heartbeat to give up")
+      assert held.lost  # so metrics stop and every process of a run agrees to stop
       with pytest.raises(fileio.StorageError) as failed:
         held.check()
       proxy.clear()
