@@ -11,8 +11,20 @@ Workdirs on gs:// work the same: Orbax writes there natively (metadata through
 etils.epath, which funmatch.fileio points at gcsfs, arrays through tensorstore);
 a finished save is marked by its commit_success.txt instead of a rename, and
 moving a checkpoint aside is copy-then-delete (fileio.move).
+
+A save that the storage refuses (a full disk, a read-only remount, Cloud
+Storage failing past fileio's retry bound) ends as one fileio.StorageError line
+naming the step and the directory; `kept()` says which checkpoint survived. The
+half-written step stays where a resume skips it (Orbax's temporary directory,
+or on gs:// a step without commit_success.txt). Orbax's background threads log
+the same error once per thread with a traceback; the main thread reports it,
+so those log records are dropped (`_DropBackgroundErrors`).
 """
+import contextlib
+import gc
+import inspect
 import logging
+import threading
 import time
 from typing import Any
 
@@ -43,11 +55,37 @@ def saved_steps(workdir: str) -> list[int]:
   return sorted(ocp.step.checkpoint_steps(directory))
 
 
+class _DropBackgroundErrors(logging.Filter):
+  """Drops the tracebacks Orbax logs for an error that its main-thread call
+  (save, wait) raises again: that one is reported once. Which of its threads
+  logs it (the workers, the finalize thread, the manager) depends on timing, so
+  every Orbax record that carries a traceback goes."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and "/orbax/" in record.pathname.replace("\\", "/"))
+
+
+def _use_retry_policy() -> None:
+  """Points tensorstore's gcs driver (Orbax's array writes) at fileio's retry
+  policy. Orbax builds each tensorstore context from these module defaults."""
+  # pylint: disable-next=import-outside-toplevel
+  from orbax.checkpoint._src.serialization import tensorstore_utils
+  resources = fileio.retry_policy().tensorstore_context()
+  for name in ("_BASE_TS_CONTEXT", "_DEFAULT_OCDBT_TS_CONTEXT"):
+    getattr(tensorstore_utils, name).update(resources)
+
+
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` for the train state."""
 
   def __init__(self, workdir: str, *, save_every: int, keep: int = 3,
                keep_every: int | None = None, asynchronous: bool = True):
+    _use_retry_policy()
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropBackgroundErrors) for f in absl_logger.filters):
+      absl_logger.addFilter(_DropBackgroundErrors())
+    self._in_flight: int | None = None  # the step an asynchronous save is writing
+    self._failed = False
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(int(save_every), 1),
         max_to_keep=max(int(keep), 1),
@@ -61,7 +99,13 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, force: bool = False) -> bool:
     """Starts saving `state` at `step` if the interval says so (or `force`)."""
-    return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    if self._in_flight is not None:
+      self.wait()  # as Orbax would, but a failure here names the step in flight
+    with self._failures(step):
+      started = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    if started:
+      self._in_flight = step
+    return started
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """Restores into the structure, dtypes and shardings of `abstract_state`."""
@@ -97,11 +141,85 @@ class Checkpointer:
     return 0, None
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._failures(None):
+      self._manager.wait_until_finished()
+    self._in_flight = None
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the last save and closes; quiet after a failure (reported once)."""
+    if self._failed:
+      return  # closed when the failure was reported
+    self.wait()
     self._manager.close()
+
+  def kept(self) -> str:
+    """What survives a failed save: 'the last complete checkpoint is step N'."""
+    failed = self._in_flight
+    try:
+      steps = [s for s in self._manager.all_steps() if failed is None or s < failed]
+    except Exception:  # pylint: disable=broad-except  (the storage is failing)
+      steps = []
+    if not steps:
+      return "no checkpoint is complete yet"
+    return f"the last complete checkpoint is step {max(steps)}"
+
+  @contextlib.contextmanager
+  def _failures(self, step: int | None):
+    """A failed save of `step` (None: the one in flight) as one StorageError line."""
+    error = None
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      failed = step if step is not None else self._in_flight
+      self._failed, self._in_flight = True, failed
+      self._finalize_writes()  # for any failure: a bug, too, must not hang the exit
+      error = fileio.storage_error(
+          e, f"saving checkpoint {failed} to {self._manager.directory}")
+      if error is None:
+        raise
+    if error is not None:
+      raise error.keeping(self.kept())
+
+  def _finalize_writes(self) -> None:
+    """Stops what Orbax left of the failed save, so the process exits at once
+    and quietly: worker threads still waiting for a step that will never come
+    (for up to its 300 s coordination timeout; the interpreter would wait for
+    them), and write coroutines that would be finalized at interpreter exit
+    (each printing 'sys.meta_path is None' or 'never awaited')."""
+    with contextlib.suppress(Exception):
+      self._manager.close()
+    _stop_waiting_threads()
+    _close_orbax_coroutines()
+
+
+def _stop_waiting_threads(join_s: float = 10.0) -> None:
+  """Cancels Orbax's worker threads of a failed save and wakes those waiting
+  for the signal of a step that failed (they return once cancelled)."""
+  # pylint: disable-next=import-outside-toplevel
+  from orbax.checkpoint._src.futures import future as ocp_future
+  waiting = [t for t in threading.enumerate()
+             if isinstance(t, ocp_future._SignalingThread)  # pylint: disable=protected-access
+             and t.is_alive()]
+  for thread in waiting:
+    thread.cancel()
+    with contextlib.suppress(Exception):
+      ocp_future.set_signals(thread._receive_signals,  # pylint: disable=protected-access
+                             operation_id=thread._operation_id)  # pylint: disable=protected-access
+  for thread in waiting:
+    with contextlib.suppress(Exception):  # a cancelled one raises CancelledError
+      thread.join(join_s)
+
+
+def _close_orbax_coroutines() -> None:
+  """Closes Orbax's coroutines that a failed save left unstarted or suspended:
+  now their cleanup runs while the interpreter is whole, instead of at exit."""
+  gc.collect()
+  for obj in gc.get_objects():
+    if (inspect.iscoroutine(obj) and "/orbax/" in obj.cr_code.co_filename
+        and inspect.getcoroutinestate(obj) != inspect.CORO_CLOSED):
+      with contextlib.suppress(Exception):
+        obj.close()
+  gc.collect()
 
 
 def _first_line(e: BaseException) -> str:
@@ -140,6 +258,7 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[int, Any]:
     raise UserError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; "
                     f"available steps: {steps}")
   item_dir = fileio.join(checkpoint_dir(workdir), str(step), "default")
+  _use_retry_policy()
   try:
     with ocp.PyTreeCheckpointer() as checkpointer:
       params_meta = checkpointer.metadata(item_dir).item_metadata.tree["params"]

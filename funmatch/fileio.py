@@ -34,23 +34,226 @@ plane call per operation when it cannot tell, ~60 s against an emulator) and
 gcsfs's listing cache (listings must see objects that tensorstore, Orbax and
 other hosts wrote). Both env settings are defaults a user may override.
 Import this module before anything resolves a gs:// path (checkpoint.py does).
+
+Storage that fails mid-run is stated here once too: `retry_policy()` is the one retry
+policy of every gs:// request (google-cloud-storage, gcsfs and tensorstore, which
+Orbax writes arrays through), and `storage_error` turns what a disk or Cloud
+Storage refused into a `StorageError`: one line naming the path, the cause in
+plain words and what to do (exit code 4).
 """
+import asyncio
 import atexit
 import builtins
 import contextlib
+import dataclasses
+import errno
 import os
+import random
+import time
 import posixpath
 import re
 import shutil
 import tempfile
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 from funmatch.errors import UserError
+
+
+# --------------------------------------------------------------------------
+# Storage failures: one retry policy, one line when storage refuses for good.
+# --------------------------------------------------------------------------
+
+RETRY_ENV = "FUNMATCH_STORAGE_RETRY_S"
+DEFAULT_RETRY_S = 300.0
+STORAGE_EXIT_CODE = 4
+# Words that mark a request given up on after the retry bound (our gcsfs retry's
+# message); tensorstore and google-cloud-storage say it their own ways, below.
+RETRIES_EXHAUSTED = "still failing after retrying for"
+
+
+class StorageError(UserError):
+  """A disk or bucket refused a write (or kept failing) in the middle of a run:
+  `{cause} while {doing}[; {kept}]; {advice} and run the same command to resume`."""
+
+  exit_code = STORAGE_EXIT_CODE
+
+  def __init__(self, cause: str, doing: str, advice: str, kept: str = ""):
+    self.cause, self.doing, self.advice, self.kept = cause, doing, advice, kept
+    kept = f"; {kept}" if kept else ""
+    super().__init__(f"{cause} while {doing}{kept}; {advice} and run the same "
+                     "command to resume")
+
+  def keeping(self, kept: str) -> "StorageError":
+    """The same failure, saying what survived (e.g. the last complete checkpoint)."""
+    return StorageError(self.cause, self.doing, self.advice, self.kept or kept)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+  """Exponential backoff with jitter, bounded by a total time.
+
+  Every transient gs:// failure (429, 5xx, a dropped connection) is retried
+  after delay(0), delay(1), ... until `total_s` would be exceeded; then the
+  request fails and the run ends with one line (StorageError). A 503 burst
+  shorter than `total_s` therefore costs time, never the run.
+  """
+
+  total_s: float
+  initial_s: float = 1.0
+  max_delay_s: float = 32.0
+  multiplier: float = 2.0
+
+  def delay(self, attempt: int) -> float:
+    """Seconds to wait before retry `attempt` (0-based): the exponential step,
+    jittered down to half of it so that many clients do not retry in step."""
+    step = min(self.initial_s * self.multiplier ** attempt, self.max_delay_s)
+    return step * random.uniform(0.5, 1.0)
+
+  def max_retries(self) -> int:
+    """How many retries fit in `total_s` (for clients that count retries)."""
+    spent, retries = 0.0, 0
+    while True:
+      spent += min(self.initial_s * self.multiplier ** retries, self.max_delay_s)
+      if spent > self.total_s:
+        return max(retries, 1)
+      retries += 1
+
+  def gcs_retry(self):
+    """The policy as a google-cloud-storage `retry=` argument."""
+    from google.cloud.storage.retry import DEFAULT_RETRY  # pylint: disable=import-outside-toplevel
+    return DEFAULT_RETRY.with_delay(initial=self.initial_s, maximum=self.max_delay_s,
+                                    multiplier=self.multiplier).with_timeout(self.total_s)
+
+  def tensorstore_context(self) -> dict[str, Any]:
+    """The policy as tensorstore context resources (its gcs driver doubles the
+    delay from initial_delay up to max_delay, with jitter, max_retries times)."""
+    return {"gcs_request_retries": {"max_retries": self.max_retries(),
+                                    "initial_delay": f"{self.initial_s}s",
+                                    "max_delay": f"{self.max_delay_s}s"}}
+
+
+def retry_policy() -> RetryPolicy:
+  """The policy, its bound from FUNMATCH_STORAGE_RETRY_S (seconds, default 300); short
+  bounds start with shorter delays so that they still retry a few times."""
+  text = os.environ.get(RETRY_ENV, "").strip()
+  try:
+    total = float(text) if text else DEFAULT_RETRY_S
+  except ValueError:
+    total = -1.0
+  if not total > 0:
+    raise UserError(f"{RETRY_ENV}={text!r} is not a positive number of seconds; unset "
+                    f"it (default {DEFAULT_RETRY_S:g}) or set e.g. 600")
+  return RetryPolicy(total_s=total, initial_s=min(1.0, total / 8))
+
+
+async def retrying(request: Callable[..., Any], *args: Any,
+                   transient: Callable[[BaseException], bool], **kwargs: Any) -> Any:
+  """Awaits `request(*args, **kwargs)`, retrying `transient` failures with
+  retry_policy(); past its bound raises OSError naming how long it tried."""
+  policy = retry_policy()
+  deadline = time.monotonic() + policy.total_s
+  for attempt in range(1 << 30):
+    try:
+      return await request(*args, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except
+      if not transient(e):
+        raise
+      wait = policy.delay(attempt)
+      if time.monotonic() + wait > deadline:
+        raise OSError(f"Cloud Storage is {RETRIES_EXHAUSTED} {policy.total_s:g} s "
+                      f"({RETRY_ENV}); last answer: {type(e).__name__}: "
+                      f"{one_line(e)}") from e
+      await asyncio.sleep(wait)
+  raise AssertionError("unreachable")
+
+
+# (errno, words that mean it in messages of tensorstore/gcsfs/google-cloud, cause,
+# what to do); the first that matches an error, or any error it was raised from,
+# wins. The words are specific on purpose: an error that is not about storage (a
+# peer process gone, a bug) must stay what it is.
+_CAUSES = (
+    (errno.ENOSPC, ("no space left on device", "os_error_code='28'"),
+     "no space left on device", "free space"),
+    (errno.EDQUOT, ("disk quota exceeded", "os_error_code='122'"),
+     "disk quota exceeded", "free space or raise the quota"),
+    (errno.EROFS, ("read-only file system", "os_error_code='30'"),
+     "the file system is read-only", "make it writable again (e.g. remount it read-write)"),
+    (errno.EACCES, ("permission denied", "os_error_code='13'", "forbidden:",
+                    "http_response_code='403'"),
+     "permission denied", "give this run write access there"),
+    (None, ("the specified bucket does not exist", "bucket does not exist",
+            "no such bucket"),
+     "bucket not found", "create the bucket or fix the path"),
+    (None, ("too many requests", "ratelimit", "rate limit", "http_response_code='429'",
+            "quota exceeded", "quotaexceeded"),
+     "Cloud Storage quota exceeded (429 Too Many Requests)",
+     "wait, lower the request rate or raise the quota"),
+    # Ours (gcs_retry), tensorstore's ("All 3 retry attempts failed") and
+    # google-api-core's ("Timeout of 300.0s exceeded, last exception: ...").
+    (None, (RETRIES_EXHAUSTED, "retry attempts failed", "s exceeded, last exception"),
+     "too many retries (storage kept failing)",
+     f"check the network and the storage service, or allow longer ({RETRY_ENV}, "
+     f"default {DEFAULT_RETRY_S:g} s)"),
+)
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+def storage_cause(e: BaseException) -> tuple[str, str] | None:
+  """(cause in plain words, what to do) when `e` says storage refused, else None."""
+  chain = list(_chain(e))
+  for code, words, cause, advice in _CAUSES:
+    codes = {code, errno.EPERM} if code == errno.EACCES else {code}
+    if code is not None and any(isinstance(x, OSError) and x.errno in codes
+                                for x in chain):
+      return cause, advice
+    text = " ".join(f"{type(x).__name__} {x}" for x in chain).lower()
+    if any(w in text for w in words):
+      if cause.startswith("too many"):
+        cause = f"too many retries (storage kept failing for {retry_policy().total_s:g} s)"
+      return cause, advice
+  return None
+
+
+def storage_error(e: BaseException, doing: str, kept: str = "") -> StorageError | None:
+  """The one line for `e` met while `doing` (e.g. 'saving checkpoint 20 to
+  W/checkpoints'), or None when `e` is not a storage failure (a bug stays one).
+  `kept` says what survived, e.g. 'the last complete checkpoint is step 10'."""
+  if isinstance(e, StorageError):
+    return e.keeping(kept)
+  if isinstance(e, UserError):
+    return None  # a mistake with its own line (a diverged loss, a bad file)
+  found = storage_cause(e)
+  if found is None:
+    return None
+  return StorageError(found[0], doing, found[1], kept)
+
+
+@contextlib.contextmanager
+def storage_failures(doing: str | Callable[[], str],
+                     kept: Callable[[], str] = lambda: "") -> Iterator[None]:
+  """Turns a storage failure inside the block into its StorageError line."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    if isinstance(e, UserError) and not isinstance(e, StorageError):
+      raise
+    error = storage_error(e, doing() if callable(doing) else doing, kept())
+    if error is None:
+      raise
+    raise error from None
 
 
 def _configure_backends() -> None:
   os.environ.setdefault("EPATH_USE_TF", "false")
   os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+  import fsspec  # pylint: disable=import-outside-toplevel
   import fsspec.config  # pylint: disable=import-outside-toplevel
   fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
   # etils caches its "is TensorFlow installed" answer on the first path it
@@ -59,6 +262,12 @@ def _configure_backends() -> None:
   cached = getattr(gpath, "_is_tf_installed", None)
   if hasattr(cached, "cache_clear"):
     cached.cache_clear()
+  # gcsfs retries 6 times on its own schedule; its subclass in gcs_retry retries by
+  # retry_policy() instead (imported when a gs:// path is first resolved).
+  fsspec.register_implementation("gs", "funmatch.gcs_retry.RetryingGCSFileSystem",
+                                 clobber=True)
+  fsspec.register_implementation("gcs", "funmatch.gcs_retry.RetryingGCSFileSystem",
+                                 clobber=True)
 
 
 _configure_backends()
@@ -272,6 +481,13 @@ def atomic_open(path: Any, mode: str = "w") -> Iterator[IO[Any]]:
   if mode not in ("w", "wb"):
     raise ValueError(f"atomic_open mode must be 'w' or 'wb', not {mode!r}")
   path = os.fspath(path)
+  with storage_failures(f"writing {path}"):  # e.g. an eval JSON on a full disk
+    with _atomic_open(path, mode) as f:
+      yield f
+
+
+@contextlib.contextmanager
+def _atomic_open(path: str, mode: str) -> Iterator[IO[Any]]:
   if is_remote(path):
     f = _UploadOnClose(path, binary=mode == "wb", append=False)
     with f:
@@ -480,7 +696,8 @@ AUTH_HELP = ("authenticate with `gcloud auth application-default login`, or set 
              "TPU/GCE VM give the VM a service account with storage access and the "
              "cloud-platform (or devstorage.read_write) scope")
 _CHECK_TIMEOUT_S = (5.0, 15.0)  # (connect, read): fail in seconds, not minutes
-_CHECK_DEADLINE_S = 10.0         # total time retries on transient errors may take
+# The retry policy's bound, capped: a start-up check fails in seconds, not minutes.
+_CHECK_DEADLINE_S = 10.0
 
 
 def check_reachable(path: Any, what: str) -> None:
@@ -498,7 +715,6 @@ def check_reachable(path: Any, what: str) -> None:
   # pylint: disable=import-outside-toplevel
   from google.api_core import exceptions as gexc
   import google.auth.exceptions
-  from google.cloud.storage.retry import DEFAULT_RETRY
   # pylint: enable=import-outside-toplevel
   try:
     client = gcs_client()
@@ -508,7 +724,8 @@ def check_reachable(path: Any, what: str) -> None:
   try:
     blobs = client.list_blobs(bucket_name, prefix=key, max_results=1,
                               timeout=_CHECK_TIMEOUT_S,
-                              retry=DEFAULT_RETRY.with_timeout(_CHECK_DEADLINE_S))
+                              retry=retry_policy().gcs_retry().with_timeout(
+                                  min(retry_policy().total_s, _CHECK_DEADLINE_S)))
     next(iter(blobs), None)
   except gexc.NotFound:
     raise UserError(f"{what} {path}: bucket gs://{bucket_name} does not exist (or "

@@ -23,7 +23,15 @@ nothing notices a dead writer, hence a lease:
   service, so a writer's wrong clock cannot make its lease look fresh; hosts
   need roughly right clocks (GCE/TPU VMs sync theirs), since the reader compares
   with its own.
+- A holder on this very host (same hostname and boot id) whose process is gone
+  is taken over at once, with a warning: a run killed with -9 and restarted on
+  its machine does not wait for the timeout. The lease records the holder's
+  process start time (/proc/PID/stat field 22) beside its pid, so a new process
+  that reused the pid is not mistaken for the holder.
 - Releasing deletes the object, unless another run has taken it over.
+- Requests retry by fileio's one policy (FUNMATCH_STORAGE_RETRY_S). A heartbeat
+  that still fails after it marks the hold failed: `check()` then ends the run
+  with one fileio.StorageError line.
 
 The token makes retries safe: a conditional write whose reply was lost and is
 retried gets 412, and reading the token back tells "mine after all" from "lost".
@@ -62,6 +70,44 @@ def lease_timeout() -> float:
     raise UserError(f"{TIMEOUT_ENV}={text!r} is not a positive number of seconds; "
                     f"unset it (default {DEFAULT_TIMEOUT_S:g}) or set e.g. 300")
   return value
+
+
+def _boot_id() -> str:
+  """This boot of this machine ('' where the kernel does not say)."""
+  try:
+    with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+      return f.read().strip()
+  except OSError:
+    return ""
+
+
+def _start_time(pid: int) -> int | None:
+  """The process's start time in clock ticks since boot (/proc/PID/stat field
+  22); None if there is no such process (or no /proc)."""
+  try:
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+      stat = f.read()
+  except OSError:
+    return None
+  # Field 2 (the command) is in parentheses and may hold spaces: count after it.
+  return int(stat.rpartition(")")[2].split()[19])
+
+
+def _dead_on_this_host(holder: dict[str, Any]) -> bool:
+  """True if `holder` ran on this host, in this boot, and its process is gone
+  (or its pid now belongs to a process started at another time)."""
+  if holder.get("host") != socket.gethostname() or not holder.get("boot_id"):
+    return False
+  if holder["boot_id"] != _boot_id():
+    return False  # a holder from before a reboot would not record this boot's id
+  try:
+    pid = int(holder["pid"])
+  except (KeyError, TypeError, ValueError):
+    return False
+  if pid == os.getpid():
+    return False  # this process holds it (another hold of ours, e.g. a test)
+  started = _start_time(pid)
+  return started is None or started != holder.get("start_time")
 
 
 class LocalHold:
@@ -137,7 +183,6 @@ class GcsLease:
                heartbeat_s: float | None = None, client: Any = None):
     # pylint: disable=import-outside-toplevel
     from google.api_core import exceptions as gexc
-    from google.cloud.storage.retry import DEFAULT_RETRY
     # pylint: enable=import-outside-toplevel
     self._gexc = gexc
     self.workdir = workdir.rstrip("/")
@@ -145,7 +190,7 @@ class GcsLease:
     self.path = f"{self.workdir}/{LOCK_FILE}"
     self.timeout_s = float(timeout_s) if timeout_s else lease_timeout()
     self.heartbeat_s = float(heartbeat_s) if heartbeat_s else self.timeout_s / 6
-    self._retry = DEFAULT_RETRY.with_timeout(min(30.0, max(self.heartbeat_s, 5.0)))
+    self._retry = fileio.retry_policy().gcs_retry()
     client = client or fileio.gcs_client()
     self._blob_name = f"{key}/{LOCK_FILE}" if key else LOCK_FILE
     self._bucket = client.bucket(bucket_name)
@@ -155,11 +200,13 @@ class GcsLease:
     self._thread: threading.Thread | None = None
     self._lock = threading.Lock()  # heartbeat vs release
     self.lost: str | None = None  # why this run no longer holds the lease
+    self.failure: fileio.StorageError | None = None  # a heartbeat that kept failing
 
   # -- the object ----------------------------------------------------------
 
   def _payload(self) -> str:
     return json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                       "boot_id": _boot_id(), "start_time": _start_time(os.getpid()),
                        "token": self._token, "heartbeat": time.time(),
                        "timeout_s": self.timeout_s})
 
@@ -191,6 +238,13 @@ class GcsLease:
 
   def acquire(self) -> None:
     """Creates the lease, or takes over a stale one; refuses a live holder."""
+    with fileio.storage_failures(f"writing the lease {self.path}"):
+      self._acquire()
+    self._thread = threading.Thread(target=self._heartbeat, name="funmatch-lease",
+                                    daemon=True)
+    self._thread.start()
+
+  def _acquire(self) -> None:
     gexc = self._gexc
     holder, age = {}, 0.0
     for _ in range(_MAX_ACQUIRE_ATTEMPTS):
@@ -211,11 +265,15 @@ class GcsLease:
         self._generation = int(blob.generation)
         break
       age = time.time() - blob.updated.timestamp()
-      if age < self.timeout_s:
+      if _dead_on_this_host(holder):
+        logging.warning("funmatch: taking over the lease %s of %s: that process ran on "
+                        "this host and is gone", self.path, _describe(holder))
+      elif age < self.timeout_s:
         raise UserError(self._in_use_message(holder, age))
-      logging.warning("funmatch: taking over the lease %s of %s (its heartbeat is %.0f s "
-                      "old, over the %g s timeout): that run died or hangs",
-                      self.path, _describe(holder), age, self.timeout_s)
+      else:
+        logging.warning("funmatch: taking over the lease %s of %s (its heartbeat is "
+                        "%.0f s old, over the %g s timeout): that run died or hangs",
+                        self.path, _describe(holder), age, self.timeout_s)
       try:
         self._write(if_generation_match=int(blob.generation))
         break
@@ -223,9 +281,6 @@ class GcsLease:
         continue  # it was refreshed or taken meanwhile: look again
     else:
       raise UserError(self._in_use_message(holder, age))
-    self._thread = threading.Thread(target=self._heartbeat, name="funmatch-lease",
-                                    daemon=True)
-    self._thread.start()
 
   def _in_use_message(self, holder: dict[str, Any], age: float) -> str:
     return (f"--workdir {self.workdir} is in use by another run ({_describe(holder)}, "
@@ -239,6 +294,8 @@ class GcsLease:
         if self._stop.is_set():
           return
         self._refresh()
+        if self.failure:
+          return
         if self.lost:
           logging.error("funmatch: lost the lease %s (%s); this run must stop writing",
                         self.path, self.lost)
@@ -255,12 +312,21 @@ class GcsLease:
         return
       holder = _describe(current[1]) if current else "nobody: it was deleted"
       self.lost = f"taken over by {holder}"
-    except Exception as e:  # pylint: disable=broad-except  (network: try next beat)
-      logging.warning("funmatch: could not refresh the lease %s (%s: %s); retrying",
-                      self.path, type(e).__name__, fileio.one_line(e))
+    except Exception as e:  # pylint: disable=broad-except
+      # Transient failures were retried for the policy's whole bound already.
+      self.failure = fileio.storage_error(e, f"refreshing the lease {self.path}") or (
+          fileio.StorageError(f"{type(e).__name__}: {fileio.one_line(e)}",
+                              f"refreshing the lease {self.path}",
+                              "check the bucket and the network"))
+      # Without heartbeats the lease goes stale and may be taken over: stop
+      # writing, as for a lost lease (every process agrees on `lost`).
+      self.lost = "its heartbeat kept failing"
 
   def check(self) -> None:
-    """Raises UserError if another run has taken this workdir over."""
+    """Raises UserError if another run has taken this workdir over, StorageError
+    if the heartbeat kept failing."""
+    if self.failure:
+      raise self.failure
     if self.lost:
       raise UserError(f"--workdir {self.workdir}: this run lost its lease ({self.lost}), "
                       f"probably after it stalled for over {self.timeout_s:g} s; it stops "
@@ -273,8 +339,8 @@ class GcsLease:
     if self._thread is not None:
       self._thread.join()
     with self._lock:
-      if self.lost or self._generation is None:
-        return
+      if (self.lost and not self.failure) or self._generation is None:
+        return  # (after a failure the lease is still ours: try to delete it)
       gexc = self._gexc
       try:
         current = self._read()
@@ -282,8 +348,10 @@ class GcsLease:
         # holder on GCS, but some emulators ignore it.
         if current is None or current[1].get("token") != self._token:
           return
+        # Some emulators report no generation with the object's metadata.
+        generation = current[0].generation or self._generation
         self._bucket.blob(self._blob_name).delete(
-            if_generation_match=int(current[0].generation), timeout=_REQUEST_TIMEOUT_S,
+            if_generation_match=int(generation), timeout=_REQUEST_TIMEOUT_S,
             retry=self._retry)
       except (gexc.NotFound, gexc.PreconditionFailed):
         pass

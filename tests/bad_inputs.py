@@ -611,3 +611,14 @@ def markdown_table(rows: Sequence[Row]) -> str:
     lines.append(f"| {i} | {row.name} | {row.code} | {message} | "
                  f"{'yes' if row.changed else 'no'} | {'ok' if row.ok else 'FAIL'} |")
   return "\n".join(lines) + "\n"
+
+
+def fault_table(rows: Sequence[tuple[str, int, str, bool]]) -> str:
+  """tests/test_faults.py's storage faults mid-run: fault, exit code (4), the one
+  line, and whether the same command then resumed bit-identically."""
+  lines = ["| # | fault during a run | exit | message | resumed bit-identically |",
+           "|---|---|---|---|---|"]
+  for i, (name, code, message, resumed) in enumerate(rows, 1):
+    message = message.removeprefix("funmatch: error: ").replace("|", "\\|")
+    lines.append(f"| {i} | {name} | {code} | {message} | {'yes' if resumed else 'no'} |")
+  return "\n".join(lines) + "\n"

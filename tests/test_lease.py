@@ -98,18 +98,38 @@ with lease.hold_workdir(sys.argv[1]):
 """
 
 
-def test_holder_killed_with_sigkill_blocks_only_until_the_timeout(gcs, monkeypatch):
+def test_holder_killed_on_this_host_is_taken_over_at_once(gcs, caplog):
   workdir = _workdir(gcs)
-  monkeypatch.setenv(lease.TIMEOUT_ENV, "5")  # reaches the subprocess too
   holder = subprocess.Popen([sys.executable, "-c", _HOLD_FOREVER, workdir],
                             stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": repo_path()})
   try:
     assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(UserError, match=f"pid {holder.pid}, heartbeat"):
+      with lease.hold_workdir(workdir):  # alive: refused as before
+        pass
   finally:
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-  with pytest.raises(UserError, match=f"pid {holder.pid}, heartbeat"):
+  with caplog.at_level(logging.WARNING):
+    with lease.hold_workdir(workdir):  # no wait for the timeout
+      pass
+  assert f"pid {holder.pid}: that process ran on this host and is gone" in caplog.text
+
+
+def _plant(workdir: str, **holder) -> None:
+  """A lease object as another run would have written it."""
+  import json  # pylint: disable=import-outside-toplevel
+  fileio.write_atomic(f"{workdir}/.lock", json.dumps(
+      {"host": socket.gethostname(), "pid": os.getppid(), "boot_id": lease._boot_id(),
+       "start_time": lease._start_time(os.getppid()), "token": "theirs", **holder}))
+
+
+def test_a_holder_on_another_host_blocks_until_the_timeout(gcs, monkeypatch):
+  workdir = _workdir(gcs)
+  monkeypatch.setenv(lease.TIMEOUT_ENV, "3")
+  _plant(workdir, host="another-vm", pid=12345)  # its pid means nothing here
+  with pytest.raises(UserError, match="host another-vm pid 12345, heartbeat"):
     with lease.hold_workdir(workdir):
       pass
 
@@ -120,7 +140,52 @@ def test_holder_killed_with_sigkill_blocks_only_until_the_timeout(gcs, monkeypat
     except UserError:
       return False
 
-  _wait_for(takes_over, "the dead holder's lease to go stale")
+  _wait_for(takes_over, "the other host's lease to go stale")
+
+
+def test_a_reused_pid_is_not_taken_for_the_holder(gcs, caplog):
+  """The pid is alive (our parent), but started at another time than the holder
+  recorded: the holder is gone, its pid reused."""
+  workdir = _workdir(gcs)
+  _plant(workdir)  # a live process on this host: refused
+  with pytest.raises(UserError, match=f"pid {os.getppid()}, heartbeat"):
+    with lease.hold_workdir(workdir, timeout_s=60):
+      pass
+  _plant(workdir, start_time=lease._start_time(os.getppid()) - 1)
+  with caplog.at_level(logging.WARNING):
+    with lease.hold_workdir(workdir, timeout_s=60):
+      pass
+  assert "that process ran on this host and is gone" in caplog.text
+  _plant(workdir, boot_id="an-earlier-boot", pid=2 ** 22 + 1)  # no such pid, but
+  with pytest.raises(UserError, match="in use by another run"):  # not this boot
+    with lease.hold_workdir(workdir, timeout_s=60):
+      pass
+
+
+def test_a_heartbeat_that_keeps_failing_ends_the_run_in_one_line(gcs, monkeypatch):
+  """Cloud Storage answers 503 to every lease refresh for longer than the retry
+  bound (a proxy in front of the emulator): check() raises the StorageError."""
+  import storage_proxy  # pylint: disable=import-outside-toplevel
+  proxy = storage_proxy.StorageProxy(gcs.url)
+  try:
+    for key, value in proxy.environment(gcs.environment()).items():
+      monkeypatch.setenv(key, value)
+    monkeypatch.setenv(fileio.RETRY_ENV, "1")
+    workdir = _workdir(gcs)
+    with lease.GcsLease(workdir, timeout_s=60, heartbeat_s=0.1) as held:
+      outage = proxy.fail(r"^POST /upload/.*ifGenerationMatch=[1-9]")  # refreshes
+      _wait_for(lambda: held.failure, "the heartbeat to give up")
+      assert held.lost  # so metrics stop and every process of a run agrees to stop
+      with pytest.raises(fileio.StorageError) as failed:
+        held.check()
+      proxy.clear()
+    assert str(failed.value).startswith(
+        f"too many retries (storage kept failing for 1 s) while refreshing the lease "
+        f"{workdir}/.lock; check the network")
+    assert failed.value.exit_code == fileio.STORAGE_EXIT_CODE and outage.answered > 1
+    assert not fileio.exists(f"{workdir}/.lock")  # still released
+  finally:
+    proxy.stop()
 
 
 def test_bad_timeout_setting_is_one_line(monkeypatch):

@@ -18,7 +18,7 @@ import jax
 import ml_collections
 from clu import periodic_actions
 
-from funmatch import checkpoint, parallel
+from funmatch import checkpoint, fileio, parallel
 from funmatch.errors import UserError
 from funmatch.train import build as build_lib
 from funmatch.train import evaluate as evaluate_lib
@@ -193,7 +193,11 @@ def _train(run: build_lib.Run, workdir: str, hold, clock: startup.Clock,
           return results
       if start_step >= total and evaluator.sets:  # a finished run, started again
         results = evaluator(state.params)
+  except Exception as e:  # pylint: disable=broad-except
+    # A disk or bucket that fails mid-run ends in one line (fileio.StorageError).
+    raise fileio.storage_error(e, f"writing to {workdir}", ckpt.kept()) or e
   finally:
     ckpt.close()
-    writer.close()
+    with fileio.storage_failures(f"writing to {workdir}", ckpt.kept):
+      writer.close()
   return results
