@@ -13,12 +13,13 @@ from conftest import repo_path
 LAYERS = (
     ("base", ("funmatch.errors", "funmatch.fileio", "funmatch.cache", "funmatch.console",
               "funmatch.lease", "funmatch.images", "funmatch.checkpoint",
-              "funmatch.distributed", "funmatch.parallel")),
+              "funmatch.distributed", "funmatch.parallel", "funmatch.gcs_retry",
+              "funmatch.timing")),
     ("models", ("funmatch.models",)),
     ("weights", ("funmatch.weights",)),
     ("inference", ("funmatch.student", "funmatch.predict", "funmatch")),
     ("training parts", ("funmatch.data", "funmatch.distill", "funmatch.optim",
-                        "funmatch.teaching", "funmatch.config_util")),
+                        "funmatch.teaching", "funmatch.config_util", "funmatch.overrides")),
     ("train", ("funmatch.train", "funmatch.configs")),
 )
 
