@@ -12,14 +12,13 @@ files for every model from the specs alone; nothing outside funmatch/models
 branches on a model's name.
 
 Model modules are imported on first use, so `import funmatch.models` stays
-cheap and a typo in one model file cannot break the others.
+cheap (no flax or JAX: the CLI's --help imports it) and a typo in one model
+file cannot break the others.
 """
 
 import dataclasses
 import importlib
 from typing import Any
-
-import flax.linen as nn
 
 from funmatch.errors import UserError
 
@@ -61,7 +60,7 @@ def model_options(name: str) -> tuple:
                if f.name not in ("num_classes", "parent", "name"))
 
 
-def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+def get_model(name: str, num_classes: int, **kwargs: Any):
   """Builds model `name` (see `model_names()`) with `num_classes` outputs.
 
   Raises UserError for an unknown name or keyword, listing the valid ones;

@@ -19,8 +19,8 @@ import ml_collections
 
 from funmatch import fileio, lease
 from funmatch.errors import UserError
-# Reading a workdir's config.json is funmatch.weights.stored's job; this module writes it.
-from funmatch.weights.stored import CONFIG_FILE, read_config  # pylint: disable=unused-import
+# Reading a workdir's config.json is funmatch.weights.run_config's job; this module writes it.
+from funmatch.weights.run_config import CONFIG_FILE, read_config  # pylint: disable=unused-import
 
 # Keys a user may change when resuming: schedule length, logging, evaluation,
 # checkpoint cadence, data locations and how they are read (cache_raw,

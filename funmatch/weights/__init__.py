@@ -5,6 +5,7 @@
               driven by each model file's `WEIGHTS` spec (funmatch/models/spec.py)
     catalog   published names (collected from the specs) and the local cache
     stored    StoredModel: a workdir's student, an export or a name
+    run_config  the one reader of a workdir's config.json
     init      where a model's init comes from, and its 'auto' options
 
 Layering: errors/fileio/cache -> models -> weights -> student/predict -> train.

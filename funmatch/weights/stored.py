@@ -10,7 +10,6 @@ funmatch-eval, funmatch-export and an init that names a workdir all read a store
 model through it, so they agree on what the stored model is.
 """
 import dataclasses
-import json
 import os
 from typing import Any, Mapping, Optional
 
@@ -19,21 +18,7 @@ import numpy as np
 from funmatch import fileio, models
 from funmatch.errors import UserError
 from funmatch.weights import catalog, files, layouts
-
-CONFIG_FILE = "config.json"
-
-
-def read_config(workdir: str) -> Optional[dict]:
-  """A workdir's config.json ({'mode', 'config', 'data', ...}), None if absent."""
-  path = fileio.join(workdir, CONFIG_FILE)
-  if not fileio.exists(path):
-    return None
-  try:
-    return json.loads(fileio.read_text(path))
-  except (OSError, ValueError) as e:
-    raise UserError(f"cannot read {path} ({e}); it is not a funmatch workdir or it is "
-                    "damaged: use another --workdir") from None
-
+from funmatch.weights.run_config import CONFIG_FILE, read_config
 
 def run_preprocessing(config: Mapping[str, Any]) -> dict:
   """The eval preprocessing of a run's config, as `layouts.preprocessing_metadata`.
