@@ -35,7 +35,9 @@ from funmatch.models import formats
 # name -> module path holding a `Model` class.
 _REGISTRY = {
     "bit": "funmatch.models.bit",
+    "convnext": "funmatch.models.convnext",
     "mobilenet_v3": "funmatch.models.mobilenet_v3",
+    "swin": "funmatch.models.swin",
     "vit": "funmatch.models.vit",
 }
 
