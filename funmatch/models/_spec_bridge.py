@@ -41,11 +41,14 @@ def bind(spec) -> Dict[str, Any]:
     if isinstance(weights, str):
       weights = formats.read(weights)
     patterns = layouts.compile_patterns(dont_load, f"{spec.what} dont_load")
+    layout = detect_layout(weights)
     return layouts.load(
-        weights.path, weights.arrays, init_params, detect_layout(weights),
+        weights.path, weights.arrays, init_params, layout,
         head=spec.head, strict_head=strict_head,
         skip=lambda name: any(p.search(name) for p in patterns),
-        model_description=spec.describe(init_params), hint=spec.hint)
+        model_description=spec.describe(init_params),
+        hint=f"the file holds {spec.describe(layout.prepare(dict(weights.arrays)))}"
+        f"; {spec.hint}")
 
   def save(path: str, params, model, format: str = "npz",  # pylint: disable=redefined-builtin
            metadata: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:

@@ -277,18 +277,25 @@ def _flat(params) -> Dict[str, Any]:
 
 
 def describe(params) -> str:
-  """'ConvNeXt V1 depths=[3, 3, 9, 3], dims=[96, ...], num_classes=1000'."""
+  """'ConvNeXt V1 depths=[3, 3, 9, 3], dims=[96, ...], num_classes=1000' of
+  params, or of a timm state dict (what a file holds, for mismatch messages)."""
   flat = _flat(params)
+  timm_names = "stem.0.weight" in flat
+  block = (r"stages\.{}\.blocks\.(\d+)\." if timm_names
+           else r"stage{}_block(\d+)/")
+  dwconv = ("stages.{}.blocks.0.conv_dw.weight" if timm_names
+            else "stage{}_block0/dwconv/kernel")
   depths, dims = [], []
-  for stage in range(1, 5):
-    blocks = {m[1] for name in flat
-              if (m := re.match(rf"stage{stage}_block(\d+)/", name))}
-    depths.append(len(blocks))
-    kernel = flat.get(f"stage{stage}_block0/dwconv/kernel")
-    dims.append(int(np.shape(kernel)[-1]) if kernel is not None else 0)
-  version = 2 if any("/grn/" in name for name in flat) else 1
-  head = flat.get(HEAD[0])
-  classes = 0 if head is None else int(np.shape(head)[-1])
+  for stage in range(4):
+    number = stage if timm_names else stage + 1
+    depths.append(len({m[1] for name in flat
+                       if (m := re.match(block.format(number), name))}))
+    kernel = flat.get(dwconv.format(number))
+    dims.append(0 if kernel is None
+                else int(np.shape(kernel)[0 if timm_names else -1]))
+  version = 2 if any("grn" in name for name in flat) else 1
+  head = flat.get("head.fc.weight" if timm_names else HEAD[0])
+  classes = 0 if head is None else int(np.shape(head)[0 if timm_names else -1])
   return (f"ConvNeXt V{version} depths={depths}, dims={dims}, "
           f"num_classes={classes}")
 

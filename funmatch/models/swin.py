@@ -386,21 +386,31 @@ def _flat(params) -> Dict[str, Any]:
 
 
 def describe(params) -> str:
-  """'Swin embed_dim=96, depths=[2, 2, 6, 2], heads=[3, ...], window=7, ...'."""
+  """'Swin embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, ...], window_size=7,
+  num_classes=1000' of params, or of a timm state dict (what a file holds)."""
   flat = _flat(params)
+  timm_names = "patch_embed.proj.weight" in flat
+  block = (r"layers\.{}\.blocks\.(\d+)\." if timm_names
+           else r"stage{}_block(\d+)/")
+  table_name = ("layers.{}.blocks.0.attn.relative_position_bias_table"
+                if timm_names else
+                "stage{}_block0/attn/relative_position_bias_table")
   depths, heads, window = [], [], 0
-  for stage in range(1, 5):
+  for stage in range(4):
+    number = stage if timm_names else stage + 1
     depths.append(len({m[1] for name in flat
-                       if (m := re.match(rf"stage{stage}_block(\d+)/", name))}))
-    table = flat.get(f"stage{stage}_block0/attn/relative_position_bias_table")
+                       if (m := re.match(block.format(number), name))}))
+    table = flat.get(table_name.format(number))
     heads.append(0 if table is None else int(np.shape(table)[1]))
     if table is not None:
       window = (int(round(np.shape(table)[0] ** 0.5)) + 1) // 2
-  embed = flat.get("patch_embed/kernel")
-  head = flat.get(HEAD[0])
-  return (f"Swin embed_dim={0 if embed is None else np.shape(embed)[-1]}, "
+  embed = flat.get("patch_embed.proj.weight" if timm_names
+                   else "patch_embed/kernel")
+  head = flat.get("head.fc.weight" if timm_names else HEAD[0])
+  axis = 0 if timm_names else -1
+  return (f"Swin embed_dim={0 if embed is None else np.shape(embed)[axis]}, "
           f"depths={depths}, num_heads={heads}, window_size={window}, "
-          f"num_classes={0 if head is None else np.shape(head)[-1]}")
+          f"num_classes={0 if head is None else np.shape(head)[axis]}")
 
 
 def timm_spec(model: "Model", params: Mapping[str, Any]) -> Dict[str, Any]:
