@@ -22,8 +22,11 @@ def images(res, batch=2, seed=0):
       -1, 1, (batch, res, res, 3)).astype(np.float32)
 
 
-def randomize(network, seed=0):
-  """Random values everywhere (norm scales near 1, layer scale / GRN O(0.3))."""
+def randomize(network, seed=0, scale=0.3):
+  """Random values everywhere (norm scales near 1, the rest N(0, scale^2)).
+
+  A deep, wide network wants a smaller scale (as trained weights have): with
+  0.3 its activations grow until float32 rounding alone exceeds 1e-4."""
   generator = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, value in network.state_dict().items():
@@ -31,7 +34,7 @@ def randomize(network, seed=0):
         continue
       noise = torch.randn(value.shape, generator=generator)
       is_scale = value.ndim == 1 and name.endswith("weight") and "norm" in name
-      value.copy_(1 + 0.1 * noise if is_scale else 0.3 * noise)
+      value.copy_(1 + 0.1 * noise if is_scale else scale * noise)
   return network.eval()
 
 
