@@ -11,6 +11,7 @@ setup(
     packages=[
         "funmatch",
         "funmatch.models",
+        "funmatch.weights",
         "funmatch.data",
         "funmatch.distill",
         "funmatch.distill.objectives",

@@ -14,6 +14,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from funmatch.errors import UserError
+from funmatch.models import MODEL_META_KEYS  # pylint: disable=unused-import
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -55,11 +56,6 @@ def _convert(key: str, text: str, default: Any) -> Any:
   return text
 
 
-# Keys of a model sub-config that the trainer reads itself; every other key is
-# passed to the model constructor (e.g. depth, width).
-MODEL_META_KEYS = ("model", "res", "init", "init_sha256", "dont_load", "dtype")
-
-
 def model_kwargs(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The constructor arguments of a model sub-config (all but the meta keys)."""
   return {k: v for k, v in model_config.items() if k not in MODEL_META_KEYS}
@@ -73,14 +69,14 @@ def model_config(model: str, res: int, init: str = "", dtype: str = "float32",
   The model's own options are untyped fields (the model validates them), so the
   command line may give BiT's depth as 50 or as "(1, 1, 2, 2)". Options whose
   value follows the weights (BiT's stem_pool_padding, ViT's gelu) are present as
-  'auto' unless given; the build decides them from `init` (funmatch/train/weights.py).
+  'auto' unless given; the build decides them from `init` (funmatch/weights/init.py).
   `init` is a path, a workdir or a published name (docs/weights.md);
   `init_sha256` (hex) makes the build check the file's digest. conv_impl (every
   model's option, funmatch.models.conv) is written out so the locked command line
   can override it: --config.student.conv_impl=xla.
   """
   from funmatch import models  # pylint: disable=import-outside-toplevel
-  kwargs = {**{k: "auto" for k in models.auto_options(model)}, **kwargs}
+  kwargs = {**{k: "auto" for k in models.weights_spec(model).auto_options}, **kwargs}
   options = {k: config_dict.FieldReference(tuple(v) if isinstance(v, list) else v,
                                            field_type=object)
              for k, v in kwargs.items()}

@@ -36,7 +36,7 @@ class Preprocessing:
 
   @classmethod
   def from_metadata(cls, res: int, metadata: Mapping[str, Any]) -> "Preprocessing":
-    """From `models.preprocessing_metadata()` as stored in a file or config."""
+    """From `weights.layouts.preprocessing_metadata()` as stored in a file or config."""
     return cls(int(res), str(metadata.get("eval_crop", cls.eval_crop)),
                float(metadata.get("resize_small_ratio", cls.resize_small_ratio)),
                bool(metadata.get("antialias", cls.antialias)))

@@ -8,32 +8,21 @@ A workdir gives its latest (or `step`) checkpoint, its model options and eval
 preprocessing from its config.json; a funmatch export (.npz / .safetensors) gives
 all of it in its metadata; a published name (docs/weights.md) its catalog entry.
 Neither the teacher nor the training data is needed, and TensorFlow is not used:
-images go through funmatch/images.py, numpy's copy of the eval view.
+images go through funmatch/images.py, numpy's copy of the eval view. What the
+stored model is comes from funmatch.weights.stored (this module is the inference
+API over it and imports nothing from funmatch.train).
 """
 import dataclasses
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from funmatch import config_util, fileio, images, models
+from funmatch import images
 from funmatch.errors import UserError
-from funmatch.models import catalog, formats, layouts
+from funmatch.weights.stored import StoredModel
 
 BATCH_SIZE = 64
-
-
-def run_preprocessing(config: Mapping[str, Any]) -> dict[str, Any]:
-  """The eval preprocessing of a run's config, as `models.preprocessing_metadata`.
-
-  That of its first eval set (by name), which funmatch-eval measures with, else
-  the eval settings of its training data.
-  """
-  evals = dict(config.get("evals") or {})
-  data = evals[sorted(evals)[0]] if evals else dict(config.get("input") or {})
-  return models.preprocessing_metadata(
-      data.get("eval_crop", "resize_small_central"),
-      data.get("eval_resize_ratio", 1.143), data.get("resize_antialias", False))
 
 
 @dataclasses.dataclass
@@ -105,82 +94,15 @@ def load_student(path_or_workdir: str, step: Optional[int] = None) -> Student:
   Raises UserError (one line) for anything that is none of these, a step
   without a checkpoint, or a weights file without funmatch metadata.
   """
-  source = os.fspath(path_or_workdir)
-  if fileio.isdir(source):
-    return _from_workdir(source, step)
-  if step is not None:
-    raise UserError(f"step={step} applies to workdirs; {source} is not one")
-  if fileio.isfile(source):
-    return _from_file(source, formats.read(source))
-  if catalog.is_name(source):
-    found = catalog.entry(source)
-    path = catalog.resolve(source, "the model")
-    return _from_file(path, formats.read(path), found)
-  raise UserError(f"{source} is neither a workdir, a weights file nor a published "
-                  "name; check the path")
-
-
-def _build(model: str, options: Mapping[str, Any], num_classes: int, res: int):
-  """The module and zero params of its structure (no initialiser runs: cheap)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  module = models.get_model(model, num_classes, **options)
-  shapes = jax.eval_shape(module.init, jax.random.key(0),
-                          jnp.zeros((1, res, res, 3), jnp.float32))["params"]
-  return module, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-
-
-def _from_workdir(workdir: str, step: Optional[int]) -> Student:
-  from funmatch import checkpoint  # pylint: disable=import-outside-toplevel
-  from funmatch.train import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
-  from funmatch.train import weights  # pylint: disable=import-outside-toplevel
-  stored = workdir_lib.read_config(workdir)
-  if stored is None:
-    raise UserError(f"{workdir} holds no funmatch run (no {workdir_lib.CONFIG_FILE}); "
-                    "point to a training workdir or an exported weights file")
-  config = stored["config"]
-  student = dict(config["student"])
-  step, params = checkpoint.restore_params(workdir, step)
-  model = student["model"]
-  options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in student.items()
-             if k not in config_util.MODEL_META_KEYS}
-  options.update(weights.workdir_options(workdir, model))
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  options["dtype"] = jnp.dtype(student.get("dtype", "float32"))
-  data = stored.get("data") or {}
-  num_classes = int(data.get("num_classes") or models.num_classes(model, params))
-  res = int(student["res"])
-  module, init = _build(model, options, num_classes, res)
-  layouts.check_same_shapes(f"the checkpoint of step {step} in {workdir}", params, init,
-                            "its config.json's student", "the workdir is damaged")
-  names = data.get("class_names")
-  return Student(module, params,
-                 images.Preprocessing.from_metadata(res, run_preprocessing(config)),
-                 tuple(names) if names else None, model,
-                 {k: v for k, v in options.items() if k != "dtype"}, workdir, step)
-
-
-def _from_file(path: str, weights: formats.Weights,
-               found: Optional[catalog.Entry] = None) -> Student:
-  meta = weights.metadata
-  if meta.get("producer") == "funmatch":
-    model, options = meta["model"], dict(meta["options"])
-    num_classes, res = int(meta["num_classes"]), int(meta["resolution"])
-    preprocessing = meta.get("preprocessing") or models.preprocessing_metadata()
-    names = meta.get("class_names")
-  elif found is not None:
-    model, options = found.model, dict(found.options)
-    num_classes, res = found.num_classes, found.res
-    preprocessing, names = models.preprocessing_metadata(), None
-  else:
-    raise UserError(f"{path} has no funmatch metadata (architecture, classes, "
-                    "resolution); export it with funmatch-export, or build the model "
-                    "with funmatch.models and load it with models.load_params")
-  options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in options.items()}
-  module, init = _build(model, options, num_classes, res)
-  params = models.load_params(model, weights, init, strict_head=True)
-  return Student(module, params, images.Preprocessing.from_metadata(res, preprocessing),
-                 tuple(names) if names else None, model, options, path)
+  stored = StoredModel.open(path_or_workdir, step)
+  module = stored.module()
+  if stored.config is not None:  # a workdir: its checkpoint must fit its config
+    stored.check_params(stored.init_params(module), "its config.json's student",
+                        "the workdir is damaged")
+  return Student(module, stored.params,
+                 images.Preprocessing.from_metadata(stored.res, stored.preprocessing),
+                 stored.class_names, stored.model, dict(stored.options), stored.source,
+                 stored.step)
 
 
 def image_files(paths: Sequence[str]) -> list[str]:

@@ -39,9 +39,10 @@ def write_bit_npz(path: str, num_classes: int, depth, width: float = 0.5) -> str
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from funmatch.models import bit  # pylint: disable=import-outside-toplevel
+  from funmatch.weights import files, layouts  # pylint: disable=import-outside-toplevel
   model = bit.Model(num_classes=num_classes, depth=depth, width=width)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
-  bit.save_npz(path, params)
+  files.write_npz(path, layouts.file_arrays("bit", params), {})  # official names, no metadata
   return path
 
 

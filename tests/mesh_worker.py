@@ -46,7 +46,7 @@ def save_restored_params(args: list[str], workdir: str, path: str) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from funmatch import checkpoint  # pylint: disable=import-outside-toplevel
-  from funmatch.models import layouts  # pylint: disable=import-outside-toplevel
+  from funmatch.weights import layouts  # pylint: disable=import-outside-toplevel
   from funmatch.train import build, cli, state as state_lib  # pylint: disable=import-outside-toplevel
   config, _, _ = cli.parse(["prog", *args], "mesh_worker", {})
   state = state_lib.init_state(build.build(config, "distill"))

@@ -183,9 +183,9 @@ def test_gcs_eval_export_and_plot_from_the_bucket(gcs_run, capsys):
                                              f"--output={export}"], capsys)
   assert code == 0, err
   import funmatch  # pylint: disable=import-outside-toplevel
-  from funmatch.models import bit, formats  # pylint: disable=import-outside-toplevel
+  from funmatch.weights import files, layouts  # pylint: disable=import-outside-toplevel
   _, params = checkpoint.restore_params(workdir)
-  exported, expected = formats.read(export).arrays, bit.to_npz_dict(params)
+  exported, expected = files.read(export).arrays, layouts.file_arrays("bit", params)
   assert sorted(exported) == sorted(expected)
   for name, value in expected.items():
     np.testing.assert_array_equal(exported[name], value, err_msg=name)

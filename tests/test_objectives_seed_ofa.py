@@ -416,11 +416,11 @@ def _export_keys_equal_student_params(config_args, workdir, tmp_path, capsys):
                                            f"--output={output}"], capsys)
   assert code == 0, err
   _, params = checkpoint.restore_params(workdir)
-  from funmatch.models import bit, formats
+  from funmatch.weights import files, layouts
   with np.load(output) as data:
-    names = set(data.files) - {formats.METADATA_KEY}  # the export's metadata
+    names = set(data.files) - {files.METADATA_KEY}  # the export's metadata
   # Only the student: no branch/projection head, no queue.
-  assert names == set(bit.to_npz_dict(params))
+  assert names == set(layouts.file_arrays("bit", params))
   assert not any("branch" in n or "head/hidden" in n or "queue" in n for n in names)
 
 

@@ -471,16 +471,16 @@ def assert_exports_the_student_only(config_args, workdir, student_names, tmp_pat
   output = str(tmp_path / "student.npz")
   code, _, err = run_cli(cli.export_main, [*config_args, f"--output={output}"], capsys)
   assert code == 0, err
-  from funmatch.models import formats
+  from funmatch.weights import files
   with np.load(output) as data:
-    assert set(data.files) - {formats.METADATA_KEY} == student_names  # + metadata
+    assert set(data.files) - {files.METADATA_KEY} == student_names  # + metadata
 
 
 def vit_param_names(width, heads, depth=4):
   model = vit.Model(10, variant="Ti", width=width, depth=depth, num_heads=heads,
                     mlp_dim=4 * width, patch_size=4)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
-  from funmatch.models import layouts
+  from funmatch.weights import layouts
   return set(layouts.flat_params(shapes))
 
 
@@ -526,6 +526,7 @@ def test_vitkd_distils_checkpoints_and_exports(vit_teacher_workdir, tmp_path, ca
 
 def test_nkd_distils_checkpoints_and_exports(teacher_workdir, tmp_path, capsys):
   from funmatch.models import bit
+  from funmatch.weights import layouts
   workdir = str(tmp_path / "nkd")
   args = distill_recipe("digits_nkd", teacher_workdir, workdir, "--config.teacher.width=0.5")
   code, _, err = run_cli(cli.distill_main, args, capsys)
@@ -533,7 +534,7 @@ def test_nkd_distils_checkpoints_and_exports(teacher_workdir, tmp_path, capsys):
   assert_trained(workdir, "train/ce", "train/nkd")
   model = bit.Model(num_classes=10, depth=[1, 1, 1, 1], width=0.5)
   init = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
-  assert_exports_the_student_only(args, workdir, set(bit.to_npz_dict(init)), tmp_path, capsys)
+  assert_exports_the_student_only(args, workdir, set(layouts.file_arrays("bit", init)), tmp_path, capsys)
 
 
 @pytest.mark.parametrize("recipe", ["digits_nkd", "digits_vitkd", "digits_tinymim"])

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import repo_path, run_cli
 from funmatch import checkpoint, parallel
-from funmatch.models import layouts
+from funmatch.weights import layouts
 from funmatch.train import cli, metrics_io
 from mesh_worker import config_args
 

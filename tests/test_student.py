@@ -23,7 +23,8 @@ from conftest import TINY_STUDENT_ARG, repo_path, run_cli
 from funmatch import checkpoint, models
 from funmatch.data import preprocess, sources
 from funmatch.errors import UserError
-from funmatch.models import formats
+from funmatch.weights import files as formats
+from funmatch.weights import layouts
 from funmatch.train import cli
 
 DIGITS = repo_path("configs", "digits.py")
@@ -171,7 +172,7 @@ def test_timm_export_loads_into_timm(exports, student_workdir, digit_images):
   want = logits_of(student, x)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
   np.testing.assert_allclose(
-      models.timm_model(path)(torch.from_numpy(x.transpose(0, 3, 1, 2))).detach().numpy(),
+      layouts.timm_model(path)(torch.from_numpy(x.transpose(0, 3, 1, 2))).detach().numpy(),
       want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
@@ -259,7 +260,7 @@ def test_options_follow_the_init_and_survive_resume(teacher_workdir, tmp_path):
   student_model = models.get_model("bit", 10, depth=[1, 1, 1, 1], width=0.5)
   shapes = jax.eval_shape(student_model.init, jax.random.key(0),
                           np.zeros((1, 16, 16, 3), np.float32))["params"]
-  models.save_params("bit", student_init,
+  layouts.save_params("bit", student_init,
                      jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes),
                      format="safetensors", resolution=16,
                      options={"depth": [1, 1, 1, 1], "width": 0.5,

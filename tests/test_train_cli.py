@@ -82,6 +82,7 @@ def test_export_writes_official_bit_names_without_teacher(teacher_workdir, stude
   import jax
   import jax.numpy as jnp
   from funmatch.models import bit
+  from funmatch.weights import layouts
   config = repo_path("configs", "digits.py") + ":" + TINY_STUDENT_ARG + \
       f",teacher={teacher_workdir}"
   width = "--config.teacher.width=0.5"
@@ -95,7 +96,7 @@ def test_export_writes_official_bit_names_without_teacher(teacher_workdir, stude
   assert "resnet/head/conv2d/bias" in names
   model = bit.Model(num_classes=10, depth=[1, 1, 1, 1], width=0.5)  # the tiny student
   init = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)))["params"]
-  loaded = bit.load_npz(output, init)
+  loaded = layouts.load("bit", output, init)
   _, stored = checkpoint.restore_params(student_workdir)
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(stored)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -11,7 +11,8 @@ from clu.parameter_overview import count_parameters as count_params
 from funmatch.models import get_model
 from funmatch.models import vit
 from funmatch import config_util, models
-from funmatch.train import weights
+from funmatch.weights import init as weights
+from funmatch.weights import layouts
 
 TINY = dict(variant="Ti", width=32, depth=3, num_heads=4, mlp_dim=48,
             patch_size=4)
@@ -366,7 +367,7 @@ def test_registry_builds_a_vit():
 def test_params_export_round_trips(tiny, tmp_path):
   model, params, x, logits, _ = tiny
   path = str(tmp_path / "vit.npz")
-  models.save_params("vit", path, params, resolution=SIZE)
+  layouts.save_params("vit", path, params, resolution=SIZE)
   with np.load(path) as stored:
     names = set(stored.files)
   # Official JAX ViT names, '/'-joined.
@@ -376,7 +377,7 @@ def test_params_export_round_trips(tiny, tmp_path):
           "Transformer/encoderblock_2/MultiHeadDotProductAttention_1/query/kernel",
           "Transformer/encoderblock_0/MlpBlock_3/Dense_1/bias"} <= names
   init = model.init(jax.random.key(1), jnp.zeros((1, SIZE, SIZE, 3)))["params"]
-  loaded = models.load_params("vit", path, init)
+  loaded = layouts.load("vit", path, init)
   assert jax.tree.structure(loaded) == jax.tree.structure(params)
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
   np.testing.assert_array_equal(run(model, loaded, x)[0], logits)
@@ -388,4 +389,4 @@ def test_params_export_round_trips(tiny, tmp_path):
   other_init = other.init(jax.random.key(0),
                           jnp.zeros((1, SIZE, SIZE, 3)))["params"]
   with pytest.raises(UserError, match="unexpected"):
-    models.load_params("vit", path, other_init)
+    layouts.load("vit", path, other_init)

@@ -74,13 +74,13 @@ def models(config, teacher_dtype):
 
 
 def frozen(config, teacher, params):
-  """The teacher as build.py runs it (models.freeze), on abstract params."""
+  """The teacher as build.py runs it (weights.layouts.freeze), on abstract params."""
   import jax  # pylint: disable=import-outside-toplevel
-  from funmatch import models as registry  # pylint: disable=import-outside-toplevel
+  from funmatch.weights import layouts  # pylint: disable=import-outside-toplevel
   modules = []
 
   def freeze(p):
-    module, p = registry.freeze(config.teacher.model, teacher, p)
+    module, p = layouts.freeze(config.teacher.model, teacher, p)
     modules.append(module)
     return p
 

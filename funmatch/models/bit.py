@@ -19,22 +19,22 @@ flax path, with GroupNorm `scale`/`bias` called `gamma`/`beta`:
 
 Every parameter also has the official shape: conv kernels HWIO, GroupNorm
 scale/bias [C], head kernel [1, 1, C, num_classes], head bias [num_classes].
-That is also what timm's `resnetv2._load_weights` reads, so `save_npz` files
+That is also what timm's `resnetv2._load_weights` reads, so 'npz' exports
 load there unchanged.
 
-`load` also reads big_vision's `bit_paper` names (`root_block/conv_root/
+`WEIGHTS` (the end of this file) also reads big_vision's `bit_paper` names (`root_block/conv_root/
 kernel`, `block1/unit01/gn1/scale`, ..., `norm-pre-head/scale`, `head/kernel`),
 timm `ResNetV2` state dicts (`stem.conv.weight`, `stages.0.blocks.0.conv1.
 weight`, ..., `head.fc.weight`; OIHW kernels) and funmatch's own flax names;
-`SAVE_LAYOUTS` says which layout each export format writes. big_vision pads
+its `formats` say which layout each export format writes. big_vision pads
 the stem max-pool with -inf where the others pad with zeros: the layout
 implies `stem_pool_padding` (see `Model`).
 """
 
+import dataclasses
 import re
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
-from absl import logging
 import flax
 import flax.linen as nn
 import jax
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from funmatch.errors import UserError
-from funmatch.models import conv, formats, layouts
+from funmatch.models import conv, spec
 
 Params = Mapping[str, Any]
 
@@ -60,7 +60,6 @@ PREFIX = "resnet/"
 STEM_POOL_PADDINGS = ("auto", "zeros", "neg_inf")
 # What an 'auto' option means when no weights file says otherwise.
 AUTO_OPTIONS = {"stem_pool_padding": "zeros"}
-_HEAD_NAMES = (PREFIX + "head/conv2d/kernel", PREFIX + "head/conv2d/bias")
 
 
 # --------------------------------------------------------------------------
@@ -308,7 +307,7 @@ class Model(nn.Module):
       params passed through `prestandardize` (a frozen teacher).
     stem_pool_padding: what the stem's max-pool pads with: 'zeros' (official
       BiT, timm), 'neg_inf' (big_vision's bit_paper), or 'auto': whatever
-      the weights file implies, resolved by `models.resolve_options` before
+      the weights file implies, resolved by `weights.init.decide_options` before
       the model is built (unresolved, 'auto' runs as 'zeros').
     conv_impl: 'auto', 'xla' or 'matmul' (funmatch.models.conv): how the
       convs run; the same params and function either way.
@@ -365,50 +364,24 @@ class Model(nn.Module):
 
 
 # --------------------------------------------------------------------------
-# Parameters <-> official names.
+# Weights: official BiT npz, big_vision (bit_paper), timm, funmatch.
 # --------------------------------------------------------------------------
 
-
-def _unwrap(params: Params) -> Tuple[Params, bool]:
-  """Accepts either the params tree or a variables dict {'params': tree}."""
-  if set(params.keys()) == {"params"}:
-    return params["params"], True
-  return params, False
+HEAD = ("head/conv2d/kernel", "head/conv2d/bias")
+_UNIT = re.compile(r"block(\d+)/unit(\d+)/([abc])/(.+)")
 
 
-def _flax_to_official(path: Tuple[str, ...]) -> str:
-  """('block1','unit01','a','group_norm','scale') -> resnet/.../gamma."""
-  *scope, leaf = path
+def _official_name(name: str) -> str:
+  """'block1/unit01/a/group_norm/scale' -> 'resnet/block1/.../gamma'."""
+  *scope, leaf = name.split("/")
   if scope and scope[-1] == "group_norm":
     leaf = {"scale": "gamma", "bias": "beta"}.get(leaf, leaf)
   return PREFIX + "/".join(scope + [leaf])
 
 
-def official_names(params: Params) -> Dict[str, Tuple[str, ...]]:
-  """Maps each official `.npz` name to its flax params path."""
-  flat = flax.traverse_util.flatten_dict(_unwrap(params)[0])
-  return {_flax_to_official(path): path for path in flat}
-
-
-def to_npz_dict(params: Params) -> Dict[str, np.ndarray]:
-  """Params as the official BiT `.npz` contents (names, shapes, float32)."""
-  flat = flax.traverse_util.flatten_dict(_unwrap(params)[0])
-  return {_flax_to_official(path): np.asarray(value, np.float32)
-          for path, value in flat.items()}
-
-
-def save_npz(path: str, params: Params) -> str:
-  """Writes params as an official-format BiT `.npz`; returns `path`.
-
-  The file appears atomically (written beside it, then renamed) so a reader
-  never sees half a file. `models.save_params` also records metadata.
-  """
-  return formats.write_npz(path, to_npz_dict(params), {})
-
-
 def describe(params: Params) -> str:
   """`depth=[3, 4, 6, 3], width=1, num_classes=10`-style summary of params."""
-  tree = _unwrap(params)[0]
+  tree = spec.unwrap(params)[0]
   units = [sum(k.startswith("unit") for k in tree.get(f"block{i}", {}))
            for i in range(1, 5)]
   summary = f"depth={units}"
@@ -427,7 +400,7 @@ def prestandardize(params: Params) -> Params:
   function as the original model on `params`, without re-standardising the
   (frozen) kernels at every step.
   """
-  tree, wrapped = _unwrap(params)
+  tree, wrapped = spec.unwrap(params)
   flat = flax.traverse_util.flatten_dict(tree)
   flat = {path: (standardize_kernel(jnp.asarray(value, jnp.float32))
                  if path[-2:] == ("standardized_conv2d", "kernel") else value)
@@ -436,16 +409,10 @@ def prestandardize(params: Params) -> Params:
   return {"params": tree} if wrapped else tree
 
 
-# --------------------------------------------------------------------------
-# Weight layouts: official BiT npz, big_vision (bit_paper), timm, funmatch.
-# --------------------------------------------------------------------------
-
-HEAD = ("head/conv2d/kernel", "head/conv2d/bias")
-_UNIT = re.compile(r"block(\d+)/unit(\d+)/([abc])/(.+)")
-
-
-def _official_name(name: str) -> str:
-  return _flax_to_official(tuple(name.split("/")))
+def freeze(module: Model, params: Params) -> Tuple[Model, Params]:
+  """A frozen BiT: conv kernels standardised once, not at every step."""
+  return (module.clone(standardize_weights=False),
+          jax.jit(prestandardize)(params))
 
 
 def _undo_numbered_convs(arrays: Dict[str, np.ndarray]):
@@ -514,121 +481,29 @@ def _timm_name(name: str) -> str:
 
 
 def _torch_layout(_name: str, value: np.ndarray) -> np.ndarray:
-  return layouts.hwio_to_oihw(value) if value.ndim == 4 else value
+  return spec.hwio_to_oihw(value) if value.ndim == 4 else value
 
 
 def _flax_layout(_name: str, value: np.ndarray, _shape=None) -> np.ndarray:
-  return layouts.oihw_to_hwio(value) if value.ndim == 4 else value
+  return spec.oihw_to_hwio(value) if value.ndim == 4 else value
 
 
-OFFICIAL = layouts.Layout(
+OFFICIAL = spec.Layout(
     "bit_official", _official_name, prepare=_undo_numbered_convs,
-    implies={"stem_pool_padding": "zeros"})
-BIG_VISION = layouts.Layout(
+    implies={"stem_pool_padding": "zeros"},
+    marker=lambda name: name.startswith(PREFIX))
+BIG_VISION = spec.Layout(
     "big_vision", _big_vision_name, to_file=_big_vision_value,
-    prepare=_strip_params_prefix, implies={"stem_pool_padding": "neg_inf"})
+    prepare=_strip_params_prefix, implies={"stem_pool_padding": "neg_inf"},
+    marker=lambda name: name.endswith("root_block/conv_root/kernel"))
 # timm's *_bit models pad the stem with zeros ('fixed' stem).
-TIMM = layouts.Layout(
+TIMM = spec.Layout(
     "timm", _timm_name, to_file=_torch_layout, to_model=_flax_layout,
-    implies={"stem_pool_padding": "zeros"})
-FUNMATCH = layouts.FUNMATCH
-# The layout each `save` format writes.
-SAVE_LAYOUTS = {"npz": OFFICIAL, "safetensors": FUNMATCH, "timm": TIMM}
+    implies={"stem_pool_padding": "zeros"},
+    marker=lambda name: name.startswith("stem.conv."))
+FUNMATCH = dataclasses.replace(
+    spec.FUNMATCH, marker=lambda name: name == "root_block/standardized_conv2d/kernel")
 
-
-def detect_layout(weights: formats.Weights) -> layouts.Layout:
-  """The layout of a file, from its metadata or else its names."""
-  recorded = weights.metadata.get("layout")
-  for layout in (OFFICIAL, BIG_VISION, TIMM, FUNMATCH):
-    if recorded == layout.name:
-      return layout
-  names = list(weights.names)
-  return layouts.detect(weights.path, names, (
-      (lambda n: n.startswith(PREFIX), OFFICIAL),
-      (lambda n: n.endswith("root_block/conv_root/kernel"), BIG_VISION),
-      (lambda n: n.startswith("stem.conv."), TIMM),
-      (lambda n: n == "root_block/standardized_conv2d/kernel", FUNMATCH),
-  ), what="BiT")
-
-
-def load(weights: Union[str, formats.Weights], init_params: Params,
-         dont_load: Sequence[str] = (),
-         strict_head: bool = False) -> Params:
-  """Loads BiT weights of any known layout into `Model` params.
-
-  Args:
-    weights: a file path or `formats.read` result: an official BiT `.npz`,
-      a big_vision `bit_paper` `.npz`, a timm `resnetv2_*_bit` state dict
-      (.safetensors / .pth) or a funmatch export. The layout is told by the
-      metadata, else by the names.
-    init_params: params of the target model (from `Model.init`); fix the
-      structure of the result and supply every value not loaded.
-    dont_load: regexes; a param whose funmatch name (`head/conv2d/kernel`)
-      or official name (`resnet/head/conv2d/kernel`) they match (re.search)
-      keeps its value from `init_params`.
-
-  Returns:
-    params with the structure of `init_params`; loaded leaves are float32
-    numpy arrays. The head is kept from `init_params` (and logged) when the
-    file's class count differs, or the file has none (an error instead
-    with `strict_head`, for teachers).
-
-  Raises:
-    UserError: unreadable file, unknown layout, or names/shapes that do not
-      fit the model (naming the first mismatches and both shapes).
-  """
-  if isinstance(weights, str):
-    weights = formats.read(weights)
-  patterns = layouts.compile_patterns(dont_load, "BiT dont_load")
-  skip = lambda name: any(p.search(name) or p.search(_official_name(name))
-                          for p in patterns)
-  return layouts.load(
-      weights.path, weights.arrays, init_params, detect_layout(weights),
-      head=HEAD, strict_head=strict_head, skip=skip,
-      model_description=describe(init_params),
-      hint="set the model's depth and width to those of the checkpoint (e.g. "
-      "BiT-M-R50x1 is depth=50, width=1), or use dont_load for names to keep "
-      "from init.")
-
-
-def save(path: str, params, model: "Model",
-         format: str = "npz",  # pylint: disable=redefined-builtin
-         metadata: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-  """Writes params as 'npz', 'safetensors' or 'timm' (`SAVE_LAYOUTS`).
-
-  `models.save_params` is the usual entry: it fills `metadata` (options,
-  resolution, preprocessing). A 'timm' file's metadata also says how timm
-  builds it. Returns the metadata written.
-  """
-  record = dict(metadata or {})
-  if format == "timm":
-    record["timm"] = timm_spec(model, params)
-  layouts.save(path, params, SAVE_LAYOUTS[format], record)
-  return {"layout": SAVE_LAYOUTS[format].name, **record}
-
-
-def load_npz(path: str, init_params: Params, dont_load: Sequence[str] = (),
-             strict_head: bool = False) -> Params:
-  """`load` for a file read as `.npz` whatever its name (kept for callers)."""
-  return load(formats.read(path, kind="npz"), init_params, dont_load,
-              strict_head)
-
-
-def freeze(module: Model, params: Params) -> Tuple[Model, Params]:
-  """A frozen BiT: conv kernels standardised once, not at every step."""
-  return (module.clone(standardize_weights=False),
-          jax.jit(prestandardize)(params))
-
-
-def num_classes(params: Params) -> int:
-  """The head's class count (0 when the params have no head)."""
-  kernel = layouts.flat_params(params).get(HEAD[0])
-  return 0 if kernel is None else int(np.shape(kernel)[-1])
-
-
-# --------------------------------------------------------------------------
-# timm.
-# --------------------------------------------------------------------------
 
 # (depth, width) of the BiT models timm registers as resnetv2_{d}x{w}_bit.
 TIMM_NAMED = {(50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4)}
@@ -665,13 +540,96 @@ def timm_spec(model: Model, params: Params) -> Dict[str, Any]:
   return {"model_name": None, "kwargs": kwargs, "code": code}
 
 
-def build_timm(spec: Mapping[str, Any]):
+def build_timm(recipe: Mapping[str, Any]):
   """The timm module a `timm_spec` describes (imports timm)."""
   import functools  # pylint: disable=import-outside-toplevel
   import timm  # pylint: disable=import-outside-toplevel
-  if spec.get("model_name"):
-    return timm.create_model(spec["model_name"], pretrained=False,
-                             **spec["kwargs"])
+  if recipe.get("model_name"):
+    return timm.create_model(recipe["model_name"], pretrained=False,
+                             **recipe["kwargs"])
   return timm.models.resnetv2.ResNetV2(
-      **spec["kwargs"],
+      **recipe["kwargs"],
       conv_layer=functools.partial(timm.layers.StdConv2d, eps=1e-8))
+
+
+# --------------------------------------------------------------------------
+# Published weights: the paper's teachers and students, BiT upstream.
+# --------------------------------------------------------------------------
+
+
+def _paper(name, path, classes, res, description, hub="", depth=152, width=2):
+  # The paper trained every model with big_vision's bit_paper, whose stem
+  # max-pool pads with -inf (timm's ports of the same weights pad with zeros).
+  return spec.Published(
+      name, {"depth": depth, "width": width, "stem_pool_padding": "neg_inf"},
+      classes, res, description, path=f"distill/{path}", hub=hub)
+
+
+def _upstream(upstream: str, depth: int, width: int,
+              ilsvrc: bool) -> spec.Published:
+  # Official BiT (big_transfer) code pads the stem max-pool with zeros.
+  name = f"BiT-{upstream}-R{depth}x{width}" + ("-ILSVRC2012" if ilsvrc else "")
+  hub = ""
+  if upstream == "M":
+    hub = (f"resnetv2_{depth}x{width}_bit.goog_in21k"
+           + ("_ft_in1k" if ilsvrc else ""))
+  if ilsvrc:
+    classes, res = 1000, (480 if (depth, width) == (152, 4) else 448)
+    what = "BiT-M (ImageNet-21k) fine-tuned on ImageNet-1k"
+  else:
+    classes, res = (21843 if upstream == "M" else 1000), 224
+    what = ("BiT-M upstream (ImageNet-21k)" if upstream == "M"
+            else "BiT-S upstream (ImageNet-1k)")
+  return spec.Published(
+      name, {"depth": depth, "width": width, "stem_pool_padding": "zeros"},
+      classes, res, f"{what}, R{depth}x{width}", path=f"{name}.npz", hub=hub)
+
+
+_SIZES = ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4))
+
+PUBLISHED = (
+    # The paper's students (Beyer et al. 2022, Table 1).
+    _paper("FunMatch-224px-i1k82.8", "R50x1_224.npz", 1000, 224,
+           "BiT-R50x1 student distilled on ImageNet-1k at 224px, 82.8% top-1",
+           hub="resnetv2_50x1_bit.goog_distilled_in1k", depth=50, width=1),
+    _paper("FunMatch-160px-i1k80.5", "R50x1_160.npz", 1000, 160,
+           "BiT-R50x1 student distilled on ImageNet-1k at 160px, 80.5% top-1",
+           depth=50, width=1),
+    # The paper's teachers: BiT-M R152x2 fine-tuned per dataset.
+    _paper("FunMatch-teacher-224px-i1k", "R152x2_T_224.npz", 1000, 224,
+           "BiT-M R152x2 teacher, ImageNet-1k, 224px (inception crop), 83.0%",
+           hub="resnetv2_152x2_bit.goog_teacher_in21k_ft_in1k"),
+    _paper("FunMatch-teacher-384px-i1k", "R152x2_T_384.npz", 1000, 384,
+           "BiT-M R152x2 teacher, ImageNet-1k, 384px (resize crop), 84.3%",
+           hub="resnetv2_152x2_bit.goog_teacher_in21k_ft_in1k_384"),
+    _paper("FunMatch-teacher-128px-flowers", "R152x2_T_flowers128.npz", 102,
+           128, "BiT-M R152x2 teacher, Oxford Flowers-102, 128px"),
+    _paper("FunMatch-teacher-128px-pet", "R152x2_T_pet128.npz", 37, 128,
+           "BiT-M R152x2 teacher, Oxford-IIIT Pets, 128px"),
+    _paper("FunMatch-teacher-128px-food", "R152x2_T_food128.npz", 101, 128,
+           "BiT-M R152x2 teacher, Food-101, 128px"),
+    _paper("FunMatch-teacher-128px-sun", "R152x2_T_sun128.npz", 397, 128,
+           "BiT-M R152x2 teacher, SUN397, 128px"),
+    # BiT upstream (Kolesnikov et al. 2020) and its ImageNet-1k fine-tunes.
+    *(_upstream(up, d, w, False) for up in ("S", "M") for d, w in _SIZES),
+    *(_upstream("M", d, w, True) for d, w in _SIZES),
+)
+
+
+WEIGHTS = spec.WeightsSpec(
+    what="BiT",
+    layouts=(OFFICIAL, BIG_VISION, TIMM, FUNMATCH),
+    formats={"npz": "bit_official", "safetensors": "funmatch", "timm": "timm"},
+    head=HEAD,
+    describe=describe,
+    hint="set the model's depth and width to those of the checkpoint (e.g. "
+    "BiT-M-R50x1 is depth=50, width=1), or use dont_load for names to keep "
+    "from init.",
+    auto_options=AUTO_OPTIONS,
+    # dont_load regexes also match the official name (resnet/head/conv2d/...).
+    dont_load_names=lambda name: (name, _official_name(name)),
+    freeze=freeze,
+    timm=timm_spec,
+    build_timm=build_timm,
+    published=PUBLISHED,
+)

@@ -25,6 +25,7 @@ Weights: funmatch's own names ('/'-joined flax paths) in .npz or
 files use BatchNorm and cannot be loaded faithfully: they are refused.
 """
 
+import dataclasses
 import functools
 import re
 from typing import (Any, Dict, List, Mapping, NamedTuple, Optional, Sequence,
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from funmatch.errors import UserError
-from funmatch.models import conv, formats, layouts
+from funmatch.models import conv, spec
 
 GN_GROUPS = 8
 GN_EPSILON = 1e-5
@@ -138,18 +139,18 @@ class InvertedResidual(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    spec = self.spec
+    block = self.spec
     common = dict(dtype=self.dtype, conv_impl=self.conv_impl)
     y = x
     if self.expanded != x.shape[-1]:
-      y = ConvNorm(self.expanded, activation=spec.activation, name="expand",
+      y = ConvNorm(self.expanded, activation=block.activation, name="expand",
                    **common)(y)
-    y = ConvNorm(self.expanded, spec.kernel, spec.stride, depthwise=True,
-                 activation=spec.activation, name="depthwise", **common)(y)
-    if spec.use_se:
+    y = ConvNorm(self.expanded, block.kernel, block.stride, depthwise=True,
+                 activation=block.activation, name="depthwise", **common)(y)
+    if block.use_se:
       y = SqueezeExcite(make_divisible(self.expanded // 4), name="se", **common)(y)
     y = ConvNorm(self.out, name="project", **common)(y)
-    if spec.stride == 1 and x.shape[-1] == self.out:
+    if block.stride == 1 and x.shape[-1] == self.out:
       y = y + x
     return y
 
@@ -200,9 +201,9 @@ class Model(nn.Module):
     common = dict(dtype=self.dtype, conv_impl=self.conv_impl)
     x = taps["stem"] = ConvNorm(self._channels(STEM_CHANNELS), 3, 2,
                                 activation="hswish", name="stem", **common)(images)
-    for index, spec in enumerate(LARGE_BLOCKS, start=1):
-      x = InvertedResidual(spec, self._channels(spec.expanded),
-                           self._channels(spec.out), name=f"block{index:02d}",
+    for index, block in enumerate(LARGE_BLOCKS, start=1):
+      x = InvertedResidual(block, self._channels(block.expanded),
+                           self._channels(block.out), name=f"block{index:02d}",
                            **common)(x)
       if index in STAGE_ENDS:
         taps[f"stage{STAGE_ENDS.index(index) + 1}"] = x
@@ -264,7 +265,7 @@ def _timm_name(name: str) -> str:
 
 def _to_timm(name: str, value: np.ndarray) -> np.ndarray:
   if value.ndim == 4:
-    return layouts.hwio_to_oihw(value)
+    return spec.hwio_to_oihw(value)
   if name == "pre_logits/kernel":  # a Dense here, a 1x1 conv in timm
     return value.T[:, :, None, None]
   if value.ndim == 2:
@@ -276,92 +277,36 @@ def _from_timm(name: str, value: np.ndarray, shape=None) -> np.ndarray:
   if name == "pre_logits/kernel" and value.ndim == 4:
     return value.reshape(value.shape[:2]).T
   if value.ndim == 4:
-    return layouts.oihw_to_hwio(value)
+    return spec.oihw_to_hwio(value)
   if value.ndim == 2:
     return value.T
   return value
 
 
-TIMM = layouts.Layout("timm", _timm_name, to_file=_to_timm,
-                      to_model=_from_timm)
-FUNMATCH = layouts.FUNMATCH
-SAVE_LAYOUTS = {"npz": FUNMATCH, "safetensors": FUNMATCH, "timm": TIMM}
+TIMM = spec.Layout("timm", _timm_name, to_file=_to_timm,
+                   to_model=_from_timm,
+                   marker=lambda name: name.startswith("conv_stem."))
+FUNMATCH = dataclasses.replace(spec.FUNMATCH,
+                               marker=lambda name: name == "stem/conv/kernel")
 
 
-def detect_layout(weights: formats.Weights) -> layouts.Layout:
-  """The layout of a file, from its metadata or else its names."""
-  names = list(weights.names)
+def _batch_norm_file(path: str, names: Sequence[str]) -> Optional[str]:
+  """Why a BatchNorm MobileNetV3 (timm's own) cannot load here, or None."""
   if any(name.endswith(".running_mean") for name in names):
-    raise UserError(
-        f"weights file {weights.path} is a BatchNorm MobileNetV3 (it has "
-        "running statistics); funmatch's MobileNetV3 uses GroupNorm(8), so "
-        "these weights cannot run faithfully; start from random init or a "
-        "GroupNorm checkpoint (a funmatch export).")
-  recorded = weights.metadata.get("layout")
-  for layout in (TIMM, FUNMATCH):
-    if recorded == layout.name:
-      return layout
-  return layouts.detect(weights.path, names, (
-      (lambda n: n == "stem/conv/kernel", FUNMATCH),
-      (lambda n: n.startswith("conv_stem."), TIMM),
-  ), what="MobileNetV3")
+    return (f"weights file {path} is a BatchNorm MobileNetV3 (it has "
+            "running statistics); funmatch's MobileNetV3 uses GroupNorm(8), so "
+            "these weights cannot run faithfully; start from random init or a "
+            "GroupNorm checkpoint (a funmatch export).")
+  return None
 
 
 def describe(params) -> str:
   """`width: stem 16 channels, num_classes=10`-style summary of params."""
-  flat = layouts.flat_params(params)
+  flat = spec.flat_params(params)
   stem = np.shape(flat.get("stem/conv/kernel", np.zeros((0,))))[-1]
   head = flat.get(HEAD[0])
   classes = 0 if head is None else np.shape(head)[-1]
   return f"MobileNetV3 with a {stem}-channel stem, num_classes={classes}"
-
-
-def load(weights: Union[str, formats.Weights], init_params,
-         dont_load: Sequence[str] = (), strict_head: bool = False):
-  """Loads MobileNetV3 weights (funmatch export, timm GroupNorm) into params.
-
-  `dont_load` regexes are searched in funmatch's param names; a head of
-  another class count keeps the initial head (logged), or is an error with
-  `strict_head` (teachers). Mismatches raise one UserError naming the first
-  mismatched names and both shapes.
-  """
-  if isinstance(weights, str):
-    weights = formats.read(weights)
-  patterns = layouts.compile_patterns(dont_load, "MobileNetV3 dont_load")
-  return layouts.load(
-      weights.path, weights.arrays, init_params, detect_layout(weights),
-      head=HEAD, strict_head=strict_head,
-      skip=lambda name: any(p.search(name) for p in patterns),
-      model_description=describe(init_params),
-      hint="set the model's width to that of the checkpoint, or use "
-      "dont_load for names to keep from init.")
-
-
-def save(path: str, params, model: "Model",
-         format: str = "npz",  # pylint: disable=redefined-builtin
-         metadata: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-  """Writes params as 'npz', 'safetensors' or 'timm' (`SAVE_LAYOUTS`).
-
-  `models.save_params` is the usual entry: it fills `metadata` (options,
-  resolution, preprocessing). A 'timm' file's metadata also says how timm
-  builds it. Returns the metadata written.
-  """
-  record = dict(metadata or {})
-  if format == "timm":
-    record["timm"] = timm_spec(model, params)
-  layouts.save(path, params, SAVE_LAYOUTS[format], record)
-  return {"layout": SAVE_LAYOUTS[format].name, **record}
-
-
-def freeze(module: "Model", params):
-  """A frozen model runs as it trains: nothing to precompute."""
-  return module, params
-
-
-def num_classes(params) -> int:
-  """The head's class count (0 when the params have no head)."""
-  kernel = layouts.flat_params(params).get(HEAD[0])
-  return 0 if kernel is None else int(np.shape(kernel)[-1])
 
 
 # --------------------------------------------------------------------------
@@ -374,8 +319,8 @@ def _timm_arch_def(model: "Model") -> List[List[str]]:
   channels = model._channels  # pylint: disable=protected-access
   in_channels = channels(STEM_CHANNELS)
   blocks = []
-  for index, spec in enumerate(LARGE_BLOCKS, start=1):
-    mid, out = channels(spec.expanded), channels(spec.out)
+  for index, block in enumerate(LARGE_BLOCKS, start=1):
+    mid, out = channels(block.expanded), channels(block.out)
     # timm's block 1 never expands and the others always do; funmatch
     # expands exactly when mid differs from the input channels.
     if (index == 1) != (mid == in_channels):
@@ -383,13 +328,13 @@ def _timm_arch_def(model: "Model") -> List[List[str]]:
           f"MobileNetV3 width={model.width} gives block {index} an "
           f"expansion timm's MobileNetV3 cannot express ({in_channels} -> "
           f"{mid} channels); export it as 'npz' or 'safetensors' instead.")
-    relu = "_nre" if spec.activation == "relu" else ""
-    se = "_se0.25" if spec.use_se else ""
+    relu = "_nre" if block.activation == "relu" else ""
+    se = "_se0.25" if block.use_se else ""
     if index == 1:
-      blocks.append(f"ds_r1_k{spec.kernel}_s{spec.stride}_e1_c{out}{se}{relu}")
+      blocks.append(f"ds_r1_k{block.kernel}_s{block.stride}_e1_c{out}{se}{relu}")
     else:
       ratio = mid / in_channels  # timm: mid = make_divisible(in * ratio)
-      blocks.append(f"ir_r1_k{spec.kernel}_s{spec.stride}_e{ratio!r}"
+      blocks.append(f"ir_r1_k{block.kernel}_s{block.stride}_e{ratio!r}"
                     f"_c{out}{se}{relu}")
     in_channels = out
   stages, start = [], 0
@@ -431,14 +376,14 @@ def timm_spec(model: "Model", params: Mapping[str, Any]) -> Dict[str, Any]:
   return {"model_name": None, "kwargs": kwargs, "code": code}
 
 
-def build_timm(spec: Mapping[str, Any]):
+def build_timm(recipe: Mapping[str, Any]):
   """The timm module a `timm_spec` describes (imports timm and torch)."""
   # pylint: disable=import-outside-toplevel
   import timm
   from timm.models import _efficientnet_blocks as blocks
   from timm.models import _efficientnet_builder as builder
   import torch
-  kwargs = spec["kwargs"]
+  kwargs = recipe["kwargs"]
   return timm.models.mobilenetv3.MobileNetV3(
       block_args=builder.decode_arch_def(kwargs["arch_def"]),
       stem_size=kwargs["stem_size"], fix_stem=True,
@@ -450,3 +395,17 @@ def build_timm(spec: Mapping[str, Any]):
                                  gate_layer="hard_sigmoid",
                                  force_act_layer=torch.nn.ReLU,
                                  rd_round_fn=builder.round_channels))
+
+
+WEIGHTS = spec.WeightsSpec(
+    what="MobileNetV3",
+    layouts=(TIMM, FUNMATCH),
+    formats={"npz": "funmatch", "safetensors": "funmatch", "timm": "timm"},
+    head=HEAD,
+    describe=describe,
+    hint="set the model's width to that of the checkpoint, or use "
+    "dont_load for names to keep from init.",
+    check_file=_batch_norm_file,
+    timm=timm_spec,
+    build_timm=build_timm,
+)

@@ -8,14 +8,41 @@ and names files for every architecture from these specs alone, the way timm's
 `_builder.load_pretrained` serves every timm model from its `default_cfgs`.
 
 This module imports nothing from funmatch, so a model file can declare its spec
-without reaching up into the weights layer.
+without reaching up into the weights layer. It also holds the few array helpers
+the specs' name tables and summaries use (flat param names, kernel layouts).
 """
 import dataclasses
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
+import flax
 import numpy as np
 
 Params = Mapping[str, Any]
+
+
+def unwrap(params: Params) -> Tuple[Params, bool]:
+  """Accepts the params tree or a variables dict {'params': tree}."""
+  if set(params.keys()) == {"params"}:
+    return params["params"], True
+  return params, False
+
+
+def flat_params(params: Params) -> dict:
+  """{'a/b/kernel': leaf} of a params tree (or {'params': tree})."""
+  tree = flax.core.unfreeze(unwrap(params)[0])
+  return flax.traverse_util.flatten_dict(tree, sep="/")
+
+
+# Tensor layouts: flax keeps HWIO conv kernels and [in, out] dense kernels,
+# PyTorch OIHW and [out, in].
+
+
+def hwio_to_oihw(kernel: np.ndarray) -> np.ndarray:
+  return np.transpose(kernel, (3, 2, 0, 1))
+
+
+def oihw_to_hwio(weight: np.ndarray) -> np.ndarray:
+  return np.transpose(weight, (2, 3, 1, 0))
 
 
 def _identity(_name: str, value: np.ndarray, *_shape) -> np.ndarray:
@@ -116,6 +143,15 @@ class WeightsSpec:
   timm: Optional[Callable[[Any, Params], dict]] = None
   build_timm: Optional[Callable[[Mapping[str, Any]], Any]] = None
   published: Sequence[Published] = ()
+
+  def with_defaults(self, options: Mapping[str, Any]) -> dict:
+    """`options` with each auto option left 'auto' (or unset) as its default:
+    what the model runs as when no weights decide."""
+    resolved = dict(options)
+    for option, default in self.auto_options.items():
+      if resolved.get(option, "auto") == "auto":
+        resolved[option] = default
+    return resolved
 
   def layout(self, name: str) -> Layout:
     """The layout called `name` (KeyError if the spec has none)."""

@@ -26,7 +26,7 @@ with '/' has the official names and shapes:
 LayerNorm epsilon is 1e-6 and the GELU is the tanh approximation, both as in
 the official JAX code (`gelu='exact'` runs timm's erf GELU instead).
 
-Weights: `load` reads the official npz (= funmatch's names) and timm
+Weights (`WEIGHTS`, read by funmatch.weights): the official npz (= funmatch's names) and timm
 `VisionTransformer` state dicts (`patch_embed.proj.weight`, `cls_token`,
 `pos_embed`, `blocks.{i}.attn.qkv.weight` fused [3D, D], `mlp.fc1`, `norm`,
 `head`; PyTorch [out, in] layouts). A timm file implies `gelu='exact'`.
@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from funmatch.errors import UserError
-from funmatch.models import conv, formats, layouts
+from funmatch.models import conv, spec
 
 LN_EPSILON = 1e-6
 GELUS = ("auto", "tanh", "exact")
@@ -214,7 +214,7 @@ class Model(nn.Module):
     dtype: activation / compute dtype; params stay float32, logits float32.
     gelu: 'tanh' (the approximation the official JAX ViT and big_vision
       train with), 'exact' (erf; timm's nn.GELU), or 'auto': whatever the
-      weights file implies, resolved by `models.resolve_options` before the
+      weights file implies, resolved by `weights.init.decide_options` before the
       model is built (unresolved, 'auto' runs as 'tanh').
     conv_impl: 'auto', 'xla' or 'matmul' (funmatch.models.conv): how the
       patch embedding runs (as a reshape + matmul for 'matmul').
@@ -370,7 +370,7 @@ def _timm_name(name: str) -> str:
 def _to_timm(name: str, value: np.ndarray) -> np.ndarray:
   """funmatch (flax) array -> timm (PyTorch) array."""
   if name == "embedding/kernel":
-    return layouts.hwio_to_oihw(value)
+    return spec.hwio_to_oihw(value)
   if name.endswith("/kernel"):
     if value.ndim == 3 and name.endswith("out/kernel"):  # [H, d, D]
       value = value.reshape(-1, value.shape[-1])
@@ -386,7 +386,7 @@ def _to_timm(name: str, value: np.ndarray) -> np.ndarray:
 def _from_timm(name: str, value: np.ndarray, shape=None) -> np.ndarray:
   """timm (PyTorch) array -> funmatch (flax) array of `shape`."""
   if name == "embedding/kernel" and value.ndim == 4:
-    return layouts.oihw_to_hwio(value)
+    return spec.oihw_to_hwio(value)
   if name.endswith("/kernel") and value.ndim == 2:
     value = value.T
   if shape is not None and value.size == int(np.prod(shape)):
@@ -419,30 +419,18 @@ def _fuse_qkv(arrays: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
   return out
 
 
-OFFICIAL = layouts.Layout("vit_official", lambda name: name,
-                          implies={"gelu": "tanh"})
-TIMM = layouts.Layout("timm", _timm_name, to_file=_to_timm,
-                      to_model=_from_timm, prepare=_split_qkv,
-                      finish=_fuse_qkv, implies={"gelu": "exact"})
-FUNMATCH = layouts.FUNMATCH
-SAVE_LAYOUTS = {"npz": OFFICIAL, "safetensors": FUNMATCH, "timm": TIMM}
-
-
-def detect_layout(weights: formats.Weights) -> layouts.Layout:
-  """The layout of a file, from its metadata or else its names."""
-  recorded = weights.metadata.get("layout")
-  for layout in (OFFICIAL, TIMM, FUNMATCH):
-    if recorded == layout.name:
-      return layout
-  return layouts.detect(weights.path, list(weights.names), (
-      (lambda n: n == "embedding/kernel", OFFICIAL),
-      (lambda n: n.startswith("patch_embed."), TIMM),
-  ), what="ViT")
+OFFICIAL = spec.Layout("vit_official", lambda name: name,
+                       implies={"gelu": "tanh"},
+                       marker=lambda name: name == "embedding/kernel")
+TIMM = spec.Layout("timm", _timm_name, to_file=_to_timm,
+                   to_model=_from_timm, prepare=_split_qkv,
+                   finish=_fuse_qkv, implies={"gelu": "exact"},
+                   marker=lambda name: name.startswith("patch_embed."))
 
 
 def describe(params) -> str:
   """`width=64, depth=2, patch_size=8, num_classes=10`-style summary."""
-  flat = layouts.flat_params(params)
+  flat = spec.flat_params(params)
   kernel = np.shape(flat.get("embedding/kernel", np.zeros((0, 0, 0, 0))))
   depth = sum(1 for name in flat
               if name.endswith("LayerNorm_0/scale"))
@@ -450,55 +438,6 @@ def describe(params) -> str:
   classes = 0 if head is None else np.shape(head)[-1]
   return (f"ViT width={kernel[-1]}, depth={depth}, patch_size={kernel[0]}, "
           f"num_classes={classes}")
-
-
-def load(weights: Union[str, formats.Weights], init_params,
-         dont_load: Sequence[str] = (), strict_head: bool = False):
-  """Loads ViT weights (official npz, timm, funmatch export) into params.
-
-  `dont_load` regexes are searched in funmatch's param names; a head of
-  another class count keeps the initial head (logged), or is an error with
-  `strict_head` (teachers). Mismatches raise one UserError naming the first
-  mismatched names and both shapes.
-  """
-  if isinstance(weights, str):
-    weights = formats.read(weights)
-  patterns = layouts.compile_patterns(dont_load, "ViT dont_load")
-  return layouts.load(
-      weights.path, weights.arrays, init_params, detect_layout(weights),
-      head=HEAD, strict_head=strict_head,
-      skip=lambda name: any(p.search(name) for p in patterns),
-      model_description=describe(init_params),
-      hint="set the model's variant/width/depth/num_heads/mlp_dim, "
-      "patch_size and res to those of the checkpoint, or use dont_load for "
-      "names to keep from init.")
-
-
-def save(path: str, params, model: "Model",
-         format: str = "npz",  # pylint: disable=redefined-builtin
-         metadata: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-  """Writes params as 'npz', 'safetensors' or 'timm' (`SAVE_LAYOUTS`).
-
-  `models.save_params` is the usual entry: it fills `metadata` (options,
-  resolution, preprocessing). A 'timm' file's metadata also says how timm
-  builds it. Returns the metadata written.
-  """
-  record = dict(metadata or {})
-  if format == "timm":
-    record["timm"] = timm_spec(model, params)
-  layouts.save(path, params, SAVE_LAYOUTS[format], record)
-  return {"layout": SAVE_LAYOUTS[format].name, **record}
-
-
-def freeze(module: "Model", params):
-  """A frozen model runs as it trains: nothing to precompute."""
-  return module, params
-
-
-def num_classes(params) -> int:
-  """The head's class count (0 when the params have no head)."""
-  kernel = layouts.flat_params(params).get(HEAD[0])
-  return 0 if kernel is None else int(np.shape(kernel)[-1])
 
 
 # --------------------------------------------------------------------------
@@ -521,7 +460,7 @@ def timm_spec(model: "Model", params: Mapping[str, Any]) -> Dict[str, Any]:
   width, depth, num_heads, mlp_dim = model.dims
   if model.gelu == "auto":
     raise ValueError("resolve gelu='auto' before exporting")
-  pos = layouts.flat_params(params)["Transformer/posembed_input/pos_embedding"]
+  pos = spec.flat_params(params)["Transformer/posembed_input/pos_embedding"]
   grid = int(round((np.shape(pos)[1] - 1) ** 0.5))
   mlp_ratio = mlp_dim / width
   if grid * grid != np.shape(pos)[1] - 1 or int(width * mlp_ratio) != mlp_dim:
@@ -547,10 +486,27 @@ def timm_spec(model: "Model", params: Mapping[str, Any]) -> Dict[str, Any]:
   return {"model_name": name, "kwargs": kwargs, "code": code}
 
 
-def build_timm(spec: Mapping[str, Any]):
+def build_timm(recipe: Mapping[str, Any]):
   """The timm module a `timm_spec` describes (imports timm)."""
   import timm  # pylint: disable=import-outside-toplevel
-  if spec.get("model_name"):
-    return timm.create_model(spec["model_name"], pretrained=False,
-                             **spec["kwargs"])
-  return timm.models.vision_transformer.VisionTransformer(**spec["kwargs"])
+  if recipe.get("model_name"):
+    return timm.create_model(recipe["model_name"], pretrained=False,
+                             **recipe["kwargs"])
+  return timm.models.vision_transformer.VisionTransformer(**recipe["kwargs"])
+
+
+WEIGHTS = spec.WeightsSpec(
+    what="ViT",
+    # The official npz names are funmatch's: a file without metadata reads as
+    # official (tanh GELU); a funmatch export records its layout.
+    layouts=(OFFICIAL, TIMM, spec.FUNMATCH),
+    formats={"npz": "vit_official", "safetensors": "funmatch", "timm": "timm"},
+    head=HEAD,
+    describe=describe,
+    hint="set the model's variant/width/depth/num_heads/mlp_dim, "
+    "patch_size and res to those of the checkpoint, or use dont_load for "
+    "names to keep from init.",
+    auto_options=AUTO_OPTIONS,
+    timm=timm_spec,
+    build_timm=build_timm,
+)

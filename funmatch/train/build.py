@@ -29,9 +29,12 @@ import ml_collections
 from funmatch import config_util, fileio, models, parallel, teaching
 from funmatch.distill import objectives
 from funmatch.errors import UserError
-from funmatch.models import conv, layouts
+from funmatch.models import conv
 from funmatch.optim import make_optimizer
-from funmatch.train import evaluate, weights
+from funmatch.train import evaluate
+from funmatch.weights import init as weights_init
+from funmatch.weights import layouts
+from funmatch.weights.stored import StoredModel
 
 MODES = ("distill", "train")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -263,9 +266,9 @@ def resolve_options(config: ml_collections.ConfigDict, spec: Spec,
   for what in ("student", *spec.teacher_names):
     model_config = resolved[what]
     if what == "student" and student_from:
-      options = weights.workdir_options(student_from, model_config.model)
+      options = weights_init.workdir_options(student_from, model_config.model)
     else:
-      options = weights.resolve_options(model_config, f"config.{what}")
+      options = weights_init.resolve_options(model_config, f"config.{what}")
     for key, value in options.items():
       if key not in model_config:
         with model_config.unlocked():
@@ -322,26 +325,26 @@ def load_weights(config: ml_collections.ConfigDict, spec: Spec, built: Models,
   """
   student_params = built.student_params
   if load_student:
-    student_params = weights.initial_params(config.student, student_params,
-                                            what="config.student", teacher=False)
+    student_params = weights_init.initial_params(config.student, student_params,
+                                                 what="config.student", teacher=False)
   teacher_params = {}
   for name in spec.teacher_names:
     if not config[name].init:
       raise UserError(f"config.{name}.init is empty: a teacher needs trained weights (a "
                       "published name such as FunMatch-teacher-224px-i1k, an official "
                       "BiT .npz, a funmatch-export file or a funmatch-train workdir)")
-    teacher_params[name] = weights.initial_params(config[name], built.teacher_params[name],
-                                                  what=f"config.{name}", teacher=True)
+    teacher_params[name] = weights_init.initial_params(
+        config[name], built.teacher_params[name], what=f"config.{name}", teacher=True)
   return freeze_teachers(config, spec, Models(built.student, student_params, built.teachers,
                                               teacher_params))
 
 
 def freeze_teachers(config: ml_collections.ConfigDict, spec: Spec, built: Models) -> Models:
-  """The teachers in their frozen form (models.freeze), placed as config.sharding says."""
+  """The teachers in their frozen form (layouts.freeze), placed as config.sharding says."""
   teachers, teacher_params = {}, {}
   for name in spec.teacher_names:
-    teachers[name], params = models.freeze(config[name].model, built.teachers[name],
-                                           built.teacher_params[name])
+    teachers[name], params = layouts.freeze(config[name].model, built.teachers[name],
+                                            built.teacher_params[name])
     teacher_params[name] = jax.device_put(
         params, parallel.group_shardings(config, name, params, spec.mesh))
   return Models(built.student, built.student_params, teachers, teacher_params)
@@ -403,22 +406,16 @@ def build_eval(config: ml_collections.ConfigDict, mode: str, workdir: str,
   the training data: the class count comes from the workdir's config.json (or
   the checkpoint's head) and the student's options from its config.
   """
-  from funmatch import checkpoint  # pylint: disable=import-outside-toplevel
-  from funmatch.train import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   spec = validate(config, mode)
   if student_only:
     spec = dataclasses.replace(spec, teacher_names=())
   check_storage(config, spec, workdir)
-  step, student_params = checkpoint.restore_params(workdir, step)
-  stored = workdir_lib.read_config(workdir) or {}
-  num_classes = (stored.get("data") or {}).get("num_classes") or models.num_classes(
-      config.student.model, student_params)
-  data = describe_eval_data(config, int(num_classes))
+  stored = StoredModel.from_workdir(workdir, step)
+  data = describe_eval_data(config, stored.num_classes)
   config = resolve_options(config, spec, student_from=workdir)
   built = build_models(config, spec, data.num_classes)
   built = load_weights(config, spec, built, load_student=False)
-  layouts.check_same_shapes(f"the checkpoint of step {step} in {workdir}", student_params,
-                            built.student_params, "config.student",
-                            "evaluate with the config the workdir was trained with")
-  built.student_params = student_params
-  return assemble(config, mode, spec, data, built, train=False), step
+  stored.check_params(built.student_params, "config.student",
+                      "evaluate with the config the workdir was trained with")
+  built.student_params = stored.params
+  return assemble(config, mode, spec, data, built, train=False), stored.step

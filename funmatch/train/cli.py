@@ -232,13 +232,13 @@ def eval_main(argv=None) -> int:
 
 def _export_format(output: str, requested) -> str:
   """--format, or the one --output's suffix names."""
-  from funmatch import models  # pylint: disable=import-outside-toplevel
+  from funmatch.weights import layouts  # pylint: disable=import-outside-toplevel
   from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
   if requested:
-    models.check_format(requested, output)
+    layouts.check_format(requested, output)
     return requested
   for format_name in ("npz", "safetensors"):
-    if output.endswith(models.SUFFIXES[format_name]):
+    if output.endswith(layouts.SUFFIXES[format_name]):
       return format_name
   raise UserError(f"--output {output} must end in .npz or .safetensors (the format "
                   "follows the suffix; --format timm writes a .safetensors)")
@@ -254,11 +254,10 @@ def export_main(argv=None) -> int:
                                              "--output suffix's)"})
 
   def main():
-    # pylint: disable-next=import-outside-toplevel
-    from funmatch import checkpoint, fileio, models, student
+    from funmatch import fileio  # pylint: disable=import-outside-toplevel
     from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
-    from funmatch.train import build, weights  # pylint: disable=import-outside-toplevel
-    from funmatch.train import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+    from funmatch.train import build  # pylint: disable=import-outside-toplevel
+    from funmatch.weights.stored import StoredModel  # pylint: disable=import-outside-toplevel
     output = extras["output"]
     if not output:
       raise UserError("--output FILE.npz (or .safetensors) is required")
@@ -271,30 +270,13 @@ def export_main(argv=None) -> int:
     step = _parse_step(extras["step"])
     build.validate(config, _mode_of(workdir))
     # Orbax reads collectively: every process restores, process 0 alone writes.
-    step, params = checkpoint.restore_params(workdir, step)
+    stored = StoredModel.from_workdir(workdir, step)
     if process_id == 0:
-      stored = workdir_lib.read_config(workdir)
-      model = config.student.model
-      options = {**config_options(config.student),
-                 **weights.workdir_options(workdir, model)}
-      data = stored.get("data") or {}
-      extra = {"step": step, "source": fileio.abspath(workdir)}
-      if data.get("class_names"):
-        extra["class_names"] = data["class_names"]
-      models.save_params(model, output, params, format=format_name, options=options,
-                         resolution=int(config.student.res),
-                         preprocessing=student.run_preprocessing(stored["config"]),
-                         metadata=extra)
-      print(f"wrote the student of step {step} to {output} ({format_name})", flush=True)
+      stored.export(output, format_name)
+      print(f"wrote the student of step {stored.step} to {output} ({format_name})",
+            flush=True)
 
   return guarded(main)
-
-
-def config_options(model_config) -> dict:
-  """A model config's constructor options (what the model is, not how it runs)."""
-  from funmatch import config_util  # pylint: disable=import-outside-toplevel
-  return {k: (tuple(v) if isinstance(v, list) else v)
-          for k, v in config_util.model_kwargs(model_config).items()}
 
 
 def fetch_main(argv=None) -> int:
@@ -315,7 +297,7 @@ def fetch_main(argv=None) -> int:
 
   def main():
     from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
-    from funmatch.models import catalog  # pylint: disable=import-outside-toplevel
+    from funmatch.weights import catalog  # pylint: disable=import-outside-toplevel
     if not args.names:
       print(catalog.table(), flush=True)
       return 0

@@ -19,8 +19,8 @@ import ml_collections
 
 from funmatch import fileio, lease
 from funmatch.errors import UserError
-
-CONFIG_FILE = "config.json"
+# Reading a workdir's config.json is funmatch.weights.stored's job; this module writes it.
+from funmatch.weights.stored import CONFIG_FILE, read_config  # pylint: disable=unused-import
 
 # Keys a user may change when resuming: schedule length, logging, evaluation,
 # checkpoint cadence, data locations and how they are read (cache_raw,
@@ -59,17 +59,6 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def config_to_json(config: ml_collections.ConfigDict, mode: str) -> dict[str, Any]:
   """A JSON-able view of the config plus the mode (distill/train)."""
   return {"mode": mode, "config": json.loads(config.to_json_best_effort())}
-
-
-def read_config(workdir: str) -> dict[str, Any] | None:
-  path = fileio.join(workdir, CONFIG_FILE)
-  if not fileio.exists(path):
-    return None
-  try:
-    return json.loads(fileio.read_text(path))
-  except (OSError, ValueError) as e:
-    raise UserError(f"cannot read {path} ({e}); it is not a funmatch workdir or it is "
-                    "damaged: use another --workdir") from None
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

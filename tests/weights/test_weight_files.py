@@ -9,7 +9,8 @@ import torch
 
 from funmatch import models
 from funmatch.errors import UserError
-from funmatch.models import formats
+from funmatch.weights import files as formats
+from funmatch.weights import layouts
 
 MARKER = "executed.marker"
 
@@ -148,9 +149,9 @@ def test_missing_torch_names_the_extra(tmp_path, monkeypatch):
 
 def test_save_params_checks_format_and_suffix(tmp_path):
   params = {"head": {"kernel": np.zeros((4, 3)), "bias": np.zeros(3)}}
-  message = one_line_error(models.save_params, "vit", str(tmp_path / "a.npz"),
+  message = one_line_error(layouts.save_params, "vit", str(tmp_path / "a.npz"),
                            params, resolution=32, format="onnx")
   assert "onnx" in message and "safetensors" in message
-  message = one_line_error(models.save_params, "vit", str(tmp_path / "a.npz"),
+  message = one_line_error(layouts.save_params, "vit", str(tmp_path / "a.npz"),
                            params, resolution=32, format="timm")
   assert "a.npz" in message and ".safetensors" in message

@@ -10,7 +10,7 @@ Writes `.npz` and `.safetensors`, atomically (a temporary file beside the
 target, then a rename; on gs:// one upload), so a reader never sees half a file.
 Paths may be gs:// URLs: reads go through a local copy (funmatch.fileio).
 
-Metadata is one JSON object (see `models.save_params` for its keys):
+Metadata is one JSON object (see `weights.layouts.save_params` for its keys):
   .safetensors  the header's string metadata, key `funmatch` (plus
                 `format: pt`, the key timm / Hugging Face writers add);
   .npz          a 0-d unicode array under the reserved name `__funmatch__`

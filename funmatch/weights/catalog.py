@@ -1,8 +1,9 @@
 """Published weights by name: the paper's teachers and students, BiT upstream.
 
-A model's `init` may be one of these names instead of a path. Each name maps to
-its public file (the gs:// path; the https mirror of the same bucket), the timm
-hub name where timm publishes the same weights, and the architecture it needs.
+A model's `init` may be one of these names instead of a path. Each model file
+declares its published names (`WEIGHTS.published`); each name maps to its public
+file (the gs:// path; the https mirror of the same bucket) and/or the timm hub
+name where timm publishes the same weights, and the architecture it needs.
 The file is read from the local cache, `<FUNMATCH_CACHE>/weights/<name><suffix>`
 (`funmatch.cache.root()`, default ~/.cache/funmatch):
 
@@ -22,9 +23,9 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, Dict, Mapping
 
-from funmatch import cache
+from funmatch import cache, models
 from funmatch.errors import UserError
-from funmatch.models import formats
+from funmatch.weights import files
 
 BUCKET = "bit_models"
 # The public https face of gs://bit_models; FUNMATCH_WEIGHTS_MIRROR replaces it
@@ -39,6 +40,7 @@ class Entry:
   """One published file and the model it needs."""
   name: str
   path: str                  # inside the bucket, e.g. 'distill/R50x1_224.npz'
+                             # ('': on the timm hub only)
   model: str                 # registry name
   options: Mapping[str, Any]  # depth, width, stem_pool_padding, ...
   num_classes: int
@@ -58,61 +60,17 @@ class Entry:
     return f"{mirror.rstrip('/')}/{BUCKET}/{self.path}"
 
 
-def _paper(name, path, classes, res, description, hub="", depth=152, width=2):
-  # The paper trained every model with big_vision's bit_paper, whose stem
-  # max-pool pads with -inf (timm's ports of the same weights pad with zeros).
-  return Entry(name, f"distill/{path}", "bit",
-               {"depth": depth, "width": width, "stem_pool_padding": "neg_inf"},
-               classes, res, description, hub)
+def _entries() -> Dict[str, Entry]:
+  """Every architecture's published weights (its spec's `published`)."""
+  return {published.name: Entry(
+      published.name, published.path, model, dict(published.options),
+      published.num_classes, published.res, published.description,
+      published.hub, published.sha256)
+          for model in models.model_names()
+          for published in models.weights_spec(model).published}
 
 
-def _bit(upstream: str, depth: int, width: int, ilsvrc: bool) -> Entry:
-  # Official BiT (big_transfer) code pads the stem max-pool with zeros.
-  name = f"BiT-{upstream}-R{depth}x{width}" + ("-ILSVRC2012" if ilsvrc else "")
-  hub = ""
-  if upstream == "M":
-    hub = f"resnetv2_{depth}x{width}_bit.goog_in21k" + ("_ft_in1k" if ilsvrc else "")
-  if ilsvrc:
-    classes, res = 1000, (480 if (depth, width) == (152, 4) else 448)
-    what = "BiT-M (ImageNet-21k) fine-tuned on ImageNet-1k"
-  else:
-    classes, res = (21843 if upstream == "M" else 1000), 224
-    what = ("BiT-M upstream (ImageNet-21k)" if upstream == "M"
-            else "BiT-S upstream (ImageNet-1k)")
-  return Entry(name, f"{name}.npz", "bit",
-               {"depth": depth, "width": width, "stem_pool_padding": "zeros"},
-               classes, res, f"{what}, R{depth}x{width}", hub)
-
-
-_SIZES = ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4))
-
-ENTRIES: Dict[str, Entry] = {e.name: e for e in (
-    # The paper's students (Beyer et al. 2022, Table 1).
-    _paper("FunMatch-224px-i1k82.8", "R50x1_224.npz", 1000, 224,
-           "BiT-R50x1 student distilled on ImageNet-1k at 224px, 82.8% top-1",
-           hub="resnetv2_50x1_bit.goog_distilled_in1k", depth=50, width=1),
-    _paper("FunMatch-160px-i1k80.5", "R50x1_160.npz", 1000, 160,
-           "BiT-R50x1 student distilled on ImageNet-1k at 160px, 80.5% top-1",
-           depth=50, width=1),
-    # The paper's teachers: BiT-M R152x2 fine-tuned per dataset.
-    _paper("FunMatch-teacher-224px-i1k", "R152x2_T_224.npz", 1000, 224,
-           "BiT-M R152x2 teacher, ImageNet-1k, 224px (inception crop), 83.0%",
-           hub="resnetv2_152x2_bit.goog_teacher_in21k_ft_in1k"),
-    _paper("FunMatch-teacher-384px-i1k", "R152x2_T_384.npz", 1000, 384,
-           "BiT-M R152x2 teacher, ImageNet-1k, 384px (resize crop), 84.3%",
-           hub="resnetv2_152x2_bit.goog_teacher_in21k_ft_in1k_384"),
-    _paper("FunMatch-teacher-128px-flowers", "R152x2_T_flowers128.npz", 102,
-           128, "BiT-M R152x2 teacher, Oxford Flowers-102, 128px"),
-    _paper("FunMatch-teacher-128px-pet", "R152x2_T_pet128.npz", 37, 128,
-           "BiT-M R152x2 teacher, Oxford-IIIT Pets, 128px"),
-    _paper("FunMatch-teacher-128px-food", "R152x2_T_food128.npz", 101, 128,
-           "BiT-M R152x2 teacher, Food-101, 128px"),
-    _paper("FunMatch-teacher-128px-sun", "R152x2_T_sun128.npz", 397, 128,
-           "BiT-M R152x2 teacher, SUN397, 128px"),
-    # BiT upstream (Kolesnikov et al. 2020) and its ImageNet-1k fine-tunes.
-    *(_bit(up, d, w, False) for up in ("S", "M") for d, w in _SIZES),
-    *(_bit("M", d, w, True) for d, w in _SIZES),
-)}
+ENTRIES: Dict[str, Entry] = _entries()
 
 
 def names() -> tuple:
@@ -146,7 +104,7 @@ def is_name(init: str) -> bool:
   if _strip_suffix(init) in ENTRIES:
     return True
   return (os.sep not in init and "/" not in init and "://" not in init
-          and not init.lower().endswith(formats.READ_SUFFIXES)
+          and not init.lower().endswith(files.READ_SUFFIXES)
           and not init.startswith((".", "~")))
 
 
@@ -173,6 +131,12 @@ def resolve(init: str, what: str) -> str:
     path = cache_path(found.name, source)
     if os.path.isfile(path):
       return path
+  if not found.path:  # on the timm hub only
+    raise UserError(
+        f"{what}.init={init} is not in the weights cache {directory()}; on a "
+        f"machine with network run `funmatch-fetch --source hub {found.name}` (it "
+        f"downloads {found.url('hub')}) and copy the file to "
+        f"{cache_path(found.name, 'hub')}.")
   raise UserError(
       f"{what}.init={init} is not in the weights cache {directory()}; on a "
       f"machine with network run `funmatch-fetch {found.name}` (it downloads "
@@ -186,7 +150,7 @@ def check_sha256(path: str, expected: str, what: str, shown: str = "") -> None:
   `shown` names the file in the message (default: its path).
   """
   expected = expected.strip().lower()
-  actual = formats.sha256(path)
+  actual = files.sha256(path)
   if actual != expected:
     raise UserError(f"{shown or path} has sha256 {actual} but {what} is {expected}; "
                     "the file is damaged or not the one meant: download it "
@@ -210,6 +174,9 @@ def fetch(name: str, source: str = "bucket", sha256: str = "",
   if source == "hub" and not found.hub:
     raise UserError(f"{found.name} is not on the timm hub; fetch it from the "
                     "bucket (the default source).")
+  if source == "bucket" and not found.path:
+    raise UserError(f"{found.name} is on the timm hub only; fetch it with "
+                    "--source hub.")
   target = cache_path(found.name, source)
   expected = sha256 or (found.sha256 if source == "bucket" else "")
   if os.path.isfile(target) and not force:
@@ -227,7 +194,7 @@ def fetch(name: str, source: str = "bucket", sha256: str = "",
     if expected:
       check_sha256(partial, expected, "the expected sha256", shown=url)
     try:
-      formats.peek(partial, kind=formats.kind_of(target))
+      files.peek(partial, kind=files.kind_of(target))
     except UserError:
       raise UserError(f"the download of {url} is not a whole weights file; run "
                       f"funmatch-fetch {found.name} again") from None
@@ -235,7 +202,7 @@ def fetch(name: str, source: str = "bucket", sha256: str = "",
   finally:
     if os.path.exists(partial):
       os.remove(partial)
-  progress(f"{found.name}: saved {target} (sha256 {formats.sha256(target)})")
+  progress(f"{found.name}: saved {target} (sha256 {files.sha256(target)})")
   return target
 
 
@@ -258,6 +225,6 @@ def table() -> str:
     cached = any(os.path.isfile(cache_path(found.name, s)) for s in SOURCES)
     hub = f" ({found.hub})" if found.hub else ""
     lines.append(f"{found.name:<{width}}  {'yes' if cached else 'no ':<6}  "
-                 f"{found.gcs_path}{hub}")
+                 f"{found.gcs_path if found.path else 'timm hub'}{hub}")
   lines.append(f"cache: {directory()}")
   return "\n".join(lines)

@@ -15,8 +15,11 @@ import pytest
 from conftest import repo_path, run_cli
 from funmatch import config_util, models
 from funmatch.errors import UserError
-from funmatch.models import bit, catalog, formats
-from funmatch.train import cli, weights
+from funmatch.models import bit
+from funmatch.train import cli
+from funmatch.weights import catalog, layouts
+from funmatch.weights import files as formats
+from funmatch.weights import init as weights
 
 TINY = dict(depth=[1, 1, 1, 1], width=0.5)
 RES = 16
@@ -63,7 +66,7 @@ def tiny_params():
 def write_official(path, params) -> str:
   """An official-layout BiT .npz, no metadata (as the bucket's files)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  return bit.save_npz(str(path), params)
+  return formats.write_npz(str(path), layouts.file_arrays("bit", params), {})
 
 
 def model_config(init, **extra):
