@@ -367,8 +367,3 @@ WEIGHTS = spec.WeightsSpec(
                    "FCMAE, ImageNet-22k then ImageNet-1k fine-tuned"),
     ),
 )
-
-# TEMPORARY until funmatch.weights reads WEIGHTS (issue 21): the per-model
-# functions funmatch.models calls today.
-from funmatch.models import _spec_bridge  # pylint: disable=wrong-import-position
-globals().update(_spec_bridge.bind(WEIGHTS))

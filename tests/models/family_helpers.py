@@ -1,14 +1,15 @@
 """Shared by the ConvNeXt / Swin tests: timm networks with random weights, the
 files timm itself writes, and funmatch models loaded from them.
 
-Loading goes through the model's own spec (`WEIGHTS`: its timm layout) with
-funmatch.models.layouts.load, so the check is exactly the spec's name table and
-tensor layouts; the file tests go through the public `funmatch.models` calls.
+`load_with_spec` fits a state dict through the model's own spec (`WEIGHTS`, its
+timm layout) with funmatch.weights.layouts.fit, so the check is exactly the
+spec's name table and tensor layouts; the file tests go through the public
+funmatch.weights calls.
 """
 import jax
 import numpy as np
 
-from funmatch.models import layouts
+from funmatch.weights import layouts
 
 import torch  # pylint: disable=wrong-import-order
 import timm_import  # pylint: disable=wrong-import-position
@@ -90,7 +91,7 @@ def meta_timm_shapes(name, **kwargs):
 def load_with_spec(weights_spec, arrays, init, strict_head=True):
   """A timm state dict -> params through the spec's timm layout."""
   layout = weights_spec.layout("timm")
-  return layouts.load("timm file", dict(arrays), init,
+  return layouts.fit("timm file", dict(arrays), init,
                       layout, head=weights_spec.head, strict_head=strict_head,
                       model_description=weights_spec.describe(init),
                       hint=weights_spec.hint)

@@ -6,6 +6,7 @@ import pytest
 
 from funmatch import models
 from funmatch.errors import UserError
+from funmatch.weights import layouts as weights_layouts
 from funmatch.models import convnext
 
 import family_helpers as fh
@@ -60,35 +61,34 @@ def test_timm_file_loads_and_exports_back_into_timm_strictly(atto_v2_file,
                                                              tmp_path):
   network, path = atto_v2_file
   model = models.get_model("convnext", CLASSES, variant="atto", version=2)
-  params = models.load_params("convnext", path, fh.init_params(model, 32),
+  params = weights_layouts.load("convnext", path, fh.init_params(model, 32),
                               strict_head=True)
   x = fh.images(32)
   want = fh.timm_logits(network, x)
   fh.assert_close(np.asarray(model.apply({"params": params}, x)[0]), want)
   out = str(tmp_path / "export.safetensors")
-  record = models.save_params("convnext", out, params, format="timm",
+  record = weights_layouts.save_params("convnext", out, params, format="timm",
                               options={"variant": "atto", "version": 2},
                               resolution=32)
   assert record["timm"]["model_name"] == "convnextv2_atto"
-  fh.assert_close(fh.timm_logits(models.timm_model(out), x), want)  # strict
-  again = models.load_params("convnext", out, fh.init_params(model, 32))
+  fh.assert_close(fh.timm_logits(weights_layouts.timm_model(out), x), want)  # strict
+  again = weights_layouts.load("convnext", out, fh.init_params(model, 32))
   fh.assert_close(np.asarray(model.apply({"params": again}, x)[0]), want)
   for suffix in ("npz", "safetensors"):  # funmatch's own names
     own = str(tmp_path / f"own.{suffix}")
-    models.save_params("convnext", own, params, format=suffix, resolution=32,
+    weights_layouts.save_params("convnext", own, params, format=suffix, resolution=32,
                        options={"variant": "atto", "version": 2})
-    back = models.load_params("convnext", own, fh.init_params(model, 32))
+    back = weights_layouts.load("convnext", own, fh.init_params(model, 32))
     fh.assert_close(np.asarray(model.apply({"params": back}, x)[0]), want)
 
 
 @pytest.mark.parametrize("options,classes,says", [
     ({"variant": "femto", "version": 2}, CLASSES,
      ["model (ConvNeXt V2 depths=[2, 2, 6, 2], dims=[48, 96, 192, 384]",
-      "the file holds ConvNeXt V2 depths=[2, 2, 6, 2], dims=[40, 80, 160, 320]",
-      "set the model's variant"]),
+      "head.norm.weight file [320] vs model [384]", "set the model's variant"]),
     ({"variant": "atto", "version": 1}, CLASSES,
      ["missing (stages.0.blocks.0.gamma", "unexpected (stages.0.blocks.0.mlp.grn",
-      "model (ConvNeXt V1", "the file holds ConvNeXt V2"]),
+      "model (ConvNeXt V1"]),
     ({"variant": "atto", "version": 2}, 10, ["head with 7 classes", "has 10"]),
 ])
 def test_teacher_from_another_variant_or_class_count_is_one_line(
@@ -96,7 +96,7 @@ def test_teacher_from_another_variant_or_class_count_is_one_line(
   _, path = atto_v2_file
   model = models.get_model("convnext", classes, **options)
   with pytest.raises(UserError) as info:
-    models.load_params("convnext", path, fh.init_params(model, 32),
+    weights_layouts.load("convnext", path, fh.init_params(model, 32),
                        strict_head=True)
   message = str(info.value)
   assert "\n" not in message and path in message

@@ -7,6 +7,7 @@ import pytest
 
 from funmatch import models
 from funmatch.errors import UserError
+from funmatch.weights import layouts as weights_layouts
 from funmatch.models import swin
 
 import family_helpers as fh
@@ -59,21 +60,21 @@ def small_file(tmp_path_factory):
 def test_timm_file_loads_and_exports_back_into_timm_strictly(small_file, tmp_path):
   network, path = small_file
   model = models.get_model("swin", CLASSES, **SMALL)
-  params = models.load_params("swin", path, fh.init_params(model, 32),
+  params = weights_layouts.load("swin", path, fh.init_params(model, 32),
                               strict_head=True)
   x = fh.images(32)
   want = fh.timm_logits(network, x)
   fh.assert_close(np.asarray(model.apply({"params": params}, x)[0]), want)
   out = str(tmp_path / "export.safetensors")
-  record = models.save_params("swin", out, params, format="timm",
+  record = weights_layouts.save_params("swin", out, params, format="timm",
                               options=SMALL, resolution=32)
   assert record["timm"]["kwargs"]["img_size"] == 32
-  fh.assert_close(fh.timm_logits(models.timm_model(out), x), want)  # strict
+  fh.assert_close(fh.timm_logits(weights_layouts.timm_model(out), x), want)  # strict
   for suffix in ("npz", "safetensors"):
     own = str(tmp_path / f"own.{suffix}")
-    models.save_params("swin", own, params, format=suffix, resolution=32,
+    weights_layouts.save_params("swin", own, params, format=suffix, resolution=32,
                        options=SMALL)
-    back = models.load_params("swin", own, fh.init_params(model, 32))
+    back = weights_layouts.load("swin", own, fh.init_params(model, 32))
     fh.assert_close(np.asarray(model.apply({"params": back}, x)[0]), want)
 
 
@@ -101,12 +102,13 @@ def test_teacher_from_another_variant_or_class_count_is_one_line(small_file):
   _, path = small_file
   for options, classes, says in [
       ({**SMALL, "embed_dim": 32}, CLASSES,
-       ["model (Swin embed_dim=32", "the file holds Swin embed_dim=16, depths="
-        "[2, 2, 2, 2], num_heads=[1, 2, 2, 4], window_size=2, num_classes=7"]),
+       ["model (Swin embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], "
+        "window_size=2, num_classes=7)", "head.fc.weight file [7, 128] vs model [7, 256]",
+        "set the model's variant"]),
       (SMALL, 10, ["head with 7 classes", "has 10"])]:
     model = models.get_model("swin", classes, **options)
     with pytest.raises(UserError) as info:
-      models.load_params("swin", path, fh.init_params(model, 32),
+      weights_layouts.load("swin", path, fh.init_params(model, 32),
                          strict_head=True)
     message = str(info.value)
     assert "\n" not in message and path in message
