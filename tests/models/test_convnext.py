@@ -137,3 +137,32 @@ def test_published_names_are_timm_hub_checkpoints():
     assert entry.hub in pretrained and not entry.path
     model = models.get_model("convnext", entry.num_classes, **entry.options)
     assert timm_name(model.variant, model.version) == entry.hub.split(".")[0]
+
+
+def test_fetch_downloads_a_hub_only_name_that_then_loads_as_a_teacher(
+    tmp_path, monkeypatch, capsys):
+  """funmatch-fetch --source hub, from a file:// stand-in for the timm hub."""
+  from conftest import run_cli  # pylint: disable=import-outside-toplevel
+  from funmatch.train import cli  # pylint: disable=import-outside-toplevel
+  from funmatch.weights import catalog  # pylint: disable=import-outside-toplevel
+  name = "convnext_atto.d2_in1k"
+  network = fh.randomize(fh.timm.create_model("convnext_atto"), seed=2, scale=0.1)
+  hub = tmp_path / "hub" / name / "resolve" / "main"
+  hub.mkdir(parents=True)
+  fh.save_state(network, str(hub / "model.safetensors"))
+  monkeypatch.setattr(catalog, "HUB", (tmp_path / "hub").as_uri()
+                      + "/{hub}/resolve/main/model.safetensors")
+  monkeypatch.setenv("FUNMATCH_CACHE", str(tmp_path / "cache"))
+  code, out, err = run_cli(cli.fetch_main, [name], capsys)
+  assert code == 2 and "on the timm hub only; fetch it with --source hub" in err
+  code, out, err = run_cli(cli.fetch_main, [name, "--source=hub"], capsys)
+  assert code == 0, err
+  path = catalog.resolve(name, "config.teacher")
+  assert path.endswith(f"{name}.timm.safetensors")
+  entry = catalog.entry(name)
+  model = models.get_model("convnext", entry.num_classes, **entry.options)
+  params = weights_layouts.load("convnext", path, fh.init_params(model, 32),
+                                strict_head=True)
+  x = fh.images(32)
+  fh.assert_close(np.asarray(model.apply({"params": params}, x)[0]),
+                  fh.timm_logits(network, x))
