@@ -7,8 +7,8 @@
 `res` (16px; a ConvNeXt or Swin student at 32px). `student`: bit (digits.py's BiT
 [1,1,1,1]x0.5), mobilenet_v3 (width 0.25), vit (width 48, 4 blocks, 4x4 patches),
 convnext or swin (digits_family_teacher's sizes). `objective`: function_matching
-(digits.py's recipe) or ofakd (digits_ofakd.py's: consistent teaching, branch heads on
-the student's stages / blocks, gamma 1). `baseline=True`: the same student, data and
+(digits.py's recipe), ofakd (digits_ofakd.py's: consistent teaching, branch heads on
+the student's stages / blocks, gamma 1) or any other objective with its defaults. `baseline=True`: the same student, data and
 steps on labels alone (funmatch-train).
 Arguments: teacher, family, student, objective, steps, batch_size, res, teacher_res,
 gamma, baseline.
@@ -54,5 +54,8 @@ def get_config(arg=None):
     c.mixup.p = 0.0
     common.set_objective(c, "ofakd", gamma=args.gamma, temperature=1.0, stages="auto")
   elif args.objective != "function_matching":
-    raise UserError(f"objective={args.objective!r}: use function_matching or ofakd")
+    # Any other objective with its defaults (ViTKD / TinyMIM refuse these teachers).
+    c.teaching = "consistent"
+    c.mixup.p = 0.0
+    common.set_objective(c, args.objective)
   return c
