@@ -27,9 +27,11 @@ def test_dry_run_writes_every_field_without_tensorflow(tmp_path):
   assert report["dry_run"] is True and report["setup"]["random_teachers"] is True
   assert "random" in report["setup"]["caveat"]
   assert set(report["runs"]) == {"f32_teacher_adam", "bf16_teacher_adam",
-                                 "f32_teacher_shampoo"}
+                                 "f32_teacher_shampoo", "convnext_teacher_adam",
+                                 "swin_teacher_adam"}
   assert all(run["status"] == "ok" for run in report["runs"].values())
-  for key in ("step_f32_teacher", "step_bf16_teacher"):
+  for key in ("step_f32_teacher", "step_bf16_teacher", "step_convnext_teacher",
+              "step_swin_teacher"):
     step = report[key]
     assert step["img_per_s"] > 0 and step["full_step_ms"] > 0, key
     assert step["peak_memory_bytes"] > 0 and step["peak_memory_kind"], key
