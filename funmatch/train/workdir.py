@@ -1,7 +1,7 @@
 """The workdir: which run it holds (config.json) and whether a config may resume it.
 
 config.json holds the run's mode, its config as built (the weight-dependent model
-options resolved, see funmatch/train/weights.py) and what the data said
+options resolved, see funmatch/weights/init.py) and what the data said
 ("data": num_classes and class_names), so eval, export, `funmatch.load_student`
 and funmatch-predict need neither the teacher nor the training data.
 

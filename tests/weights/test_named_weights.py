@@ -161,6 +161,23 @@ def test_named_init_is_read_from_the_cache(cache_dir, tiny, tiny_params, offline
   assert "config.teacher.init_sha256" in message
 
 
+def test_a_digest_is_checked_once_per_build(cache_dir, tiny, tiny_params, offline,
+                                           monkeypatch):
+  path = write_official(cache_dir / "weights" / "FunMatch-test-tiny.npz", tiny_params)
+  config = model_config("FunMatch-test-tiny", init_sha256=formats.sha256(path))
+  checked, check = [], catalog.check_sha256
+  monkeypatch.setattr(catalog, "check_sha256",
+                      lambda *args, **kwargs: (checked.append(args[0]), check(*args, **kwargs)))
+  init = jax.tree.map(np.zeros_like, tiny_params)
+  # A build's stages: the options (a header read), then the weights (the digest).
+  weights.resolve_options(config, "config.teacher")
+  weights.initial_params(config, init, what="config.teacher", teacher=True)
+  assert checked == [path]
+  # Nothing is remembered between builds: the next one checks again.
+  weights.initial_params(config, init, what="config.teacher", teacher=True)
+  assert checked == [path, path]
+
+
 def test_a_name_not_in_the_cache_says_how_to_get_it(cache_dir, offline):
   config = model_config("FunMatch-teacher-224px-i1k")
   message = one_line(weights.locate, config, "config.teacher")
