@@ -30,7 +30,6 @@ from typing import Any, Dict, Mapping, NamedTuple, Sequence
 
 import flax
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -144,7 +144,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    batch, height, width, channels = x.shape
+    _, height, width, channels = x.shape
     norm = lambda name: nn.LayerNorm(epsilon=LN_EPSILON, dtype=self.dtype,
                                      param_dtype=jnp.float32, name=name)
     drop = lambda name: nn.Dropout(self.drop_path, broadcast_dims=(1, 2, 3),
@@ -164,9 +164,7 @@ class Block(nn.Module):
         features, dtype=self.dtype, param_dtype=jnp.float32,
         kernel_init=nn.initializers.truncated_normal(0.02), name=name)
     y = nn.gelu(dense(4 * channels, "fc1")(norm("norm2")(x)), approximate=False)
-    x = x + drop("drop_path2")(dense(channels, "fc2")(y))
-    del batch
-    return x
+    return x + drop("drop_path2")(dense(channels, "fc2")(y))
 
 
 class PatchMerging(nn.Module):
