@@ -21,7 +21,7 @@ def test_dry_run_writes_every_field_without_tensorflow(tmp_path):
          "TMPDIR": str(tmp_path)}
   result = subprocess.run(["bash", repo_path("tools", "gpu_check.sh"), "--dry-run",
                            "--output", str(output)], env=env, capture_output=True,
-                          text=True, timeout=900, check=False)
+                          text=True, timeout=1500, check=False)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   report = json.loads(output.read_text())
   assert report["dry_run"] is True and report["setup"]["random_teachers"] is True

@@ -17,7 +17,8 @@
 #
 # --dry-run (or GPU_CHECK_DRY_RUN=1): the same runs with BiT [1,1,1,1] models at
 # 16-32px (the ConvNeXt / Swin runs: digits_family.py's tiny teachers at 32px), batch 8,
-# one step, on whatever backend is there (CI runs it on CPU in a few minutes); it writes to $TMPDIR unless --output says otherwise.
+# one step, on whatever backend is there (CI runs it on CPU in a few minutes: five
+# builds and compiles); it writes to $TMPDIR unless --output says otherwise.
 # Needs jax, flax, optax, orbax-checkpoint and ml-collections; not TensorFlow (the
 # runs are built without funmatch.data). PYTHON picks the interpreter (python3).
 set -euo pipefail
