@@ -21,6 +21,7 @@ from conftest import (TEACHER_OVERRIDES, TINY_OVERRIDES, TINY_STUDENT_ARG,
 
 DIGITS = repo_path("configs", "digits.py")
 DIGITS_TEACHER = repo_path("configs", "digits_teacher.py")
+DIGITS_FAMILY = repo_path("configs", "digits_family.py")
 
 
 def distill(teacher: str, workdir: str, *extra: str, recipe: str = "") -> list[str]:
@@ -235,6 +236,25 @@ class Bench:
         f.write(bytes(range(200)))
     return self._damaged_copy("garbled_shard", garble)
 
+  # ---- a ConvNeXt / Swin teacher ----
+  @functools.cached_property
+  def swin_teacher(self) -> str:
+    """digits_family_teacher.py's Swin with random weights: no training, no compile."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    from funmatch import config_util, models  # pylint: disable=import-outside-toplevel
+    from funmatch.weights import layouts  # pylint: disable=import-outside-toplevel
+    recipe = config_util.load_recipe(DIGITS, "digits_family_teacher")
+    options = {k: v for k, v in recipe.model("swin", 32).items()
+               if k not in models.MODEL_META_KEYS}
+    model = models.get_model("swin", 10, **options)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 32, 32, 3)))
+    params = jax.tree.map(lambda s: np.full(s.shape, 0.01, np.float32), shapes["params"])
+    path = self._path("swin_teacher.safetensors")
+    layouts.save_params("swin", path, params, resolution=32, format="safetensors",
+                        options=options)
+    return path
+
   # ---- configs ----
   @functools.cached_property
   def broken_config(self) -> str:
@@ -301,6 +321,13 @@ class Case:
 
 def _d(*extra, recipe=""):
   return lambda b, run: distill(b.teacher, run, *extra, recipe=recipe)
+
+
+def _family(*extra, recipe=""):
+  """funmatch-distill of configs/digits_family.py from the bench's Swin teacher."""
+  return lambda b, run: ["--config", f"{DIGITS_FAMILY}:family=swin,teacher={b.swin_teacher},"
+                         f"steps=30,batch_size=64{recipe}", "--workdir", run,
+                         *TINY_OVERRIDES, *extra]
 
 
 def truncate_checkpoint_arrays(directory: str) -> None:
@@ -402,6 +429,18 @@ CASES = [
     Case("batch not divisible by 2 devices", "distill", _d("--config.input.batch_size=63"),
          "2 devices", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
                            "JAX_PLATFORMS": "cpu"}),
+    # ConvNeXt / Swin options.
+    Case("unknown Swin variant", "distill", _family("--config.teacher.variant=huge"),
+         "Swin variant='huge' is unknown; use one of tiny, small, base, large"),
+    Case("unknown ConvNeXt variant", "distill",
+         _family("--config.student.variant=mega", recipe=",student=convnext"),
+         "ConvNeXt variant='mega' is unknown; use one of atto, femto, pico, nano, tiny"),
+    Case("Swin windows that do not fit the image size", "distill",
+         _family("--config.teacher.img_size=48"),
+         "Swin img_size=48 does not fit window_size=2 with patch_size=2"),
+    Case("Swin teacher for ViTKD's ViT tokens", "distill",
+         _family(recipe=",student=vit,objective=vitkd"),
+         "distils ViT tokens, but config.teacher is a model without the tap(s) block0"),
     # Teacher files.
     Case("missing teacher file", "distill",
          lambda b, run: distill(os.path.join(b.root, "nope.npz"), run), "nope.npz"),

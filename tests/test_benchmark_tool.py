@@ -108,3 +108,29 @@ def test_bad_input_exits_2_with_one_line(tool, args, culprit, capsys):
   assert len(lines) == 1, err
   assert lines[0].startswith("funmatch: error:") and culprit in lines[0]
   assert not out
+
+
+@pytest.mark.parametrize("family", ["convnext", "swin"])
+def test_convnext_and_swin_teachers_build_runs(tool, family):
+  """The registry's families reach the tool: a digits-sized timm-family teacher
+  (32px) -> BiT student (16px) run builds, each model at its own resolution."""
+  args, config = tool.parse_args([
+      "--config", repo_path("configs", "digits_family.py") + f":family={family},batch_size=8",
+      "--random_teachers", "--num_classes", "10"])
+  run, _, _ = tool.make_run(config, args, [])
+  assert run.plan.views == {"student": 16, "teacher": 32}
+
+
+@pytest.mark.parametrize("family,teacher_params", [("convnext", 28.6), ("swin", 28.3)])
+def test_memory_estimate_counts_timm_family_teachers(family, teacher_params, capsys):
+  """tools/memory_estimate.py on the ImageNet recipe with a ConvNeXt-T / Swin-T
+  teacher (parameters and optimizer state only: nothing compiled)."""
+  spec = importlib.util.spec_from_file_location(
+      "funmatch_memory_estimate_tool", repo_path("tools", "memory_estimate.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  recipe = repo_path("configs", "timm_teacher_i1k.py") + f":family={family}"
+  assert module.main(["--recipe", recipe, "--no_measure", "--devices", "8"]) in (0, None)
+  out = capsys.readouterr().out
+  assert f"teacher {family} tiny at 224px" in out
+  assert f"params: teacher {teacher_params}M, student 25.5M" in out

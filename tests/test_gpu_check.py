@@ -21,15 +21,17 @@ def test_dry_run_writes_every_field_without_tensorflow(tmp_path):
          "TMPDIR": str(tmp_path)}
   result = subprocess.run(["bash", repo_path("tools", "gpu_check.sh"), "--dry-run",
                            "--output", str(output)], env=env, capture_output=True,
-                          text=True, timeout=900, check=False)
+                          text=True, timeout=1500, check=False)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   report = json.loads(output.read_text())
   assert report["dry_run"] is True and report["setup"]["random_teachers"] is True
   assert "random" in report["setup"]["caveat"]
   assert set(report["runs"]) == {"f32_teacher_adam", "bf16_teacher_adam",
-                                 "f32_teacher_shampoo"}
+                                 "f32_teacher_shampoo", "convnext_teacher_adam",
+                                 "swin_teacher_adam"}
   assert all(run["status"] == "ok" for run in report["runs"].values())
-  for key in ("step_f32_teacher", "step_bf16_teacher"):
+  for key in ("step_f32_teacher", "step_bf16_teacher", "step_convnext_teacher",
+              "step_swin_teacher"):
     step = report[key]
     assert step["img_per_s"] > 0 and step["full_step_ms"] > 0, key
     assert step["peak_memory_bytes"] > 0 and step["peak_memory_kind"], key

@@ -6,6 +6,7 @@ import pytest
 
 from conftest import repo_path
 from funmatch import config_util
+from funmatch.errors import UserError
 from funmatch.train import build
 
 RECIPES = sorted(os.path.basename(p)[:-3] for p in glob.glob(repo_path("configs", "*.py"))
@@ -73,3 +74,37 @@ def test_sgd_recipes_use_pytorchs_coupled_decay():
   for name in ("seed_i1k", "ofakd_i1k"):
     c = load(name)
     assert (c.optax_name, c.optax.momentum, c.wd, c.wd_mode) == ("sgd", 0.9, 1e-4, "coupled")
+
+
+def test_cross_family_recipes_pair_timm_teachers_with_their_students():
+  pairs = {"swin_r50": ("swin", "bit", "swin_tiny_patch4_window7_224.ms_in1k"),
+           "convnext_deit": ("convnext", "vit", "convnext_tiny.fb_in22k_ft_in1k"),
+           "convnext_vit": ("convnext", "vit", "convnext_tiny.fb_in22k_ft_in1k"),
+           "vit_r50": ("vit", "bit", "")}
+  for pair, (teacher, student, init) in pairs.items():
+    c = load("ofakd_i1k", f"pair={pair}")
+    assert (c.teacher.model, c.student.model, c.teacher.init) == (teacher, student, init)
+    build.validate(c, "distill")
+    assert c.objective == "ofakd" and c.objective_args.gamma == 1.5
+  deit = load("ofakd_i1k", "pair=convnext_deit")
+  assert (deit.student.variant, deit.optax_name, deit.total_epochs, deit.wd) == (
+      "Ti", "adam", 300.0, 0.05)
+  assert deit.objective_args.stages == ("block2", "block5", "block8")
+  assert load("ofakd_i1k").total_epochs == 100.0  # the CNN student's schedule
+  for family, init in (("convnext", "convnext_tiny.fb_in22k_ft_in1k"),
+                       ("swin", "swin_tiny_patch4_window7_224.ms_in1k")):
+    c = load("timm_teacher_i1k", f"family={family}")
+    assert (c.teacher.model, c.teacher.init, c.teacher.res) == (family, init, 224)
+    assert c.student == load("bit_i1k").student and c.lr == 0.03
+    assert c.objective == "function_matching"
+  for recipe, arg in (("ofakd_i1k", "pair=swin_deit"), ("timm_teacher_i1k", "family=vit")):
+    with pytest.raises(UserError, match="is unknown; use one of"):
+      load(recipe, arg)
+  # The digits versions build for every teacher family and student.
+  for student in ("bit", "mobilenet_v3", "vit", "convnext", "swin"):
+    for objective in ("function_matching", "ofakd"):
+      c = load("digits_family", f"family=swin,student={student},objective={objective}")
+      build.validate(c, "distill")
+      assert c.student.res == (32 if student in ("convnext", "swin") else 16)
+      assert c.teacher.res == 32
+  assert load("digits_family", "baseline=True").objective == "supervised"

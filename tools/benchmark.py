@@ -602,7 +602,7 @@ def benchmark(args, config):
   else:
     try:
       measure_host(run, step_fn, args, results)
-    except (TypeError, ValueError) as e:  # e.g. a model that needs its own resolution
+    except (TypeError, ValueError, UserError) as e:  # e.g. a model of one resolution (Swin)
       results["skipped"]["host"] = (
           f"the step does not run on the host-overhead batch ({type(e).__name__}: "
           f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); try "

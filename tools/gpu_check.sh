@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The GPU numbers docs/benchmarks.md owes, in one run of at most 8 minutes on one
+# The GPU numbers docs/benchmarks.md owes, in one run of at most 10 minutes on one
 # H100/H200: the paper's step, BiT-R152x2 (224px) -> BiT-R50x1, batch 256, with
 #   1. a float32 teacher and Adam (+ the bf16 teacher's forward speed-up and top-1
 #      agreement with float32, + teacher forward and student step alone, for the
 #      full step / (teacher fwd + student step) ratio),
 #   2. a bfloat16 teacher and Adam (full step only),
 #   3. a float32 teacher and Shampoo (student step and full step),
+#   4. a ConvNeXt-T and 5. a Swin-T teacher (timm_teacher_i1k.py, 224px) -> BiT-R50x1,
+#      Adam (full step only),
 # each by tools/benchmark.py in its own process (so each peak memory is its own),
 # merged into docs/benchmarks/gpu-<date>.json. Teachers have random weights and the
 # batches are synthetic (no dataset there; the JSON says so), so the bf16 agreement
@@ -14,8 +16,9 @@
 #   tools/gpu_check.sh [--dry-run] [--output FILE.json]
 #
 # --dry-run (or GPU_CHECK_DRY_RUN=1): the same runs with BiT [1,1,1,1] models at
-# 16-32px, batch 8, one step, on whatever backend is there (CI runs it on CPU in
-# about a minute); it writes to $TMPDIR unless --output says otherwise.
+# 16-32px (the ConvNeXt / Swin runs: digits_family.py's tiny teachers at 32px), batch 8,
+# one step, on whatever backend is there (CI runs it on CPU in a few minutes: five
+# builds and compiles); it writes to $TMPDIR unless --output says otherwise.
 # Needs jax, flax, optax, orbax-checkpoint and ml-collections; not TensorFlow (the
 # runs are built without funmatch.data). PYTHON picks the interpreter (python3).
 set -euo pipefail
@@ -58,16 +61,20 @@ if [[ $DRY_RUN == 1 ]]; then
         "--config.student.depth=(1,1,1,1)" --config.student.width=0.5 --config.student.res=16
         --num_classes 10)
   TIMING=(--steps 1 --repeats 1)
-  BUDGETS=(400 400 400)  # a safety net only: CI machines differ
+  BUDGETS=(400 400 400 400 400)  # a safety net only: CI machines differ
+  FAMILY_RECIPE="configs/digits_family.py:batch_size=8,student=bit,family="
+  FAMILY_SIZE=(--num_classes 10)
 else
   RECIPE="configs/bit_i1k.py:batch_size=256"  # R152x2 224px -> R50x1 224px
   SIZE=()
   TIMING=(--steps 5 --repeats 3)
-  BUDGETS=(210 120 150)  # together under 8 minutes, start-up included
+  BUDGETS=(180 100 130 80 80)  # together under 10 minutes, start-up included
+  FAMILY_RECIPE="configs/timm_teacher_i1k.py:batch_size=256,family="  # -> R50x1 224px
+  FAMILY_SIZE=()
 fi
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
-COMMON=(--random_teachers --skip real_data,host "${SIZE[@]}" "${TIMING[@]}")
+COMMON=(--random_teachers --skip real_data,host "${TIMING[@]}")
 START=$SECONDS
 
 # run NAME BUDGET RECIPE ARGS...: one benchmark, its JSON in $WORK/NAME.json, its exit
@@ -83,10 +90,15 @@ run() {
 }
 
 cd "$REPO"
-run f32_teacher_adam "${BUDGETS[0]}" "$RECIPE" --bf16_teacher
-run bf16_teacher_adam "${BUDGETS[1]}" "$RECIPE" --config.teacher.dtype=bfloat16 \
+run f32_teacher_adam "${BUDGETS[0]}" "$RECIPE" "${SIZE[@]}" --bf16_teacher
+run bf16_teacher_adam "${BUDGETS[1]}" "$RECIPE" "${SIZE[@]}" --config.teacher.dtype=bfloat16 \
   --skip real_data,host,teacher_forward,student_step
-run f32_teacher_shampoo "${BUDGETS[2]}" "$RECIPE,optimizer=shampoo" --skip real_data,host,teacher_forward
+run f32_teacher_shampoo "${BUDGETS[2]}" "$RECIPE,optimizer=shampoo" "${SIZE[@]}" \
+  --skip real_data,host,teacher_forward
+for family in convnext swin; do
+  run "${family}_teacher_adam" "${BUDGETS[$([[ $family == convnext ]] && echo 3 || echo 4)]}" \
+    "$FAMILY_RECIPE$family" "${FAMILY_SIZE[@]}" --skip real_data,host,teacher_forward,student_step
+done
 
 "$PYTHON" - "$WORK" "$OUTPUT" "$DATE" "$DRY_RUN" "$((SECONDS - START))" <<'EOF'
 """Merges the three benchmark JSONs into the one gpu_check report."""
@@ -95,7 +107,8 @@ import os
 import sys
 
 work, output, date, dry_run, wall_s = sys.argv[1:]
-RUNS = ("f32_teacher_adam", "bf16_teacher_adam", "f32_teacher_shampoo")
+RUNS = ("f32_teacher_adam", "bf16_teacher_adam", "f32_teacher_shampoo",
+        "convnext_teacher_adam", "swin_teacher_adam")
 raw, runs = {}, {}
 for name in RUNS:
   code, seconds, budget = open(os.path.join(work, f"{name}.status")).read().split()
@@ -119,8 +132,7 @@ def step(name):
           "img_per_s": result["batch_size"] / (ms / 1000) if ms else None,
           "peak_memory_bytes": memory.get("device_peak_bytes") or memory.get("rss_peak_bytes"),
           "peak_memory_kind": "device" if memory.get("device_peak_bytes") else "host RSS",
-          "teacher_dtype": name.split("_")[0].replace("f32", "float32").replace(
-              "bf16", "bfloat16")}
+          "teacher_dtype": "bfloat16" if name.startswith("bf16") else "float32"}
 
 
 f32 = raw.get("f32_teacher_adam") or {}
@@ -147,6 +159,9 @@ report = {
         "conv_impl": "auto (the native convolution on GPU/TPU, matmul on CPU)"},
     "step_f32_teacher": step("f32_teacher_adam"),
     "step_bf16_teacher": step("bf16_teacher_adam"),
+    # The same student from the timm families' teachers (dry run: digits-sized ones).
+    "step_convnext_teacher": step("convnext_teacher_adam"),
+    "step_swin_teacher": step("swin_teacher_adam"),
     "bf16_teacher_forward": {
         "float32_ms": (bf16.get("float32") or {}).get("median_ms"),
         "bfloat16_ms": (bf16.get("bfloat16") or {}).get("median_ms"),

@@ -17,6 +17,7 @@ BiT-R50x1 at 224px, configs/bit_i1k.py), the bytes each device holds:
   python tools/memory_estimate.py                       # the paper's setup
   python tools/memory_estimate.py --devices 8 32 64 --batch 4096 --json out.json
   python tools/memory_estimate.py --no_measure          # parameters/state only
+  python tools/memory_estimate.py --recipe configs/timm_teacher_i1k.py:family=swin
 """
 import argparse
 import json
@@ -57,9 +58,11 @@ def recipe_path(arg):
 
 
 def load_config(path, optimizer):
+  """The recipe at `path` (FILE.py or FILE.py:key=value,... as --config takes)."""
   from funmatch import config_util  # pylint: disable=import-outside-toplevel
+  path, _, args = path.partition(":")
   module = config_util.load_recipe(path, os.path.splitext(os.path.basename(path))[0])
-  return module.get_config(f"optimizer={optimizer}")
+  return module.get_config(",".join(filter(None, (args, f"optimizer={optimizer}"))))
 
 
 def abstract_run(config, teacher_dtype):
@@ -71,6 +74,14 @@ def abstract_run(config, teacher_dtype):
     config[name].dtype = teacher_dtype
   synthetic = build.DataInfo(1000, int(config.input.batch_size), 1.0, 1000)
   return build.build(config, "distill", needs=build.Needs(abstract=True), data=synthetic)
+
+
+def describe(model_config):
+  """'bit 50x1.0', 'swin tiny': the model and its size options as the recipe gives them."""
+  options = dict(model_config.items())
+  if "depth" in options and "width" in options:
+    return f"{model_config.model} {options['depth']}x{options['width']}"
+  return f"{model_config.model} {options.get('variant', '')}".rstrip()
 
 
 def count(tree):
@@ -149,12 +160,9 @@ def main(argv=None) -> int:
   _, shampoo_state = optimizer_state(abstract_run(shampoo_config, args.teacher_dtype))
   n_student, n_teacher = count(student_params), count(teacher_params)
 
-  print(f"recipe {os.path.relpath(path)}: teacher {adam_config.teacher.model} "
-        f"{dict(adam_config.teacher.items()).get('depth')}x"
-        f"{dict(adam_config.teacher.items()).get('width')} at {t_res}px "
-        f"({args.teacher_dtype} activations, float32 params), student "
-        f"{adam_config.student.model} {dict(adam_config.student.items()).get('depth')}x"
-        f"{dict(adam_config.student.items()).get('width')} at {s_res}px; "
+  print(f"recipe {os.path.relpath(path)}: teacher {describe(adam_config[teacher_name])} at "
+        f"{t_res}px ({args.teacher_dtype} activations, float32 params), student "
+        f"{describe(adam_config.student)} at {s_res}px; "
         f"global batch {args.batch}; jax {jax.__version__}")
   print(f"params: teacher {n_teacher / 1e6:.1f}M, student {n_student / 1e6:.1f}M; "
         f"Adam state {count(adam_state) * 4 / n_student:.1f} B/param, Shampoo state "

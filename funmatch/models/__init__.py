@@ -25,7 +25,9 @@ from funmatch.errors import UserError
 # name -> module path holding a `Model` class.
 _REGISTRY = {
     "bit": "funmatch.models.bit",
+    "convnext": "funmatch.models.convnext",
     "mobilenet_v3": "funmatch.models.mobilenet_v3",
+    "swin": "funmatch.models.swin",
     "vit": "funmatch.models.vit",
 }
 

@@ -30,6 +30,9 @@ from safetensors import torch as safetensors_torch  # pylint: disable=wrong-impo
 RES = 32
 BIT = dict(depth=[1, 1, 1, 1], width=0.5)
 VIT = dict(width=64, depth=2, num_heads=2, mlp_dim=128, patch_size=8)
+CONVNEXT = dict(variant="atto", version=2, depths=(1, 1, 1, 1), dims=(16, 32, 64, 128))
+SWIN = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), patch_size=2,
+            window_size=2, img_size=RES)
 CLASSES = 7
 
 
@@ -142,6 +145,8 @@ EXPORTED = {
     "bit": (dict(BIT, stem_pool_padding="zeros"), 0),
     "mobilenet_v3": (dict(width=0.35), 5),
     "vit": (dict(VIT, gelu="tanh"), 2),
+    "convnext": (CONVNEXT, 3),
+    "swin": (SWIN, 4),
 }
 
 
@@ -177,8 +182,16 @@ def mobilenet_by_hand(record, path):
   return network
 
 
+def registered_by_hand(record, path):
+  """ConvNeXt, Swin: timm's registered name with the recorded kwargs."""
+  network = timm.create_model(record["timm"]["model_name"], **record["timm"]["kwargs"])
+  network.load_state_dict(safetensors_torch.load_file(path))  # strict
+  return network
+
+
 # How timm builds each exported network by hand, from the file's record.
-BY_HAND = {"bit": bit_by_hand, "mobilenet_v3": mobilenet_by_hand, "vit": vit_by_hand}
+BY_HAND = {"bit": bit_by_hand, "mobilenet_v3": mobilenet_by_hand, "vit": vit_by_hand,
+           "convnext": registered_by_hand, "swin": registered_by_hand}
 
 
 @pytest.mark.parametrize("name", sorted(EXPORTED))
@@ -250,6 +263,13 @@ TIMM_WRITTEN = {
             {"stem_pool_padding": "zeros"}),  # timm's 'fixed' stem
     "vit": (lambda: randomize_torch(timm_vit(), seed=1), VIT,
             {"gelu": "exact"}),  # timm's nn.GELU
+    # timm's small ConvNeXts run their MLPs as 1x1 convs (conv_mlp).
+    "convnext": (lambda: randomize_torch(timm.create_model(
+        "convnextv2_atto", depths=CONVNEXT["depths"], dims=CONVNEXT["dims"],
+        num_classes=CLASSES), seed=3), CONVNEXT, {}),
+    "swin": (lambda: randomize_torch(timm.create_model(
+        "swin_tiny_patch4_window7_224", num_classes=CLASSES,
+        **{k: v for k, v in SWIN.items()}), seed=4), SWIN, {}),
 }
 
 

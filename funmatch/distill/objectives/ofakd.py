@@ -17,17 +17,19 @@ as the authors' per-stage `ofa_eps`, a tuple with one value per branch stage (in
 no T^2 factor (T = 1 by default). Several teachers: their logits are averaged first.
 
 Branches (training-only aux params, never exported), one per entry of `stages`:
-  CNN tap [B, H, W, C]: conv3x3 (stride 2 while the map is larger than the
-      student's last stage map) + GroupNorm + ReLU blocks, channels doubling up to
-      the last stage's width (at least one block), then global average pooling +
-      Linear(num_classes).
-  ViT tap [B, 1 + N, D] (CLS first): the CLS token is dropped, the patch grid gets
+  CNN stage [B, H, W, C] (BiT, MobileNetV3, ConvNeXt): conv3x3 (stride 2 while
+      the map is larger than the student's last stage map) + GroupNorm + ReLU
+      blocks, channels doubling up to the last stage's width (at least one block),
+      then global average pooling + Linear(num_classes).
+  Transformer tokens: a ViT block [B, 1 + N, D] (CLS first; dropped) or a Swin
+      stage [B, N, D] (a row-major token grid, no CLS): the square patch grid gets
       one 2x2 patch merging (concat 4 neighbours -> LayerNorm -> Linear(4D -> 2D)),
       then one pre-LN transformer block, then mean pooling + LayerNorm + Linear.
-`stages='auto'` picks, for CNNs, the stage taps before the last (at most three,
-the deepest ones: BiT stage1-3, MobileNetV3 stage2-4) and, for ViTs, the blocks
-at 1/4, 2/4 and 3/4 of the depth (ViT-B: block2, block5, block8). Otherwise
-`stages` is a tuple of tap names or one comma-separated string.
+`stages='auto'` picks, for models with stage taps (CNNs and Swin), the stages
+before the last (at most three, the deepest ones: BiT / ConvNeXt / Swin stage1-3,
+MobileNetV3 stage2-4) and, for ViTs, the blocks at 1/4, 2/4 and 3/4 of the depth
+(ViT-B: block2, block5, block8). Otherwise `stages` is a tuple of tap names or
+one comma-separated string.
 """
 import dataclasses
 import math
@@ -97,10 +99,12 @@ class ViTBranch(nn.Module):
   """2x2 patch merging, one transformer block, mean pooling, Linear(num_classes)."""
   num_classes: int
   num_heads: int
+  cls_token: bool = True  # ViT blocks lead with CLS; Swin stages have none
 
   @nn.compact
   def __call__(self, tokens):
-    x = tokens[:, 1:].astype(jnp.float32)  # the patch tokens; CLS dropped
+    # The patch tokens (CLS dropped).
+    x = (tokens[:, 1:] if self.cls_token else tokens).astype(jnp.float32)
     batch, count, width = x.shape
     side = math.isqrt(count)
     x = x.reshape(batch, side, side, width)
@@ -128,7 +132,7 @@ def _vit_heads(width: int) -> int:
 def auto_stages(taps) -> tuple[str, ...]:
   """The default branch taps (see the module docstring)."""
   stages = sorted((int(m.group(1)), name) for name in taps
-                  if (m := _STAGE.match(name)) and len(taps[name].shape) == 4)
+                  if (m := _STAGE.match(name)) and len(taps[name].shape) in (3, 4))
   if stages:
     return tuple(name for _, name in stages[:-1][-3:])
   blocks = sorted(int(m.group(1)) for name in taps
@@ -138,6 +142,11 @@ def auto_stages(taps) -> tuple[str, ...]:
     picks = sorted({max(0, depth * k // 4 - 1) for k in (1, 2, 3)} - {depth - 1})
     return tuple(f"block{i}" for i in picks if i in blocks)
   return ()
+
+
+def _has_cls(tap_name: str) -> bool:
+  """ViT block taps lead with the CLS token; Swin stage tokens have none."""
+  return bool(_BLOCK.match(tap_name))
 
 
 def _branchable(taps) -> list[str]:
@@ -196,12 +205,12 @@ class OFAKD(Objective):
       if len(taps[stage].shape) not in (3, 4):
         raise UserError(f"config.objective_args.stages names '{stage}' of shape "
                         f"{tuple(taps[stage].shape)}; branches need a CNN stage "
-                        f"[B, H, W, C] or ViT tokens [B, 1+N, D]; choose from: "
-                        f"{', '.join(available) or 'none'}")
-      if len(taps[stage].shape) == 3 and math.isqrt(taps[stage].shape[1] - 1) ** 2 != \
-          taps[stage].shape[1] - 1:
-        raise UserError(f"the student tap '{stage}' has {taps[stage].shape[1] - 1} patch "
-                        "tokens, not a square grid; OFA's ViT branch merges 2x2 patches")
+                        f"[B, H, W, C] or transformer tokens [B, (1+)N, D]; choose "
+                        f"from: {', '.join(available) or 'none'}")
+      patches = taps[stage].shape[1] - _has_cls(stage)
+      if len(taps[stage].shape) == 3 and math.isqrt(patches) ** 2 != patches:
+        raise UserError(f"the student tap '{stage}' has {patches} patch tokens, not a "
+                        "square grid; OFA's transformer branch merges 2x2 patches")
     for name, (teacher_logits, _) in teacher_outs.items():
       if teacher_logits.shape[-1] != student_logits.shape[-1]:
         raise UserError(f"teacher '{name}' has {teacher_logits.shape[-1]} outputs but the "
@@ -214,7 +223,7 @@ class OFAKD(Objective):
     num_classes = int(logits.shape[-1])
     shape = taps[stage].shape
     if len(shape) == 3:
-      return ViTBranch(num_classes, _vit_heads(2 * int(shape[-1])))
+      return ViTBranch(num_classes, _vit_heads(2 * int(shape[-1])), _has_cls(stage))
     # Downsample to the spatial size (and at most the width) of the last stage.
     maps = [t.shape for name, t in taps.items() if len(t.shape) == 4
             and _STAGE.match(name)]
