@@ -46,8 +46,9 @@ def run_demo(workdir: str, teacher_steps: int | None = None,
   results = loop.train_and_evaluate(student_config, student_dir, "distill")
 
   def param_count(model_config):
-    _, params = build.build_model(model_config, 10, "model")
-    return int(parameter_overview.count_parameters(params))
+    # Shapes are enough: eval_shape traces the init without compiling or running it.
+    shapes = jax.eval_shape(lambda: build.build_model(model_config, 10, "model")[1])
+    return int(parameter_overview.count_parameters(shapes))
 
   summary = {
       "teacher_top1": results["test/teacher_top1"],
