@@ -29,6 +29,7 @@ log = logging.getLogger("funmatch")
 
 # How long the others wait for process 0's executable: a compile of the train step.
 SHARE_TIMEOUT_MS = 10 * 60 * 1000
+# How long each waits for the others to say where they run (all have just started).
 AGREE_TIMEOUT_MS = 60 * 1000
 
 
@@ -42,13 +43,11 @@ def share_when_on_one_machine() -> bool:
   from jax._src import cache_key, compiler, distributed  # pylint: disable=import-outside-toplevel
   client = distributed.global_state.client
   original = getattr(cache_key, "_hash_accelerator_config", None)
-  if client is None or original is None or not hasattr(
+  get_key = getattr(compiler, "_get_cache_key", None)
+  if client is None or original is None or get_key is None or not hasattr(
       jax.config, "jax_share_binary_between_hosts"):
     return False
   if not _all_processes_here(client, jax.process_index(), jax.process_count()):
-    return False
-  get_key = getattr(compiler, "_get_cache_key", None)
-  if get_key is None:
     return False
   if not getattr(original, "funmatch_global", False):
     cache_key._hash_accelerator_config = _global_devices_hash(original)  # pylint: disable=protected-access
