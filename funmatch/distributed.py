@@ -257,15 +257,25 @@ def _use_cpu_collectives() -> None:
     pass  # an older JAX without the option (or without gloo)
 
 
+def _compilation_cache_on_cpu() -> None:
+  """A CPU run of several processes keeps the persistent cache only where they
+  can share it (funmatch/process_cache.py: all on this machine)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from funmatch import process_cache  # pylint: disable=import-outside-toplevel
+  if jax.default_backend() == "cpu" and jax.config.jax_enable_compilation_cache:
+    if not process_cache.share_when_on_one_machine():
+      _no_compilation_cache_on_cpu()
+
+
 def _no_compilation_cache_on_cpu() -> None:
-  """A CPU run of several processes compiles everything afresh.
+  """A CPU run of processes on several machines compiles everything afresh.
 
   JAX writes cache entries from process 0 only, and process 1's keys differ from
   process 0's, so with a warm cache (funmatch/cache.py) process 0 loads the train
   step while process 1 compiles it (seen with py-spy: 12-25 s on 2 CPU cores,
   jax 0.10.2); gloo gives up when a collective's peers arrive more than 30 s
-  apart. Compiling on every process keeps them in step. Such runs are tests and
-  small CPU clusters; GPU and TPU hosts keep the cache.
+  apart. Compiling on every process keeps them in step. Such runs are small CPU
+  clusters; GPU and TPU hosts keep the cache.
   """
   import jax  # pylint: disable=import-outside-toplevel
   if jax.default_backend() == "cpu" and jax.config.jax_enable_compilation_cache:
@@ -292,7 +302,7 @@ def _jax_initialize(what: str, address: str | None, **kwargs) -> None:
   try:
     jax.distributed.initialize(**kwargs)
     jax.devices()
-    _no_compilation_cache_on_cpu()
+    _compilation_cache_on_cpu()
   except Exception as e:  # pylint: disable=broad-except  (JaxRuntimeError, ValueError)
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
     if address:

@@ -4,8 +4,9 @@ Started by tests/test_sharding.py with XLA_FLAGS giving N CPU devices:
   python tests/mesh_worker.py TEACHER_WORKDIR OUT_DIR VARIANT...
 where VARIANT is NAME=MESH_AXES/STRATEGY, e.g. `fsdp=data:2,fsdp:4/fsdp`. Each
 variant distils 5 steps into OUT_DIR/NAME; OUT_DIR/NAME.json gets the
-shardings of the initial train state's arrays and OUT_DIR/NAME_params.npz the
-params of the final checkpoint as restored onto this variant's mesh.
+shardings of the initial train state's arrays (as the run placed them: the run is
+built once) and OUT_DIR/NAME_params.npz the params of the final checkpoint as
+restored onto this variant's mesh.
 """
 import json
 import os
@@ -27,32 +28,49 @@ def config_args(teacher: str, workdir: str, mesh: str, strategy: str) -> list[st
           f"--config.sharding.teachers={strategy}", "--config.sharding.fsdp_min_size=64"]
 
 
-def shardings_of(args: list[str]) -> dict:
+class Recorder:
+  """Wraps the loop's init_state: the variant's one build is the run's own, and
+  what it placed on the mesh is written down as the run starts."""
+
+  def __init__(self):
+    from funmatch.train import loop  # pylint: disable=import-outside-toplevel
+    self._loop, self._init_state = loop, loop.state_lib.init_state
+    self.shardings, self.abstract_state = None, None
+
+  def __enter__(self):
+    self._loop.state_lib.init_state = self._record
+    return self
+
+  def __exit__(self, *exc):
+    self._loop.state_lib.init_state = self._init_state
+
+  def _record(self, run):
+    import jax  # pylint: disable=import-outside-toplevel
+    state = self._init_state(run)
+    self.shardings = shardings_of(state, run.teacher_params["teacher"])
+    self.abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    return state
+
+
+def shardings_of(state, teacher_params) -> dict:
   """'path': [spec...] of every array of the initial state and the teacher params."""
   import jax  # pylint: disable=import-outside-toplevel
-  from funmatch.train import build, cli, state as state_lib  # pylint: disable=import-outside-toplevel
-  config, _, _ = cli.parse(["prog", *args], "mesh_worker", {})
-  run = build.build(config, "distill")
-  state = state_lib.init_state(run)
   tree = {"params": state.params, "opt_state": state.opt_state, "step": state.step,
-          "teacher": run.teacher_params["teacher"]}
+          "teacher": teacher_params}
   return {jax.tree_util.keystr(path): dict(shape=list(x.shape),
                                            spec=[str(a) for a in x.sharding.spec])
           for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def save_restored_params(args: list[str], workdir: str, path: str) -> None:
+def save_restored_params(abstract_state, workdir: str, path: str) -> None:
   """Restores the run's latest checkpoint onto this mesh and saves its params."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from funmatch import checkpoint  # pylint: disable=import-outside-toplevel
   from funmatch.weights import layouts  # pylint: disable=import-outside-toplevel
-  from funmatch.train import build, cli, state as state_lib  # pylint: disable=import-outside-toplevel
-  config, _, _ = cli.parse(["prog", *args], "mesh_worker", {})
-  state = state_lib.init_state(build.build(config, "distill"))
   ckpt = checkpoint.Checkpointer(workdir, save_every=1)
-  _, restored = ckpt.restore_latest(jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+  _, restored = ckpt.restore_latest(abstract_state)
   ckpt.close()
   np.savez(path, **layouts.flat_params(jax.device_get(restored.params)))
 
@@ -63,12 +81,13 @@ def main(teacher: str, out_dir: str, *variants: str) -> int:
     name, spec = variant.split("=", 1)
     mesh, strategy = spec.split("/")
     args = config_args(teacher, os.path.join(out_dir, name), mesh, strategy)
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-      json.dump(shardings_of(args), f)
-    code = cli.distill_main(["funmatch-distill", *args])
+    with Recorder() as recorder:
+      code = cli.distill_main(["funmatch-distill", *args])
     if code:
       return code
-    save_restored_params(args, os.path.join(out_dir, name),
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+      json.dump(recorder.shardings, f)
+    save_restored_params(recorder.abstract_state, os.path.join(out_dir, name),
                          os.path.join(out_dir, f"{name}_params.npz"))
   return 0
 

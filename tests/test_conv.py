@@ -207,12 +207,17 @@ MODELS = [
 def test_models_compute_the_same_function_with_either_impl(name, kwargs, res):
   x = jax.random.uniform(jax.random.PRNGKey(1), (2, res, res, 3), minval=-1.0, maxval=1.0)
   reference = models.get_model(name, 5, conv_impl="xla", **kwargs)
-  params = reference.init(jax.random.PRNGKey(0), x)["params"]
-  # Heads start at zero; random ones make the logits (and their gradients) informative.
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
-  params = jax.tree.unflatten(treedef, [
-      leaf + 0.1 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)])
+
+  @jax.jit  # one program: eager init and noise compile one small program per shape
+  def init(x):
+    params = reference.init(jax.random.PRNGKey(0), x)["params"]
+    # Heads start at zero; random ones make the logits (and their gradients) informative.
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+    return jax.tree.unflatten(treedef, [
+        leaf + 0.1 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)])
+
+  params = init(x)
 
   def loss_and_logits(model):
     def loss(params):

@@ -7,8 +7,9 @@ workdir, as the hosts of a pod share a filesystem; the reference is one process
 with 2 devices and the same mesh. With two devices either way every reduction
 adds two numbers, which is exact in any order, so the runs agree to the bit.
 The pair is stopped by SIGTERM to process 1 after step 1 and resumed by a second
-pair; the reference runs alongside the first pair (a few minutes on 2 CPU cores:
-multi-process CPU runs compile afresh, see funmatch/distributed.py).
+pair; the reference runs alongside the first pair (a few minutes on 2 CPU cores).
+The pairs share the persistent compilation cache (funmatch/process_cache.py): the
+second pair loads the train step the first compiled.
 """
 import os
 import re
@@ -318,7 +319,8 @@ def test_launch_tpu_missing_arguments_exit_2_with_usage(args, expected):
 
 def test_multi_process_cpu_runs_compile_afresh():
   """Executables from the persistent cache time out gloo's first collective (a warm
-  cache broke two-process CPU resumes), so CPU runs of several processes skip it."""
+  cache broke two-process CPU resumes), so CPU runs of processes that cannot share
+  it (on several machines) skip it."""
   from funmatch import distributed  # pylint: disable=import-outside-toplevel
   assert jax.default_backend() == "cpu"
   before = jax.config.jax_enable_compilation_cache
@@ -328,3 +330,71 @@ def test_multi_process_cpu_runs_compile_afresh():
     assert not jax.config.jax_enable_compilation_cache
   finally:
     jax.config.update("jax_enable_compilation_cache", before)
+
+
+class _Device:  # what the accelerator hash reads of a jax Device
+  platform, device_kind = "cpu", "cpu"
+
+  def __init__(self, device_id, process_index):
+    self.id, self.process_index = device_id, process_index
+
+
+def _accelerator_hash(hash_fn, devices):
+  import hashlib  # pylint: disable=import-outside-toplevel
+  digest = hashlib.sha256()
+  hash_fn(digest, np.array(devices, dtype=object))
+  return digest.hexdigest()
+
+
+def test_programs_spanning_processes_get_one_key_in_every_process():
+  """The key of a program over both processes' devices names only the global
+  devices; a program over one process's own devices keeps JAX's own key."""
+  from funmatch import process_cache  # pylint: disable=import-outside-toplevel
+  seen = []
+
+  def jax_hash(hash_obj, accelerators):  # JAX's: a per-process topology fingerprint
+    seen.append([d.id for d in accelerators.flat])
+    hash_obj.update(b"fingerprint of this process")
+
+  patched = process_cache._global_devices_hash(jax_hash)  # pylint: disable=protected-access
+  both = [_Device(0, 0), _Device(2048, 1)]
+  key = _accelerator_hash(patched, both)
+  assert key == _accelerator_hash(patched, [_Device(0, 0), _Device(2048, 1)])
+  assert key != _accelerator_hash(patched, [_Device(0, 0), _Device(1, 0), _Device(2048, 1)])
+  assert key != _accelerator_hash(jax_hash, both) and not seen[:-1]
+  assert _accelerator_hash(patched, [_Device(2048, 1)]) == _accelerator_hash(
+      jax_hash, [_Device(2048, 1)])
+  assert seen == [[0, 2048], [2048], [2048]]
+
+
+def test_programs_of_one_process_bypass_the_cache_in_a_multi_process_run():
+  """Process 0 would find them from single-process runs and process 1 not."""
+  from funmatch import process_cache  # pylint: disable=import-outside-toplevel
+  get_key = process_cache._spanning_processes_only(  # pylint: disable=protected-access
+      lambda options, backend, computation, devices: "key")
+  assert get_key(None, None, None, np.array([_Device(0, 0), _Device(2048, 1)])) == "key"
+  assert get_key(None, None, None, np.array([_Device(2048, 1)])) is None
+  assert get_key(None, None, None, np.array([_Device(0, 0), _Device(1, 0)])) is None
+
+
+class _KeyValueStore:  # jax.distributed's client, for what process_cache asks of it
+  def __init__(self, values):
+    self.values = dict(values)
+
+  def key_value_set(self, key, value):
+    self.values[key] = value
+
+  def blocking_key_value_get(self, key, timeout_ms):
+    del timeout_ms
+    return self.values[key]
+
+
+def test_processes_share_compiled_programs_only_all_on_one_machine():
+  from funmatch import process_cache  # pylint: disable=import-outside-toplevel
+  here = (f"{socket.gethostname()}|"
+          f"{os.path.realpath(jax.config.jax_compilation_cache_dir)}")
+  agree = process_cache._all_processes_here  # pylint: disable=protected-access
+  assert agree(_KeyValueStore({"funmatch/process_cache/1": here}), 0, 2)
+  assert not agree(_KeyValueStore({"funmatch/process_cache/1": "other-host" + here}), 0, 2)
+  store = _KeyValueStore({})
+  assert agree(store, 0, 1) and store.values == {"funmatch/process_cache/0": here}

@@ -27,13 +27,22 @@ def _recipe_arg(**values) -> str:
   return ",".join(f"{k}={v}" for k, v in values.items() if v is not None)
 
 
+def param_count(model_config, num_classes: int = 10) -> int:
+  """The model's parameter count. Shapes are enough: eval_shape traces the init
+  without compiling or running it."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from clu import parameter_overview  # pylint: disable=import-outside-toplevel
+  from funmatch.train import build  # pylint: disable=import-outside-toplevel
+  shapes = jax.eval_shape(lambda: build.build_model(model_config, num_classes, "model")[1])
+  return int(parameter_overview.count_parameters(shapes))
+
+
 def run_demo(workdir: str, teacher_steps: int | None = None,
              student_steps: int | None = None) -> dict:
   """Runs teacher training + distillation; returns the summary dict."""
   import jax  # pylint: disable=import-outside-toplevel
-  from clu import parameter_overview  # pylint: disable=import-outside-toplevel
   from funmatch.configs import digits, digits_teacher  # pylint: disable=import-outside-toplevel
-  from funmatch.train import build, evaluate, loop  # pylint: disable=import-outside-toplevel
+  from funmatch.train import evaluate, loop  # pylint: disable=import-outside-toplevel
   start = time.time()
   teacher_dir = fileio.join(workdir, "teacher")
   student_dir = fileio.join(workdir, "student")
@@ -44,10 +53,6 @@ def run_demo(workdir: str, teacher_steps: int | None = None,
   loop.train_and_evaluate(teacher_config, teacher_dir, "train")
   print(f"== 2/2: function matching into the student in {student_dir}", flush=True)
   results = loop.train_and_evaluate(student_config, student_dir, "distill")
-
-  def param_count(model_config):
-    _, params = build.build_model(model_config, 10, "model")
-    return int(parameter_overview.count_parameters(params))
 
   summary = {
       "teacher_top1": results["test/teacher_top1"],
