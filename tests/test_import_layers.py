@@ -13,7 +13,8 @@ from conftest import repo_path
 LAYERS = (
     ("base", ("funmatch.errors", "funmatch.fileio", "funmatch.cache", "funmatch.console",
               "funmatch.lease", "funmatch.images", "funmatch.checkpoint",
-              "funmatch.distributed", "funmatch.parallel", "funmatch.gcs_retry",
+              "funmatch.distributed", "funmatch.process_cache", "funmatch.parallel",
+              "funmatch.gcs_retry",
               "funmatch.timing")),
     ("models", ("funmatch.models",)),
     ("weights", ("funmatch.weights",)),
