@@ -190,6 +190,10 @@ class Checkpointer:
       self._manager.close()
     _stop_waiting_threads()
     _close_orbax_coroutines()
+    # The failed writes' gathering futures are collected later, and asyncio logs
+    # each as "exception was never retrieved" with a traceback: the same failure
+    # this process reports once, in its one line.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 def _stop_waiting_threads(join_s: float = 10.0) -> None:

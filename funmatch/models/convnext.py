@@ -341,6 +341,7 @@ WEIGHTS = spec.WeightsSpec(
     formats={"npz": "funmatch", "safetensors": "funmatch", "timm": "timm"},
     head=HEAD,
     describe=describe,
+    describe_file=describe,
     hint="set the model's variant / version (or depths / dims) to the "
     "checkpoint's, or use dont_load for names to keep from init.",
     timm=timm_spec,

@@ -117,6 +117,9 @@ class WeightsSpec:
     head: the head's param names, kernel first (its last axis is the class count).
     describe: params -> 'depth=[3, 4, 6, 3], width=1, num_classes=10'-style
       summary for mismatch messages.
+    describe_file: a file's arrays, as stored -> what the file holds, in the words of
+      `describe` (named in mismatch messages beside what the config asks for);
+      None: the message names the model only.
     hint: what to do when a file does not fit the model (ends the error line).
     auto_options: option -> its default when left 'auto' and no weights decide.
     dont_load_names: param name -> the names a dont_load regex is searched in
@@ -135,6 +138,7 @@ class WeightsSpec:
   formats: Mapping[str, str]
   head: Tuple[str, ...] = ()
   describe: Callable[[Params], str] = lambda params: ""
+  describe_file: Optional[Callable[[Mapping[str, Any]], str]] = None
   hint: str = ""
   auto_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   dont_load_names: Callable[[str], Sequence[str]] = lambda name: (name,)

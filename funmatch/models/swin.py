@@ -446,6 +446,7 @@ WEIGHTS = spec.WeightsSpec(
     formats={"npz": "funmatch", "safetensors": "funmatch", "timm": "timm"},
     head=HEAD,
     describe=describe,
+    describe_file=describe,
     hint="set the model's variant (or embed_dim / depths / num_heads / "
     "window_size) to the checkpoint's, or use dont_load for names to keep "
     "from init.",

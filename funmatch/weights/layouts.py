@@ -228,17 +228,20 @@ def load(model: str, weights: Any, init_params: Params,
                           for other in spec.dont_load_names(name))
   return fit(weights.path, weights.arrays, init_params, detect(model, weights),
              head=spec.head, skip=skip, strict_head=strict_head,
-             model_description=spec.describe(init_params), hint=spec.hint)
+             model_description=spec.describe(init_params), hint=spec.hint,
+             file_description=spec.describe_file(weights.arrays) if spec.describe_file else "")
 
 
 def fit(source: str, arrays: Mapping[str, np.ndarray], init_params: Params,
         layout: Layout, *, head: Sequence[str] = (),
         skip=lambda name: False, strict_head: bool = False,
-        model_description: str = "", hint: str = "") -> Params:
+        model_description: str = "", hint: str = "",
+        file_description: str = "") -> Params:
   """Fits a file's arrays, named per `layout`, to the params of a model.
 
   `head` names the head's params (kernel first); `skip(name)` keeps a param
-  from init (dont_load); `model_description` and `hint` go into the error.
+  from init (dont_load); `model_description` (what the config asks for),
+  `file_description` (what the file holds) and `hint` go into the error.
   """
   tree, wrapped = unwrap(init_params)
   init_flat = flat_params(tree)
@@ -270,7 +273,8 @@ def fit(source: str, arrays: Mapping[str, np.ndarray], init_params: Params,
                 if file_name not in by_file and file_name not in ignored
                 and not skip(file_name)]
   if missing or unexpected or clashes:
-    raise mismatch(f"weights file {source} ({layout.name} layout)",
+    holds = f", holding {file_description}" if file_description else ""
+    raise mismatch(f"weights file {source} ({layout.name} layout{holds})",
                    f"the model ({model_description})", clashes, missing,
                    unexpected, hint)
   return unflat_params(loaded, wrapped)

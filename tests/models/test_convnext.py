@@ -84,10 +84,11 @@ def test_timm_file_loads_and_exports_back_into_timm_strictly(atto_v2_file,
 
 @pytest.mark.parametrize("options,classes,says", [
     ({"variant": "femto", "version": 2}, CLASSES,
-     ["model (ConvNeXt V2 depths=[2, 2, 6, 2], dims=[48, 96, 192, 384]",
+     ["holding ConvNeXt V2 depths=[2, 2, 6, 2], dims=[40, 80, 160, 320]",
+      "model (ConvNeXt V2 depths=[2, 2, 6, 2], dims=[48, 96, 192, 384]",
       "head.norm.weight file [320] vs model [384]", "set the model's variant"]),
     ({"variant": "atto", "version": 1}, CLASSES,
-     ["missing (stages.0.blocks.0.gamma", "unexpected (stages.0.blocks.0.mlp.grn",
+     ["holding ConvNeXt V2", "missing (stages.0.blocks.0.gamma", "unexpected (stages.0.blocks.0.mlp.grn",
       "model (ConvNeXt V1"]),
     ({"variant": "atto", "version": 2}, 10, ["head with 7 classes", "has 10"]),
 ])

@@ -102,7 +102,8 @@ def test_teacher_from_another_variant_or_class_count_is_one_line(small_file):
   _, path = small_file
   for options, classes, says in [
       ({**SMALL, "embed_dim": 32}, CLASSES,
-       ["model (Swin embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], "
+       ["holding Swin embed_dim=16, depths=[2, 2, 2, 2]",
+        "model (Swin embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], "
         "window_size=2, num_classes=7)", "head.fc.weight file [7, 128] vs model [7, 256]",
         "set the model's variant"]),
       (SMALL, 10, ["head with 7 classes", "has 10"])]:
