@@ -27,3 +27,15 @@ def import_timm():
     import torchvision
   import timm  # pylint: disable=import-outside-toplevel
   return timm
+
+
+def save_state_dict(network, path: str) -> str:
+  """A torch network's state dict as timm writes it: .safetensors, else torch.save."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from safetensors import torch as safetensors_torch  # pylint: disable=import-outside-toplevel
+  state = {k: v.contiguous() for k, v in network.state_dict().items()}
+  if path.endswith(".safetensors"):
+    safetensors_torch.save_file(state, path)
+  else:
+    torch.save(state, path)
+  return path

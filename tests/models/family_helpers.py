@@ -15,7 +15,6 @@ import torch  # pylint: disable=wrong-import-order
 import timm_import  # pylint: disable=wrong-import-position
 
 timm = timm_import.import_timm()
-from safetensors import torch as safetensors_torch  # pylint: disable=wrong-import-position
 
 
 def images(res, batch=2, seed=0):
@@ -48,14 +47,7 @@ def state_arrays(network):
   return {k: v.numpy() for k, v in network.state_dict().items()}
 
 
-def save_state(network, path):
-  """The network's state dict as timm writes it (.safetensors or .pth)."""
-  state = {k: v.contiguous() for k, v in network.state_dict().items()}
-  if path.endswith(".safetensors"):
-    safetensors_torch.save_file(state, path)
-  else:
-    torch.save(state, path)
-  return path
+save_state = timm_import.save_state_dict
 
 
 def param_shapes(model, res):

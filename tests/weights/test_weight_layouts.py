@@ -91,14 +91,7 @@ def init_params(model):
   return layouts.unflat_params(flat, wrapped=False)
 
 
-def save_torch(network, path):
-  """The network's state dict as .safetensors or .pth, per the suffix."""
-  state = {k: v.contiguous() for k, v in network.state_dict().items()}
-  if path.endswith(".safetensors"):
-    safetensors_torch.save_file(state, path)
-  else:
-    torch.save(state, path)
-  return path
+save_torch = timm_import.save_state_dict
 
 
 def timm_vit(act_layer="gelu", classes=CLASSES, **overrides):
