@@ -358,15 +358,21 @@ def build_model(model_config: ml_collections.ConfigDict, num_classes: int,
 
 
 def build_models(config: ml_collections.ConfigDict, spec: Spec, num_classes: int,
-                 abstract: bool = False) -> Models:
-  """Student and teachers with random params. The student's init key is PRNGKey(seed)
-  itself: seed 0 keeps the init every run had before the key followed the seed."""
+                 abstract: bool = False, student_replaced: bool = False) -> Models:
+  """The student with random params and the teachers' param shapes.
+
+  A teacher's values always come from elsewhere (its init, or random_params), and
+  so does a student a checkpoint replaces (student_replaced): their random init
+  would be compiled and run for nothing, so only its shapes are traced. The
+  student's init key is PRNGKey(seed) itself: seed 0 keeps the init every run had
+  before the key followed the seed."""
   student, student_params = build_model(config.student, num_classes, "student",
-                                        seed=int(config.seed), abstract=abstract)
+                                        seed=int(config.seed),
+                                        abstract=abstract or student_replaced)
   teachers, teacher_params = {}, {}
   for name in spec.teacher_names:
     teachers[name], teacher_params[name] = build_model(config[name], num_classes, name,
-                                                       abstract=abstract)
+                                                       abstract=True)
   return Models(student, student_params, teachers, teacher_params)
 
 
@@ -488,7 +494,8 @@ def build(config: ml_collections.ConfigDict, mode: str, *, workdir: str | None =
             describe_eval_data(config, stored.num_classes if stored else
                                int(config.num_classes)))
   mark("data")
-  built = build_models(config, spec, data.num_classes, abstract=needs.abstract)
+  built = build_models(config, spec, data.num_classes, abstract=needs.abstract,
+                       student_replaced=stored is not None)
   mark("models")
   built = _weights(config, spec, built, needs, stored)
   mark("weights")
