@@ -124,6 +124,17 @@ def _drop_closed_loop_noise(previous):
   return hook
 
 
+def print_listing(text: str) -> None:
+  """Prints a listing to stdout; a reader that stops early (`| head`) ends it quietly,
+  as with any Unix listing, instead of a BrokenPipeError traceback."""
+  try:
+    print(text, flush=True)
+  except BrokenPipeError:
+    # Python flushes stdout again at exit; point it at /dev/null so that fails silently.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+  raise SystemExit(0)
+
+
 def fail(message: str, code: int = 2) -> None:
   print(f"funmatch: error: {message}", file=sys.stderr, flush=True)
   raise SystemExit(code)

@@ -16,7 +16,8 @@ import sys
 from typing import Any, Sequence
 
 from funmatch import config_util, distributed, fileio, overrides
-from funmatch.console import ArgumentParser, add_verbose_flag, fail, guarded, setup
+from funmatch.console import (ArgumentParser, add_verbose_flag, fail, guarded, print_listing,
+                              setup)
 from funmatch.errors import UserError
 from funmatch.train import workdir as workdir_lib
 
@@ -95,8 +96,7 @@ def parse(argv: Sequence[str], prog: str, extra_flags: dict[str, dict[str, Any]]
   parser = config_parser(prog, description, extra_flags)
   args = parser.parse_args(rest)
   if args.list_configs:
-    print(config_util.recipe_table(), flush=True)
-    raise SystemExit(0)
+    print_listing(config_util.recipe_table())
   usage = " ".join(parser.format_usage().split()[1:])  # one line
   if not args.config:
     fail(f"--config is required (usage: {usage})")
@@ -267,8 +267,7 @@ def fetch_main(argv=None) -> int:
     from funmatch.errors import UserError  # pylint: disable=import-outside-toplevel
     from funmatch.weights import catalog  # pylint: disable=import-outside-toplevel
     if not args.names:
-      print(catalog.table(), flush=True)
-      return 0
+      print_listing(catalog.table())
     if args.sha256 and len(args.names) > 1:
       raise UserError("--sha256 checks one file: give one NAME with it")
     for name in args.names:
