@@ -20,6 +20,7 @@ def _parse(argv):
                       help="override the teacher's training steps")
   parser.add_argument("--student_steps", type=int, default=None,
                       help="override the student's distillation steps")
+  console.add_verbose_flag(parser)
   return parser.parse_args(argv[1:])
 
 
@@ -72,6 +73,6 @@ def run_demo(workdir: str, teacher_steps: int | None = None,
 
 def main(argv=None) -> int:
   args = _parse(argv or sys.argv)
-  console.setup()
+  console.setup(verbose=args.verbose)
   return console.guarded(lambda: run_demo(args.workdir, args.teacher_steps,
                                       args.student_steps) and 0)
