@@ -55,15 +55,17 @@ def init_state(run) -> TrainState:
   objective's state from PRNGKey(seed) too, its params and the step keys from
   split(PRNGKey(seed)).
   """
-  seed_key = jax.random.PRNGKey(int(run.config.seed))
-  aux_rng, state_rng = jax.random.split(seed_key)
   student_out, teacher_outs = run.output_shapes
 
-  def initial():
+  # The params and the key are arguments, not constants of the program: baked in,
+  # millions of floats would be compiled (slowly) into every run's own program.
+  def initial(student_params, seed_key):
+    aux_rng, state_rng = jax.random.split(seed_key)
     aux_params = run.objective.init_aux(aux_rng, student_out, teacher_outs)
     objective_state = run.objective.init_state(seed_key, student_out, teacher_outs)
-    return create(run.models.student_params, aux_params, objective_state, run.optimizer,
-                  state_rng)
+    return create(student_params, aux_params, objective_state, run.optimizer, state_rng)
 
-  abstract_state = jax.eval_shape(initial)
-  return jax.jit(initial, out_shardings=shardings(run.config, abstract_state, run.mesh))()
+  # As host values: every process holds the same, which jit takes as replicated.
+  args = jax.device_get((run.models.student_params, jax.random.PRNGKey(int(run.config.seed))))
+  abstract_state = jax.eval_shape(initial, *args)
+  return jax.jit(initial, out_shardings=shardings(run.config, abstract_state, run.mesh))(*args)
