@@ -144,6 +144,15 @@ def jpeg_tfds(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def multiprocess_runs(teacher_workdir, jpeg_tfds, tmp_path_factory):
+  """tests/multiprocess_runs.py's scenario (one process and two; killed, stopped,
+  resumed), shared by test_tfds_resume.py and test_multihost.py."""
+  import multiprocess_runs as scenario  # pylint: disable=import-outside-toplevel
+  return scenario.run_all(teacher_workdir, jpeg_tfds["array_record"],
+                          str(tmp_path_factory.mktemp("multiprocess")))
+
+
+@pytest.fixture(scope="session")
 def gcs():
   """A Cloud Storage emulator for the whole session (tests/gcs_emulator.py);
   `gcs.root` is gs://BUCKET, and the environment points every layer at it."""

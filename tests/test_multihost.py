@@ -2,109 +2,42 @@
 to one of them stops both at the same step, bad settings fail in one line, and
 tools/launch_tpu.sh builds the right commands.
 
-The two processes (1 simulated CPU device each, gloo collectives) share one
-workdir, as the hosts of a pod share a filesystem; the reference is one process
-with 2 devices and the same mesh. With two devices either way every reduction
-adds two numbers, which is exact in any order, so the runs agree to the bit.
-The pair is stopped by SIGTERM to process 1 after step 1 and resumed by a second
-pair; the reference runs alongside the first pair (a few minutes on 2 CPU cores).
-The pairs share the persistent compilation cache (funmatch/process_cache.py): the
-second pair loads the train step the first compiled.
+The runs are tests/multiprocess_runs.py's scenario (conftest's `multiprocess_runs`,
+shared with tests/test_tfds_resume.py). The two processes (1 simulated CPU device
+each, gloo collectives) share one workdir, as the hosts of a pod share a
+filesystem; the reference is one process with 2 devices and the same mesh. With
+two devices either way every reduction adds two numbers, which is exact in any
+order, so the runs agree to the bit. The pair resumes a 1-process run killed at
+step 4 or 8 (`two`), is stopped by SIGTERM to process 1 after its first step, and
+is resumed by a second pair. The pairs share the persistent compilation cache
+(funmatch/process_cache.py): the second pair loads the train step the first
+compiled.
 """
 import os
 import re
 import shlex
-import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import (TINY_STUDENT_ARG, assert_same_state, cpu_process_env, free_port,
-                      repo_path, run_cli, wait_all)
+from conftest import TINY_STUDENT_ARG, assert_same_state, free_port, repo_path, run_cli
 from funmatch import checkpoint
 from funmatch.train import cli, metrics_io
+from multiprocess_runs import AGREE_EVERY, CHECKPOINT_EVERY, KEEP_CHECKPOINTS, STEPS
 
 LAUNCH_TPU = repo_path("tools", "launch_tpu.sh")
-DISTILL = ("import sys; from funmatch.train import cli; "
-           "sys.exit(cli.distill_main(['funmatch-distill', *sys.argv[1:]]))")
-STEPS = 5
-
-
-def distill_args(teacher_workdir: str, workdir: str) -> list[str]:
-  arg = TINY_STUDENT_ARG.replace("steps=30", f"steps={STEPS}") + f",teacher={teacher_workdir}"
-  # Adam's first steps move a weight by about +-lr whatever the size of its
-  # gradient; a larger eps keeps updates proportional to gradients, so a
-  # difference in the reductions would show in the params, not vanish in noise.
-  return ["--config", repo_path("configs", "digits.py") + ":" + arg, "--workdir", workdir,
-          "--config.teacher.width=0.5", "--config.log_every_steps=1",
-          "--config.eval_every_steps=0", "--config.checkpoint_every_steps=5",
-          "--config.optax.eps=1e-3", "--config.preemption_check_every_steps=2"]
-
-
-# The student (params + Adam state) is sharded over an fsdp axis spanning both
-# processes, the teacher replicated: both placements cross hosts in one run.
-SHARDING = ["--config.mesh=(('data', -1), ('fsdp', 2))", "--config.sharding.student=fsdp",
-            "--config.sharding.teachers=replicate", "--config.sharding.fsdp_min_size=64"]
-
-
-def start(args: list[str], devices: int, log_path) -> tuple[subprocess.Popen, object]:
-  log = open(log_path, "w")  # pylint: disable=consider-using-with
-  process = subprocess.Popen([sys.executable, "-c", DISTILL, *args],
-                             env=cpu_process_env(devices), stdout=log,
-                             stderr=subprocess.STDOUT, text=True)
-  return process, log
-
-
-def finish(started) -> list[int]:
-  codes = wait_all([process for process, _ in started])
-  for _, log in started:
-    log.close()
-  return codes
 
 
 @pytest.fixture(scope="module")
-def runs(teacher_workdir, tmp_path_factory):
-  """The reference (1 process x 2 devices) and the pair (2 processes x 1 device):
-  SIGTERM to process 1 alone after step 1, then the same command again.
-
-  Processes agree every 2 steps (config.preemption_check_every_steps).
-  """
-  root = tmp_path_factory.mktemp("multihost")
-  one, two = str(root / "one"), str(root / "two")
-
-  def start_pair(name):
-    address = f"localhost:{free_port()}"
-    return [start(distill_args(teacher_workdir, two) + SHARDING + [
-        "--coordinator_address", address, "--num_processes=2", f"--process_id={i}"],
-                  1, root / f"{name}{i}.log") for i in (0, 1)]
-
-  reference = start(distill_args(teacher_workdir, one) + SHARDING, 2, root / "one.log")
-  stopped = start_pair("stopped")
-  deadline = time.monotonic() + 900
-  while not _train_rows_or_none(two):
-    assert all(p.poll() is None for p, _ in stopped), "a process ended before step 1"
-    assert time.monotonic() < deadline, "step 1 never logged"
-    time.sleep(0.01)
-  stopped[1][0].send_signal(signal.SIGTERM)  # process 1 only
-  codes = {"stopped": finish(stopped)}
-  saved_when_stopped = checkpoint.saved_steps(two)
-  codes["one"] = finish([reference])
-  codes["resumed"] = finish(start_pair("resumed"))
-  logs = {path.stem: path.read_text() for path in root.glob("*.log")}
-  return {"one": one, "two": two, "codes": codes, "logs": logs,
-          "saved_when_stopped": saved_when_stopped}
-
-
-def _train_rows_or_none(workdir):
-  try:
-    return _train_rows(workdir)
-  except FileNotFoundError:
-    return None
+def runs(multiprocess_runs):
+  """The scenario's reference (1 process x 2 devices) as `one` and its pair
+  (2 processes x 1 device) as `two`, stopped and resumed."""
+  paths = multiprocess_runs["paths"]
+  return {**multiprocess_runs, "one": paths["reference"], "two": paths["two"]}
 
 
 def _logs(runs, *names):
@@ -112,21 +45,22 @@ def _logs(runs, *names):
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(runs):
-  assert runs["codes"]["stopped"] == [0, 0], _logs(runs, "stopped0", "stopped1")
-  logs = [runs["logs"][f"stopped{i}"] for i in (0, 1)]
+  assert runs["codes"]["stopped"] == [0, 0], _logs(runs, "two_stopped0", "two_stopped1")
+  logs = [runs["logs"][f"two_stopped{i}"] for i in (0, 1)]
   stopped = [re.findall(r"funmatch: (SIGTERM received[^:]*): saved a checkpoint at step (\d+)",
                         log) for log in logs]
   assert stopped[0] == [("SIGTERM received by process 1", stopped[1][0][1])], logs[0][-3000:]
   assert stopped[1] == [("SIGTERM received", stopped[0][0][1])], logs[1][-3000:]
   step = int(stopped[0][0][1])
-  assert step % 2 == 0 and step < STEPS  # at an agreement step, before the end
-  assert runs["saved_when_stopped"] == [step]
+  # At an agreement step, after the steps the pair resumed, before the end.
+  assert step % AGREE_EVERY == 0 and runs["resumed_from"] < step < STEPS
+  assert runs["saved_when_stopped"] == [*runs["saved_when_killed"], step][-KEEP_CHECKPOINTS:]
 
 
 def test_preempted_two_process_run_ends_bit_identical_to_one_process(runs):
   """Params, optimizer state, rng and step: across hosts and through the resume."""
-  assert runs["codes"]["one"] == [0], _logs(runs, "one")
-  assert runs["codes"]["resumed"] == [0, 0], _logs(runs, "resumed0", "resumed1")
+  assert runs["codes"]["reference"] == [0], _logs(runs, "reference")
+  assert runs["codes"]["resumed"] == [0, 0], _logs(runs, "two_resumed0", "two_resumed1")
   assert checkpoint.saved_steps(runs["two"])[-1] == STEPS
   assert_same_state(runs["two"], runs["one"], STEPS)
 
@@ -137,7 +71,9 @@ def _train_rows(workdir):
 
 def test_two_processes_log_the_one_process_metrics(runs):
   one = _train_rows(runs["one"])
-  two = {r["step"]: r for r in _train_rows(runs["two"])}  # stopped run, then resumed
+  # The killed run's rows, then the stopped pair's and the resumed pair's: the
+  # last row of a step is the one kept.
+  two = {r["step"]: r for r in _train_rows(runs["two"])}
   assert [r["step"] for r in one] == sorted(two) == list(range(1, STEPS + 1))
   for key in ("train/loss", "train/grad_norm", "train/update_norm"):
     assert [two[r["step"]][key] for r in one] == [r[key] for r in one], key
@@ -152,7 +88,8 @@ def test_two_processes_log_the_one_process_metrics(runs):
 
 
 def test_two_processes_write_the_same_checkpoint_and_layout(runs):
-  assert checkpoint.saved_steps(runs["one"]) == [STEPS]
+  every = list(range(CHECKPOINT_EVERY, STEPS + 1, CHECKPOINT_EVERY))
+  assert checkpoint.saved_steps(runs["one"]) == every[-KEEP_CHECKPOINTS:]
   step_one, params_one = checkpoint.restore_params(runs["one"])
   step_two, params_two = checkpoint.restore_params(runs["two"])
   assert step_one == step_two == STEPS
@@ -168,10 +105,20 @@ def test_two_processes_write_the_same_checkpoint_and_layout(runs):
 
 
 def test_only_process_0_prints_progress_and_the_table(runs):
-  logs = runs["logs"]
-  assert "step 1/5" in logs["stopped0"] and "step 1/5" not in logs["stopped1"]
-  assert "step 5/5" in logs["resumed0"] and "test/student_top1" in logs["resumed0"]
-  assert "step 5/5" not in logs["resumed1"] and "test/student_top1" not in logs["resumed1"]
+  logs, first = runs["logs"], f"step {runs['resumed_from'] + 1}/{STEPS}"
+  assert first in logs["two_stopped0"] and first not in logs["two_stopped1"]
+  last = f"step {STEPS}/{STEPS}"
+  assert last in logs["two_resumed0"] and "test/student_top1" in logs["two_resumed0"]
+  assert last not in logs["two_resumed1"] and "test/student_top1" not in logs["two_resumed1"]
+
+
+def distill_args(teacher_workdir: str, workdir: str) -> list[str]:
+  """A two-process run's arguments but for the distributed flags a test adds."""
+  arg = TINY_STUDENT_ARG.replace("steps=30", "steps=5") + f",teacher={teacher_workdir}"
+  return ["--config", repo_path("configs", "digits.py") + ":" + arg, "--workdir", workdir,
+          "--config.teacher.width=0.5", "--config.log_every_steps=1",
+          "--config.eval_every_steps=0", "--config.checkpoint_every_steps=5",
+          "--config.optax.eps=1e-3", "--config.preemption_check_every_steps=2"]
 
 
 # ---------------------------------------------------------------------------

@@ -37,16 +37,22 @@ def test_fsdp_spec_splits_the_largest_divisible_axis():
 
 @pytest.fixture(scope="module")
 def mesh_runs(teacher_workdir, tmp_path_factory):
-  """A 1-device run in this process and two 8-device runs in a subprocess."""
+  """Two 8-device runs in a subprocess and, while it runs, a 1-device run in this
+  process."""
   out = tmp_path_factory.mktemp("mesh")
   reference = str(out / "one_device")
-  assert cli.distill_main(["funmatch-distill", *config_args(
-      teacher_workdir, reference, "data:-1", "replicate")]) == 0
-  result = subprocess.run(
+  with open(out / "worker.log", "w+") as log, subprocess.Popen(
       [sys.executable, repo_path("tests", "mesh_worker.py"), teacher_workdir, str(out),
        "replicate=data:-1/replicate", "fsdp=data:2,fsdp:4/fsdp"],
-      env=_env(8), capture_output=True, text=True, timeout=900, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
+      env=_env(8), stdout=log, stderr=subprocess.STDOUT) as worker:
+    try:
+      assert cli.distill_main(["funmatch-distill", *config_args(
+          teacher_workdir, reference, "data:-1", "replicate")]) == 0
+      worker.wait(timeout=900)
+    finally:
+      worker.kill()
+    log.seek(0)
+    assert worker.returncode == 0, log.read()[-3000:]
   return out, reference
 
 

@@ -1,134 +1,43 @@
 """Exact resume from ArrayRecord TFDS through the trainer: kill -9, resume, and resume
 with another process count; streaming still trains and says it is not exact.
 
-The runs distil conftest's tiny digits teacher (10 classes) on the `jpeg_tfds`
-dataset (tests/tfds_testdata.py: 40 JPEGs of 3 classes in 3 ArrayRecord shards)
-with config.num_classes=10, out-of-domain as configs/food_sun.py does: function
-matching never reads the labels, and no teacher is trained for these tests. Batch 8
-(5 steps an epoch), 16 steps, a checkpoint every 4; subprocesses with 2 CPU devices
-in all, as a user or a scheduler starts them:
+The runs are tests/multiprocess_runs.py's scenario (conftest's `multiprocess_runs`,
+shared with tests/test_multihost.py): the tiny digits student on the `jpeg_tfds`
+dataset (40 JPEGs in 3 ArrayRecord shards), batch 8, 16 steps, a checkpoint every
+4, in subprocesses with 2 CPU devices in all:
 
   reference  1 process x 2 devices, uninterrupted
   killed     1 process x 2 devices, kill -9 two steps past a checkpoint
   same       a copy of `killed`, resumed by 1 process x 2 devices
-  two        a copy of `killed`, resumed by 2 processes x 1 device (gloo)
+  two        a copy of `killed`, resumed by 2 processes x 1 device (gloo); SIGTERM'd
+             once on the way and resumed again (tests/test_multihost.py's concern)
 
 tests/recording_worker.py writes down the example ids of every batch the pipeline
 hands the trainer; they are compared with the reference's, step by step.
 """
 import logging
-import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
-import recording_worker
 import tfds_testdata
-from conftest import (TINY_STUDENT_ARG, assert_same_state, cpu_process_env, free_port,
-                      repo_path, run_cli, wait_all)
+from conftest import assert_same_state, run_cli
 from funmatch import checkpoint
 from funmatch.data import pipeline
 from funmatch.train import cli, metrics_io
-
-STEPS, CHECKPOINT_EVERY, BATCH, SEED = 16, 4, 8, 0
-WORKER = repo_path("tests", "recording_worker.py")
-
-
-def distill_args(teacher, data_dir, workdir, *extra, steps=STEPS):
-  recipe = TINY_STUDENT_ARG.replace("steps=30", f"steps={steps}").replace(
-      "batch_size=64", f"batch_size={BATCH}") + f",teacher={teacher}"
-  return ["--config", repo_path("configs", "digits.py") + ":" + recipe,
-          "--workdir", workdir, "--config.teacher.width=0.5", "--config.num_classes=10",
-          "--config.input.source=tfds", f"--config.input.name={tfds_testdata.NAME}",
-          f"--config.input.data_dir={data_dir}", f"--config.seed={SEED}",
-          "--config.log_every_steps=1", "--config.eval_every_steps=0",
-          f"--config.checkpoint_every_steps={CHECKPOINT_EVERY}",
-          "--config.evals.test.max_examples=64", *extra]
-
-
-def start(args, ids_prefix, devices, log_path, delay_s=0.0):
-  """The recording worker in its own process with `devices` CPU devices."""
-  log = open(log_path, "w")  # pylint: disable=consider-using-with
-  process = subprocess.Popen([sys.executable, WORKER, ids_prefix, str(delay_s), *args],
-                             env=cpu_process_env(devices), stdout=log,
-                             stderr=subprocess.STDOUT, text=True)
-  return process, log, log_path
-
-
-def finish(started):
-  """Waits for every process (tests/conftest.py's wait_all); all must succeed."""
-  codes = wait_all([process for process, _, _ in started])
-  for _, log, _ in started:
-    log.close()
-  logs = [open(path).read() for _, _, path in started]  # pylint: disable=consider-using-with
-  assert codes == [0] * len(started), "\n\n".join(text[-3000:] for text in logs)
-  return logs
-
-
-def logged_losses(workdir):
-  """{step: train/loss} of every logged step (a resumed run redoes a few)."""
-  try:
-    rows = metrics_io.read_metrics(workdir)
-  except FileNotFoundError:
-    return {}
-  return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
-
-
-def kill_past_a_checkpoint(process, workdir, timeout=600):
-  """kill -9 once a checkpoint is saved and two more steps are logged."""
-  deadline = time.monotonic() + timeout
-  while True:
-    saved = checkpoint.saved_steps(workdir)
-    if saved and max(logged_losses(workdir), default=0) >= saved[-1] + 2:
-      break
-    assert process[0].poll() is None, "the run finished before the kill point"
-    assert time.monotonic() < deadline, "kill point never reached"
-    time.sleep(0.003)
-  process[0].send_signal(signal.SIGKILL)
-  assert process[0].wait(timeout=120) == -signal.SIGKILL
-  process[1].close()
-  return saved[-1]
+from multiprocess_runs import BATCH, SEED, STEPS, distill_args, logged_losses
 
 
 @pytest.fixture(scope="module")
-def runs(teacher_workdir, jpeg_tfds, tmp_path_factory):
-  root = tmp_path_factory.mktemp("tfds_resume")
-  data_dir = jpeg_tfds["array_record"]
-  paths = {name: str(root / name) for name in ("reference", "killed", "same", "two")}
-
-  def args(name):
-    return distill_args(teacher_workdir, data_dir, paths[name])
-
-  def ids(name):
-    return str(root / f"{name}.ids")
-
-  # The reference and the run to kill side by side; the slowed batches (0.3 s each)
-  # leave time to kill two steps past a checkpoint. Two copies of the killed workdir
-  # then resume: one with as many processes (while the reference finishes), one
-  # with two processes of one device each (gloo), alone: gloo gives up when the two
-  # reach their first collective more than 30 s apart, which a loaded machine can
-  # cause.
-  reference = start(args("reference"), ids("reference"), 2, str(root / "reference.log"))
-  killed = start(args("killed"), ids("killed"), 2, str(root / "killed.log"), delay_s=0.3)
-  resumed_from = kill_past_a_checkpoint(killed, paths["killed"])
-  killed_log = open(killed[2]).read()  # pylint: disable=consider-using-with
-  shutil.copytree(paths["killed"], paths["same"])
-  shutil.copytree(paths["killed"], paths["two"])
-  same = start(args("same"), ids("same"), 2, str(root / "same.log"))
-  _, same_log = finish([reference, same])
-  address = f"localhost:{free_port()}"
-  two = [start(args("two") + ["--coordinator_address", address, "--num_processes=2",
-                              f"--process_id={process_id}"],
-               ids("two"), 1, str(root / f"two{process_id}.log"))
-         for process_id in (0, 1)]
-  logs = [same_log, *finish(two)]
-  return {"paths": paths, "resumed_from": resumed_from, "killed_log": killed_log,
-          "logs": dict(zip(("same", "two0", "two1"), logs)),
-          "ids": {name: recording_worker.read_ids(ids(name)) for name in paths}}
+def runs(multiprocess_runs):
+  """The scenario, every run of it successful; the batches of `two` are the resumed
+  pair's over the stopped pair's (which read a few past its stop)."""
+  runs, codes = multiprocess_runs, multiprocess_runs["codes"]
+  assert [*codes["reference"], *codes["same"], *codes["stopped"], *codes["resumed"]] == \
+      [0] * 6, "\n\n".join(text[-3000:] for text in runs["logs"].values())
+  ids = {name: runs["ids"][name] for name in ("reference", "killed", "same")}
+  ids["two"] = {**runs["ids"]["two_stopped"], **runs["ids"]["two_resumed"]}
+  return {**runs, "killed_log": runs["logs"]["killed"], "ids": ids}
 
 
 def test_the_runs_read_array_record_files_by_index(runs):
