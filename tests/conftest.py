@@ -1,5 +1,6 @@
 """Shared fixtures: tiny digits runs made once per test session."""
 import os
+import sys
 import tempfile
 
 import pytest
@@ -31,8 +32,8 @@ def pytest_sessionfinish(session):
   """Appends the storage faults' rows (bad_inputs.FAULT_ROWS, from test_faults.py and
   test_gcs_run.py) to --bad-input-table, after the bad-input rows."""
   path = session.config.getoption("--bad-input-table")
-  import bad_inputs  # pylint: disable=import-outside-toplevel
-  if path and bad_inputs.FAULT_ROWS:
+  bad_inputs = sys.modules.get("bad_inputs")  # imported by the tests that add rows
+  if path and bad_inputs and bad_inputs.FAULT_ROWS:
     with open(path, "a") as f:
       f.write("\n" + bad_inputs.fault_table(bad_inputs.FAULT_ROWS))
 
@@ -60,11 +61,12 @@ LABELS_STEPS = 20
 LABELS_CHECKPOINT_EVERY = 4
 
 
-def labels_args(workdir):
-  """funmatch-train arguments of that run in `workdir`."""
+def labels_args(workdir, log_every_steps=1):
+  """funmatch-train arguments of that run in `workdir` (how often it logs leaves
+  its state as it is: on gs://, where each log step uploads the metrics, less)."""
   return ["--config", repo_path("configs", "digits_labels.py") +
           f":steps={LABELS_STEPS},batch_size=32,res=16", "--workdir", workdir,
-          "--config.log_every_steps=1", "--config.eval_every_steps=0",
+          f"--config.log_every_steps={log_every_steps}", "--config.eval_every_steps=0",
           f"--config.checkpoint_every_steps={LABELS_CHECKPOINT_EVERY}",
           "--config.evals.test.max_examples=64"]
 

@@ -33,6 +33,7 @@ from funmatch import checkpoint, fileio
 from funmatch.train import cli, metrics_io
 
 STEPS = conftest.LABELS_STEPS
+GCS_LOG_EVERY = 5  # each log step uploads metrics.jsonl and the events: fewer on gs://
 TRAIN = ("import sys; from funmatch.train import cli; "
          "sys.exit(cli.train_main(['funmatch-train', *sys.argv[1:]]))")
 ROWS = bad_inputs.FAULT_ROWS  # (fault, exit code, its line, resumed bit-identically)
@@ -206,7 +207,7 @@ def test_gcs_outage_then_503_burst_resume_bit_identically(labels_reference, prox
   # the retry bound (3 s): one line; checkpoint 4 stays the last complete one.
   monkeypatch.setenv(fileio.RETRY_ENV, "3")
   outage = proxy.fail(r"uploadType=media&name=[^&]*checkpoints%2F8%2F")
-  code, _, err = run_cli(cli.train_main, train_args(workdir), capsys)
+  code, _, err = run_cli(cli.train_main, train_args(workdir, GCS_LOG_EVERY), capsys)
   error = the_error(code, err, "gs://: 503 for longer than the retry bound (3 s)")
   assert error == (
       "funmatch: error: too many retries (storage kept failing for 3 s) while saving "
@@ -223,7 +224,7 @@ def test_gcs_outage_then_503_burst_resume_bit_identically(labels_reference, prox
   bursts = [proxy.fail(r"uploadType=media&name=[^&]*checkpoints", 2),  # tensorstore
             proxy.fail(r"uploadType=(resumable|multipart)", 2),  # gcsfs, the lease
             proxy.fail(r"/download/", 2)]  # reads
-  code, _, err = run_cli(cli.train_main, train_args(workdir), capsys)
+  code, _, err = run_cli(cli.train_main, train_args(workdir, GCS_LOG_EVERY), capsys)
   assert code == 0, err
   assert [b.answered for b in bursts] == [2, 2, 2]
   assert checkpoint.saved_steps(workdir)[-1] == STEPS
@@ -241,7 +242,7 @@ def test_gcs_bucket_deleted_mid_run_names_the_bucket(proxied_gcs, capsys):
   # As checkpoint 8's first upload arrives, the bucket goes, with all it held.
   deletion = proxy.before(r"uploadType=media&name=[^&]*checkpoints%2F8%2F",
                           lambda: gcs.delete_bucket(name))
-  code, _, err = run_cli(cli.train_main, train_args(workdir), capsys)
+  code, _, err = run_cli(cli.train_main, train_args(workdir, GCS_LOG_EVERY), capsys)
   error = the_error(code, err, "gs://: the bucket deleted mid-run")
   assert deletion.answered == 1
   assert error.startswith(f"funmatch: error: the bucket gs://{name} does not exist "
