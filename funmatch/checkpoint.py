@@ -145,6 +145,14 @@ class Checkpointer:
       self._manager.wait_until_finished()
     self._in_flight = None
 
+  def settle(self) -> None:
+    """Waits for a save still in flight, never raising (the run failed elsewhere,
+    e.g. writing metrics): kept() then counts it if it completed."""
+    if self._failed or self._in_flight is None:
+      return
+    with contextlib.suppress(Exception):  # then kept() leaves that step out
+      self.wait()
+
   def close(self) -> None:
     """Waits for the last save and closes; quiet after a failure (reported once)."""
     if self._failed:
@@ -174,7 +182,8 @@ class Checkpointer:
       self._failed, self._in_flight = True, failed
       self._finalize_writes()  # for any failure: a bug, too, must not hang the exit
       error = fileio.storage_error(
-          e, f"saving checkpoint {failed} to {self._manager.directory}")
+          e, f"saving checkpoint {failed} to {self._manager.directory}",
+          path=self._manager.directory)
       if error is None:
         raise
     if error is not None:

@@ -69,6 +69,7 @@ STORAGE_EXIT_CODE = 4
 # Words that mark a request given up on after the retry bound (our gcsfs retry's
 # message); tensorstore and google-cloud-storage say it their own ways, below.
 RETRIES_EXHAUSTED = "still failing after retrying for"
+_BUCKET_NOT_FOUND = "bucket not found"
 
 
 class StorageError(UserError):
@@ -183,7 +184,7 @@ _CAUSES = (
      "permission denied", "give this run write access there"),
     (None, ("the specified bucket does not exist", "bucket does not exist",
             "no such bucket"),
-     "bucket not found", "create the bucket or fix the path"),
+     _BUCKET_NOT_FOUND, "create the bucket or fix the path"),
     (None, ("too many requests", "ratelimit", "rate limit", "http_response_code='429'",
             "quota exceeded", "quotaexceeded"),
      "Cloud Storage quota exceeded (429 Too Many Requests)",
@@ -221,30 +222,55 @@ def storage_cause(e: BaseException) -> tuple[str, str] | None:
   return None
 
 
-def storage_error(e: BaseException, doing: str, kept: str = "") -> StorageError | None:
+def storage_error(e: BaseException, doing: str, kept: str = "",
+                  path: Any = None) -> StorageError | None:
   """The one line for `e` met while `doing` (e.g. 'saving checkpoint 20 to
   W/checkpoints'), or None when `e` is not a storage failure (a bug stays one).
-  `kept` says what survived, e.g. 'the last complete checkpoint is step 10'."""
+  `kept` says what survived, e.g. 'the last complete checkpoint is step 10'.
+  `path` (where it was written) lets a gs:// failure whose words say nothing
+  (an emulator's bare 404) be checked against the bucket itself."""
   if isinstance(e, StorageError):
     return e.keeping(kept)
   if isinstance(e, UserError):
     return None  # a mistake with its own line (a diverged loss, a bad file)
   found = storage_cause(e)
+  bucket = missing_bucket(path) if path is not None and (
+      found is None or found[0] == _BUCKET_NOT_FOUND) else None
+  if bucket:
+    return StorageError(f"the bucket {bucket} does not exist (deleted?)", doing,
+                        f"create {bucket} again (the run then starts over) or copy the "
+                        "workdir back", "nothing of the run is left there")
   if found is None:
     return None
   return StorageError(found[0], doing, found[1], kept)
 
 
+def missing_bucket(path: Any) -> str | None:
+  """'gs://BUCKET' when `path` is on gs:// and its bucket is gone, else None (a
+  local path, a bucket that exists, or one that cannot be asked about now)."""
+  if not str(path).startswith("gs://"):
+    return None
+  name = split_gcs(str(path))[0]
+  try:
+    found = gcs_client().lookup_bucket(name, timeout=_CHECK_TIMEOUT_S, retry=(
+        retry_policy().gcs_retry().with_timeout(min(retry_policy().total_s,
+                                                    _CHECK_DEADLINE_S))))
+  except Exception:  # pylint: disable=broad-except  (unreachable: say what we know)
+    return None
+  return None if found is not None else f"gs://{name}"
+
+
 @contextlib.contextmanager
 def storage_failures(doing: str | Callable[[], str],
-                     kept: Callable[[], str] = lambda: "") -> Iterator[None]:
+                     kept: Callable[[], str] = lambda: "",
+                     path: Any = None) -> Iterator[None]:
   """Turns a storage failure inside the block into its StorageError line."""
   try:
     yield
   except Exception as e:  # pylint: disable=broad-except
     if isinstance(e, UserError) and not isinstance(e, StorageError):
       raise
-    error = storage_error(e, doing() if callable(doing) else doing, kept())
+    error = storage_error(e, doing() if callable(doing) else doing, kept(), path)
     if error is None:
       raise
     raise error from None

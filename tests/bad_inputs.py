@@ -652,6 +652,12 @@ def markdown_table(rows: Sequence[Row]) -> str:
   return "\n".join(lines) + "\n"
 
 
+# The storage faults mid-run that tests meet (test_faults.py, test_gcs_run.py):
+# (fault, exit code, its line, resumed bit-identically); conftest appends their
+# table to --bad-input-table at the end of the session.
+FAULT_ROWS: list[tuple[str, int, str, bool]] = []
+
+
 def fault_table(rows: Sequence[tuple[str, int, str, bool]]) -> str:
   """tests/test_faults.py's storage faults mid-run: fault, exit code (4), the one
   line, and whether the same command then resumed bit-identically."""

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny digits runs made once per test session."""
 import os
+import sys
 import tempfile
 
 import pytest
@@ -27,6 +28,16 @@ def pytest_addoption(parser):
                    help="write the markdown table of tests/bad_inputs.py's rows here")
 
 
+def pytest_sessionfinish(session):
+  """Appends the storage faults' rows (bad_inputs.FAULT_ROWS, from test_faults.py and
+  test_gcs_run.py) to --bad-input-table, after the bad-input rows."""
+  path = session.config.getoption("--bad-input-table")
+  bad_inputs = sys.modules.get("bad_inputs")  # imported by the tests that add rows
+  if path and bad_inputs and bad_inputs.FAULT_ROWS:
+    with open(path, "a") as f:
+      f.write("\n" + bad_inputs.fault_table(bad_inputs.FAULT_ROWS))
+
+
 def repo_path(*parts: str) -> str:
   return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), *parts)
 
@@ -39,6 +50,34 @@ def run_cli(main, args, capsys):
     code = e.code
   captured = capsys.readouterr()
   return code or 0, captured.out, captured.err
+
+
+# One tiny label-training run (configs/digits_labels.py at 16px, a checkpoint every
+# 4 steps, a metrics line every step) that test_reliability.py and test_faults.py
+# interrupt in many ways; each interrupted run must end bit-identical to
+# `labels_reference`, the uninterrupted one, made once. 20 steps leave room for
+# their kill points, and for 4 KiB of metrics after a disk fills up.
+LABELS_STEPS = 20
+LABELS_CHECKPOINT_EVERY = 4
+
+
+def labels_args(workdir, log_every_steps=1):
+  """funmatch-train arguments of that run in `workdir` (how often it logs leaves
+  its state as it is: on gs://, where each log step uploads the metrics, less)."""
+  return ["--config", repo_path("configs", "digits_labels.py") +
+          f":steps={LABELS_STEPS},batch_size=32,res=16", "--workdir", workdir,
+          f"--config.log_every_steps={log_every_steps}", "--config.eval_every_steps=0",
+          f"--config.checkpoint_every_steps={LABELS_CHECKPOINT_EVERY}",
+          "--config.evals.test.max_examples=64"]
+
+
+@pytest.fixture(scope="session")
+def labels_reference(tmp_path_factory):
+  """The uninterrupted run of labels_args (read it, never write to it)."""
+  from funmatch.train import cli
+  workdir = str(tmp_path_factory.mktemp("labels_reference") / "run")
+  assert cli.train_main(["funmatch-train", *labels_args(workdir)]) == 0
+  return workdir
 
 
 @pytest.fixture(scope="session")

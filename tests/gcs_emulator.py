@@ -39,6 +39,8 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Iterator
 
@@ -88,6 +90,28 @@ class GcsEmulator:
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
         "GOOGLE_CLOUD_PROJECT": "emulator",
     }
+
+  def create_bucket(self, name: str) -> str:
+    """A new empty bucket; returns gs://NAME."""
+    self._request("POST", "/storage/v1/b?project=emulator", {"name": name})
+    return f"gs://{name}"
+
+  def delete_bucket(self, name: str) -> None:
+    """Deletes every object of bucket `name`, then the bucket (as `gcloud storage
+    rm -r gs://NAME` does); objects that land meanwhile are deleted too."""
+    for _ in range(20):
+      listing = json.loads(self._request("GET", f"/storage/v1/b/{name}/o"))
+      for item in listing.get("items", []):
+        with contextlib.suppress(urllib.error.HTTPError):  # gone meanwhile
+          self._request("DELETE", f"/storage/v1/b/{name}/o/"
+                        + urllib.parse.quote(item["name"], safe=""))
+      try:
+        self._request("DELETE", f"/storage/v1/b/{name}")
+        return
+      except urllib.error.HTTPError as e:
+        if e.code != 412:  # 412: not empty yet (an upload landed meanwhile)
+          raise
+    raise RuntimeError(f"bucket {name} never became empty")
 
   def _request(self, method: str, route: str, body=None) -> bytes:
     data = None if body is None else json.dumps(body).encode()

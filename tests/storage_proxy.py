@@ -3,9 +3,11 @@
 Every client funmatch uses (google-cloud-storage, gcsfs, tensorstore) is pointed
 at the proxy instead of fake-gcs-server (`environment()`); the proxy forwards each
 request unchanged, except the ones a `Fault` claims: those get
-`503 Service Unavailable`, as Cloud Storage answers during an incident. A fault
-answers the first `count` requests it matches (a burst), or all of them until it
-is cleared (`count=None`: an outage).
+`503 Service Unavailable` (or another status, e.g. 429), as Cloud Storage answers
+during an incident. A fault answers the first `count` requests it matches (a
+burst), or all of them until it is cleared (`count=None`: an outage). A hook
+(`before`) does something real to the emulator at an exact moment of a run, e.g.
+deletes its bucket when a checkpoint's first upload arrives.
 """
 import dataclasses
 import http.client
@@ -22,10 +24,11 @@ _HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "transfer-encodi
 
 @dataclasses.dataclass
 class Fault:
-  """503 for requests whose "METHOD /path?query" matches `pattern` (a regex)."""
+  """`status` (503) for requests whose "METHOD /path?query" matches `pattern` (a regex)."""
   pattern: str
   count: Optional[int] = None  # None: every match, until cleared
   answered: int = 0
+  status: int = 503
 
   def claims(self, request_line: str) -> bool:
     if not re.search(self.pattern, request_line):
@@ -42,6 +45,7 @@ class StorageProxy:
   def __init__(self, upstream: str):
     self.upstream = urllib.parse.urlsplit(upstream)
     self.faults: list[Fault] = []
+    self.hooks: list[Fault] = []  # with .action, run before forwarding (before())
     self.requests: list[str] = []  # "METHOD /path?query" of everything seen
     self._lock = threading.Lock()
     proxy = self
@@ -68,10 +72,14 @@ class StorageProxy:
         line = f"{self.command} {self.path}"
         with proxy._lock:  # pylint: disable=protected-access
           proxy.requests.append(line)
-          refused = any(f.claims(line) for f in proxy.faults)
+          refused = next((f for f in proxy.faults if f.claims(line)), None)
+          # Held under the lock: no other request passes while the hook acts.
+          for hook in [h for h in proxy.hooks if h.claims(line)]:
+            hook.action()
         if refused:
-          self._reply(503, {"Content-Type": "application/json"}, json.dumps(
-              {"error": {"code": 503, "message": "injected by the test proxy"}}).encode())
+          self._reply(refused.status, {"Content-Type": "application/json"}, json.dumps(
+              {"error": {"code": refused.status,
+                         "message": "injected by the test proxy"}}).encode())
           return
         status, headers, data = proxy._forward(  # pylint: disable=protected-access
             self.command, self.path, self.headers, body)
@@ -119,16 +127,26 @@ class StorageProxy:
     finally:
       connection.close()
 
-  def fail(self, pattern: str, count: Optional[int] = None) -> Fault:
-    """From now on answer 503 to `count` requests matching `pattern` (None: all)."""
-    fault = Fault(pattern, count)
+  def fail(self, pattern: str, count: Optional[int] = None, status: int = 503) -> Fault:
+    """From now on answer `status` to `count` requests matching `pattern` (None: all)."""
+    fault = Fault(pattern, count, status=status)
     with self._lock:
       self.faults.append(fault)
     return fault
 
+  def before(self, pattern: str, action) -> Fault:
+    """Runs `action()` once, before the first request matching `pattern` goes
+    upstream (e.g. deletes the bucket as a checkpoint's first upload arrives)."""
+    hook = Fault(pattern, count=1)
+    hook.action = action
+    with self._lock:
+      self.hooks.append(hook)
+    return hook
+
   def clear(self) -> None:
     with self._lock:
       self.faults.clear()
+      self.hooks.clear()
 
   def environment(self, emulator_env: dict[str, str]) -> dict[str, str]:
     """The emulator's environment (tests/gcs_emulator.py) with the proxy's URL."""

@@ -1,67 +1,42 @@
 """Storage that fails in the middle of a run: real faults, one line, exact resume.
 
-One tiny label-training run (configs/digits_labels.py at 16px, 8 steps, a
-checkpoint every 4) meets faults the kernel or a proxy really produces, no mocks:
-- a disk that fills up (a tmpfs with room for one checkpoint, not two), then a
-  checkpoints directory the OS makes read-only (a read-only bind remount);
-- on gs://: kill -9 and an immediate restart on this host (the dead run's lease is
-  taken over at once), then Cloud Storage answering 503 for longer than the retry
-  bound (tests/storage_proxy.py in front of the emulator), then a 503 burst
-  shorter than the bound.
-Each fault ends in one `funmatch: error:` line with exit code 4 and no
-traceback, and the same command afterwards ends bit-identical to one
-uninterrupted run (`reference`, shared by all tests here).
+conftest's tiny label-training run (`labels_args`: 16px, 20 steps, a checkpoint
+every 4) meets faults the kernel, the emulator or a proxy really produces, no mocks:
+- on a local disk (a tmpfs the test mounts): the disk fills up while checkpoint 8
+  is written; then, mid-run, the checkpoints directory is remounted read-only;
+  then, mid-run, the disk fills up while metrics are written;
+- on gs://: Cloud Storage answers 503 for longer than the retry bound
+  (tests/storage_proxy.py in front of the emulator), then a 503 burst shorter
+  than the bound; and a bucket deleted mid-run.
+A fault "mid-run" is exact: it is made as the run prints a given step, before
+the run goes on (the test is its terminal); through the proxy, it strikes as a
+given request arrives. Each fault ends in one
+`funmatch: error:` line with exit code 4 and no traceback, and the same command
+afterwards ends bit-identical to the uninterrupted run (`labels_reference`).
+kill -9 and an immediate restart on gs:// are in test_gcs_run.py.
 """
 import contextlib
-import logging
+import errno
+import io
 import os
-import signal
+import shutil
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
 
 import bad_inputs
 import conftest
-from conftest import repo_path, run_cli
+from conftest import labels_args as train_args, repo_path, run_cli
 from funmatch import checkpoint, fileio
 from funmatch.train import cli, metrics_io
 
-STEPS = 8
-CHECKPOINT_EVERY = 4
+STEPS = conftest.LABELS_STEPS
+GCS_LOG_EVERY = 5  # each log step uploads metrics.jsonl and the events: fewer on gs://
 TRAIN = ("import sys; from funmatch.train import cli; "
          "sys.exit(cli.train_main(['funmatch-train', *sys.argv[1:]]))")
-
-
-def train_args(workdir):
-  return ["--config", repo_path("configs", "digits_labels.py") +
-          f":steps={STEPS},batch_size=32,res=16", "--workdir", workdir,
-          "--config.log_every_steps=1", "--config.eval_every_steps=0",
-          f"--config.checkpoint_every_steps={CHECKPOINT_EVERY}",
-          "--config.evals.test.max_examples=64"]
-
-
-def start(workdir, env=None):
-  """funmatch-train in its own process, as a user would start it."""
-  return subprocess.Popen([sys.executable, "-c", TRAIN, *train_args(workdir)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env={**(env or os.environ), "PYTHONPATH": repo_path()})
-
-
-# (fault, exit code, its line, resumed bit-identically) for the bad-input sweep's
-# table (`--bad-input-table FILE` appends them to FILE; docs/reliability.md).
-ROWS = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def table(request):
-  yield
-  path = request.config.getoption("--bad-input-table")
-  if path and ROWS:
-    with open(path, "a") as f:
-      f.write("\n" + bad_inputs.fault_table(ROWS))
+ROWS = bad_inputs.FAULT_ROWS  # (fault, exit code, its line, resumed bit-identically)
 
 
 def _resumed(names):
@@ -80,12 +55,40 @@ def the_error(code, output, fault):
   return errors[0]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  """The uninterrupted run."""
-  workdir = str(tmp_path_factory.mktemp("reference") / "run")
-  assert cli.train_main(["funmatch-train", *train_args(workdir)]) == 0
-  return workdir
+def start(workdir):
+  """funmatch-train in its own process, as a user would start it."""
+  return subprocess.Popen([sys.executable, "-c", TRAIN, *train_args(workdir)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "PYTHONPATH": repo_path()})
+
+
+class FaultAtStep(io.TextIOBase):
+  """The terminal of an in-process run: as the run prints `step N/...`, and
+  before it goes on, `make_fault()` breaks the storage (exactly mid-run)."""
+
+  def __init__(self, terminal, step, make_fault):
+    super().__init__()
+    self._terminal, self._line, self._make_fault = terminal, f"step {step}/", make_fault
+    self.made = False
+
+  def write(self, text):
+    if not self.made and text.startswith(self._line):
+      self.made = True
+      self._make_fault()
+    return self._terminal.write(text)
+
+  def flush(self):
+    self._terminal.flush()
+
+
+def fault_mid_run(workdir, make_fault, at_step, capsys):
+  """(exit code, stderr) of funmatch-train in this process, `make_fault()` made
+  as it prints step `at_step`."""
+  terminal = FaultAtStep(sys.stdout, at_step, make_fault)
+  with contextlib.redirect_stdout(terminal):
+    code, _, err = run_cli(cli.train_main, train_args(workdir), capsys)
+  assert terminal.made, err[-3000:]
+  return code, err
 
 
 def _mount(*args):
@@ -112,12 +115,27 @@ def _size(directory):
              for d, _, files in os.walk(directory) for f in files)
 
 
-def test_full_disk_then_read_only_checkpoints_resume_bit_identically(reference, tmp_path,
-                                                                    capsys):
-  one_checkpoint = _size(os.path.join(checkpoint.checkpoint_dir(reference), "4"))
-  disk = tmp_path / "disk"
-  with tmpfs(str(disk), int(one_checkpoint * 1.5)):
-    workdir = str(disk / "run")
+def _fill(path):
+  """Writes `path` until its file system has no page left."""
+  fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+  try:
+    while True:
+      os.write(fd, bytes(1 << 20))
+  except OSError as e:
+    if e.errno != errno.ENOSPC:
+      raise
+  finally:
+    os.close(fd)
+
+
+def test_full_disk_read_only_and_full_again_mid_run_resume_bit_identically(
+    labels_reference, tmp_path, capsys):
+  kept_by_reference = checkpoint.saved_steps(labels_reference)[0]  # all the same size
+  one_checkpoint = _size(os.path.join(checkpoint.checkpoint_dir(labels_reference),
+                                      str(kept_by_reference)))
+  assert one_checkpoint > 0
+  with tmpfs(str(tmp_path / "disk"), int(one_checkpoint * 1.5)) as disk:
+    workdir = os.path.join(disk, "run")
     directory = checkpoint.checkpoint_dir(workdir)
     # 1. The disk fills up while checkpoint 8 is written (its own process: the
     # noise of Orbax's threads and coroutines would show at interpreter exit).
@@ -128,21 +146,39 @@ def test_full_disk_then_read_only_checkpoints_resume_bit_identically(reference, 
         f"{directory}; the last complete checkpoint is step 4; free space and run the "
         "same command to resume")
     assert checkpoint.saved_steps(workdir) == [4]
-    # 2. Space is freed, but the OS now refuses writes to the checkpoints.
-    _mount("-o", f"remount,size={one_checkpoint * 4}", str(disk))
-    _mount("--bind", directory, directory)
-    _mount("-o", "remount,bind,ro", directory)
-    code, _, err = run_cli(cli.train_main, train_args(workdir), capsys)
-    error = the_error(code, err, "checkpoints directory remounted read-only")
-    assert "the file system is read-only while saving checkpoint 8 to" in error, error
-    assert "the last complete checkpoint is step 4" in error
+    # The checkpoints move to a roomy disk, bind-mounted in their place: this
+    # disk keeps the metrics only, and the OS can make the checkpoints read-only.
+    roomy = str(tmp_path / "checkpoints")
+    shutil.move(directory, roomy)
+    os.mkdir(directory)
+    _mount("--bind", roomy, directory)
+    # 2. Mid-run (step 5 of a run resumed at 4) the OS makes them read-only.
+    code, err = fault_mid_run(
+        workdir, lambda: _mount("-o", "remount,bind,ro", directory), 5, capsys)
+    assert the_error(code, err, "checkpoints remounted read-only mid-run") == (
+        f"funmatch: error: the file system is read-only while saving checkpoint 8 to "
+        f"{directory}; the last complete checkpoint is step 4; make it writable again "
+        "(e.g. remount it read-write) and run the same command to resume")
     assert checkpoint.saved_steps(workdir) == [4]
-    # 3. Writable again: the same command finishes the run exactly.
-    subprocess.run(["umount", directory], check=True)
+    # 3. Writable again; mid-run the disk of the metrics fills up (the
+    # checkpoints, elsewhere, still fit): a metrics write is the one refused.
+    _mount("-o", "remount,bind,rw", directory)
+    filler = os.path.join(disk, "filler")
+    code, err = fault_mid_run(workdir, lambda: _fill(filler), 5, capsys)
+    kept = max(checkpoint.saved_steps(workdir))
+    assert the_error(code, err, "disk full while writing metrics mid-run") == (
+        f"funmatch: error: no space left on device while writing metrics to {workdir}; "
+        f"the last complete checkpoint is step {kept}; free space and run the same "
+        "command to resume")
+    logged = [r["step"] for r in metrics_io.read_metrics(workdir) if "train/loss" in r]
+    assert logged[-1] < STEPS  # it stopped at the write, before the end
+    # 4. Space freed: the same command finishes the run exactly.
+    os.remove(filler)
     code, _, err = run_cli(cli.train_main, train_args(workdir), capsys)
     assert code == 0, err
-    conftest.assert_same_state(workdir, reference, STEPS)
-  _resumed({"disk full while saving a checkpoint", "checkpoints directory remounted read-only"})
+    conftest.assert_same_state(workdir, labels_reference, STEPS)
+  _resumed({"disk full while saving a checkpoint", "checkpoints remounted read-only mid-run",
+            "disk full while writing metrics mid-run"})
 
 
 @pytest.fixture
@@ -162,36 +198,16 @@ def proxied_gcs(gcs, monkeypatch):
     gcs_retry.RetryingGCSFileSystem.clear_instance_cache()
 
 
-def _wait_for(condition, process, what, limit_s=300):
-  deadline = time.monotonic() + limit_s
-  while not condition():
-    assert process.poll() is None, f"exited before {what}:\n{process.stdout.read()}"
-    assert time.monotonic() < deadline, f"gave up waiting for {what}"
-    time.sleep(0.05)
-
-
-def test_gcs_kill9_outage_and_503_burst_resume_bit_identically(reference, proxied_gcs,
-                                                               monkeypatch, capsys, caplog):
+def test_gcs_outage_then_503_burst_resume_bit_identically(labels_reference, proxied_gcs,
+                                                          monkeypatch, capsys):
   gcs, proxy = proxied_gcs
   workdir = f"{gcs.root}/{uuid.uuid4().hex[:12]}/run"
   directory = checkpoint.checkpoint_dir(workdir)
-  # 1. kill -9 once checkpoint 4 is complete; the restart follows at once, with no
-  # wait for the lease timeout: its holder ran on this host and is gone.
-  monkeypatch.setenv(fileio.RETRY_ENV, "3")
-  process = start(workdir)
-  try:
-    _wait_for(lambda: checkpoint.saved_steps(workdir), process, "checkpoint 4")
-  finally:
-    process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=120)
-  assert checkpoint.saved_steps(workdir) == [4]  # killed before it saved step 8
-  # 2. Cloud Storage answers 503 to checkpoint 8's array writes for longer than
+  # 1. Cloud Storage answers 503 to checkpoint 8's array writes for longer than
   # the retry bound (3 s): one line; checkpoint 4 stays the last complete one.
+  monkeypatch.setenv(fileio.RETRY_ENV, "3")
   outage = proxy.fail(r"uploadType=media&name=[^&]*checkpoints%2F8%2F")
-  with caplog.at_level(logging.WARNING):
-    code, _, err = run_cli(cli.train_main, train_args(workdir), capsys)
-  assert any("that process ran on this host and is gone" in r.getMessage()
-             for r in caplog.records), caplog.text
+  code, _, err = run_cli(cli.train_main, train_args(workdir, GCS_LOG_EVERY), capsys)
   error = the_error(code, err, "gs://: 503 for longer than the retry bound (3 s)")
   assert error == (
       "funmatch: error: too many retries (storage kept failing for 3 s) while saving "
@@ -201,24 +217,44 @@ def test_gcs_kill9_outage_and_503_burst_resume_bit_identically(reference, proxie
   assert outage.answered > 1  # tensorstore retried before it gave up
   assert checkpoint.saved_steps(workdir) == [4]
   assert not fileio.exists(f"{workdir}/.lock")  # released
-  # 3. A burst of 503s on every kind of request, shorter than the bound: the run
+  # 2. A burst of 503s on every kind of request, shorter than the bound: the run
   # only takes longer, and ends exactly as the uninterrupted one.
   proxy.clear()
-  monkeypatch.setenv(fileio.RETRY_ENV, "60")
+  monkeypatch.setenv(fileio.RETRY_ENV, "6")
   bursts = [proxy.fail(r"uploadType=media&name=[^&]*checkpoints", 2),  # tensorstore
             proxy.fail(r"uploadType=(resumable|multipart)", 2),  # gcsfs, the lease
             proxy.fail(r"/download/", 2)]  # reads
-  code, _, err = run_cli(cli.train_main, train_args(workdir), capsys)
+  code, _, err = run_cli(cli.train_main, train_args(workdir, GCS_LOG_EVERY), capsys)
   assert code == 0, err
   assert [b.answered for b in bursts] == [2, 2, 2]
-  assert checkpoint.saved_steps(workdir) == [4, 8]
-  conftest.assert_same_state(workdir, reference, STEPS)
+  assert checkpoint.saved_steps(workdir)[-1] == STEPS
+  conftest.assert_same_state(workdir, labels_reference, STEPS)
   assert max(r["step"] for r in metrics_io.read_metrics(workdir)) == STEPS
   _resumed({"gs://: 503 for longer than the retry bound (3 s)"})
-  ROWS.append(("gs://: kill -9, restarted at once on the same host", 0,
-               "(a warning: the lease's holder ran on this host and is gone)", True))
   ROWS.append(("gs://: a burst of 503s within the retry bound", 0, "(none: it took longer)",
                True))
+
+
+def test_gcs_bucket_deleted_mid_run_names_the_bucket(proxied_gcs, capsys):
+  gcs, proxy = proxied_gcs
+  name = f"deleted-{uuid.uuid4().hex[:12]}"
+  workdir = f"{gcs.create_bucket(name)}/run"
+  # As checkpoint 8's first upload arrives, the bucket goes, with all it held.
+  deletion = proxy.before(r"uploadType=media&name=[^&]*checkpoints%2F8%2F",
+                          lambda: gcs.delete_bucket(name))
+  code, _, err = run_cli(cli.train_main, train_args(workdir, GCS_LOG_EVERY), capsys)
+  error = the_error(code, err, "gs://: the bucket deleted mid-run")
+  assert deletion.answered == 1
+  assert error.startswith(f"funmatch: error: the bucket gs://{name} does not exist "
+                          f"(deleted?) while "), error
+  # Which write meets the missing bucket first (a metrics upload, or the
+  # checkpoint's arrays) is the storage's race; either is named.
+  doing = error.split(" while ", 1)[1].split(";")[0]
+  assert doing in (f"writing metrics to {workdir}",
+                   f"saving checkpoint 8 to {checkpoint.checkpoint_dir(workdir)}"), error
+  assert error.endswith(
+      f"; nothing of the run is left there; create gs://{name} again (the run then "
+      "starts over) or copy the workdir back and run the same command to resume"), error
 
 
 def test_the_retry_policy_is_bounded_and_configurable(monkeypatch):

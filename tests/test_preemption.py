@@ -9,7 +9,7 @@ import signal
 import numpy as np
 import pytest
 
-from funmatch import lease
+from funmatch import fileio, lease
 from funmatch.errors import UserError
 from funmatch.train import preemption
 
@@ -68,4 +68,10 @@ def test_own_signal_and_a_lost_lease_reach_every_process(two_processes):
   other["flags"] = [0, 1]  # as if process 1 held the lease and lost it
   with preemption.Stops(lease.LocalHold(), every_steps=2) as stops:
     with pytest.raises(UserError, match="lost the workdir's lease"):
+      stops.at(2, checkpoint_due=False)
+  # Process 0's heartbeat kept failing (storage): the others say so, not "lost to
+  # another run", and exit as a storage failure does (4).
+  other["flags"] = [0, 2]
+  with preemption.Stops(lease.LocalHold(), every_steps=2) as stops:
+    with pytest.raises(fileio.StorageError, match="process 0's lease heartbeat kept fail"):
       stops.at(2, checkpoint_due=False)

@@ -157,6 +157,7 @@ def _train(run: build_lib.Run, workdir: str, hold, clock: startup.Clock,
   clock.mark("eval pipelines")
   total = run.total_steps
   results: dict[str, Any] = {}
+  failed = False
   try:
     with preemption.Stops(hold, config.preemption_check_every_steps) as stops:
       for step in range(start_step + 1, total + 1):
@@ -170,15 +171,17 @@ def _train(run: build_lib.Run, workdir: str, hold, clock: startup.Clock,
           scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
           if jax.process_index() == 0:
             print(progress.line(step, scalars["train/loss"]), flush=True)
-          writer.write_scalars(step, {**scalars, **progress.rates,
-                                      "epoch": step / run.data.steps_per_epoch})
-          writer.flush()  # on gs:// this publishes metrics.jsonl and the events
+          with _metrics_failures(workdir):
+            writer.write_scalars(step, {**scalars, **progress.rates,
+                                        "epoch": step / run.data.steps_per_epoch})
+            writer.flush()  # on gs:// this publishes metrics.jsonl and the events
         due = evaluator.due(step, total)
         if due:
           with progress.timed("eval", wait_jax_async_dispatch=False):
             results = evaluator(state.params, due)
-          writer.write_scalars(step, results)
-          writer.flush()
+          with _metrics_failures(workdir):
+            writer.write_scalars(step, results)
+            writer.flush()
           log.info("eval at step %d: %s", step, evaluate_lib.summary(results))
         checkpoint_due = _every(step, config.checkpoint_every_steps, total)
         stop = stops.at(step, checkpoint_due)
@@ -194,10 +197,27 @@ def _train(run: build_lib.Run, workdir: str, hold, clock: startup.Clock,
       if start_step >= total and evaluator.sets:  # a finished run, started again
         results = evaluator(state.params)
   except Exception as e:  # pylint: disable=broad-except
-    # A disk or bucket that fails mid-run ends in one line (fileio.StorageError).
-    raise fileio.storage_error(e, f"writing to {workdir}", ckpt.kept()) or e
+    # A disk or bucket that fails mid-run ends in one line (fileio.StorageError),
+    # which says what is kept once a save still in flight has finished (or failed).
+    failed = True
+    error = fileio.storage_error(e, f"writing to {workdir}", path=workdir)
+    if error is not None:
+      ckpt.settle()
+      raise error.keeping(ckpt.kept()) from None
+    raise
   finally:
     ckpt.close()
-    with fileio.storage_failures(f"writing to {workdir}", ckpt.kept):
-      writer.close()
+    try:
+      with _metrics_failures(workdir, ckpt.kept):
+        writer.close()
+    except Exception:  # pylint: disable=broad-except
+      if not failed:
+        raise
+      # The run has failed already: its first line is the one to report.
+      log.debug("closing the metric writers after the failure failed too", exc_info=True)
   return results
+
+
+def _metrics_failures(workdir: str, kept=lambda: ""):
+  """A failed write of metrics.jsonl or TensorBoard's events as one line."""
+  return fileio.storage_failures(f"writing metrics to {workdir}", kept, path=workdir)

@@ -34,10 +34,14 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from funmatch import fileio
 from funmatch.errors import UserError
 
 # A signal's number, encoded as the value the processes agree on (max wins).
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Why process 0 no longer holds the lease, agreed on the same way: another run
+# took it over (a user error), or its heartbeat kept failing (storage, exit 4).
+_TAKEN_OVER, _HEARTBEAT_FAILED = 1, 2
 
 
 class StopSignal:
@@ -96,11 +100,17 @@ class Stops:
     """Every process's (signal, lease lost), gathered; identical on all of them."""
     received = self._signal.received
     code = _SIGNALS.index(signal.Signals[received]) + 1 if received else 0
-    lost = int(bool(getattr(self._hold, "lost", None)))
+    lost = (_HEARTBEAT_FAILED if getattr(self._hold, "failure", None)
+            else _TAKEN_OVER if getattr(self._hold, "lost", None) else 0)
     flags = np.asarray(multihost_utils.process_allgather(
         np.asarray([code, lost], np.int32)))
     if flags[:, 1].any():
       self._hold.check()  # process 0: its own message
+      if flags[:, 1].max() == _HEARTBEAT_FAILED:
+        raise fileio.StorageError(
+            "process 0's lease heartbeat kept failing", "training",
+            "every process stops without saving; see process 0's line for the "
+            "storage's answer, fix that")
       raise UserError("process 0 lost the workdir's lease to another run; every process "
                       "stops without saving (see process 0's log)")
     if not flags[:, 0].any():
