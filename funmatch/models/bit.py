@@ -32,6 +32,7 @@ implies `stem_pool_padding` (see `Model`).
 """
 
 import dataclasses
+import functools
 import re
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -42,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from funmatch.errors import UserError
-from funmatch.models import conv, spec
+from funmatch.models import conv, pool, spec
 
 Params = Mapping[str, Any]
 
@@ -153,6 +154,62 @@ class StdConv(nn.Module):
                        self.stride, padding, impl=self.conv_impl)
 
 
+def _sum_hw(x: jnp.ndarray) -> jnp.ndarray:
+  """[N, S, C] -> [N, C]: the sum over the spatial axis."""
+  return jnp.sum(x, axis=1)
+
+
+def _per_channel(stat: jnp.ndarray, channels: int) -> jnp.ndarray:
+  """[N, G] per-group values -> [N, 1, C], each group's value on its channels."""
+  return jnp.repeat(stat, channels // stat.shape[1], axis=1)[:, None, :]
+
+
+def _group_mean(per_channel_sum: jnp.ndarray, groups: int, count: int) -> jnp.ndarray:
+  """[N, C] channel sums -> [N, G] group means over `count` elements each."""
+  n, c = per_channel_sum.shape
+  return jnp.sum(per_channel_sum.reshape(n, groups, c // groups), axis=-1) / count
+
+
+def _group_norm_forward(x, scale, bias, groups, eps):
+  n, h, w, c = x.shape
+  flat = x.reshape(n, h * w, c)
+  count = h * w * (c // groups)
+  centred = flat - _per_channel(_group_mean(_sum_hw(flat), groups, count), c)
+  variance = _group_mean(_sum_hw(jnp.square(centred)), groups, count)
+  inv_std = jax.lax.rsqrt(variance + eps)
+  normed = centred * _per_channel(inv_std, c)
+  return (normed * scale + bias).reshape(x.shape), (normed, inv_std, scale)
+
+
+def _group_norm_backward(groups, eps, residuals, dy):
+  """The closed-form gradient: per (sample, group), with x^ the normalised input
+  and g = dy * scale, dx = (g - mean(g) - x^ mean(g x^)) / std. XLA:CPU's own
+  derivative of the two-pass statistics re-reduces over strided axes several
+  times; this reads dy and x^ once for two channel sums and once for dx."""
+  del eps
+  normed, inv_std, scale = residuals
+  n, hw, c = normed.shape
+  shape, dy = dy.shape, dy.reshape(n, hw, c)
+  dy_sum, dy_normed_sum = _sum_hw(dy), _sum_hw(dy * normed)  # [N, C] each
+  count = hw * (c // groups)
+  mean_g = _group_mean(dy_sum * scale, groups, count)
+  mean_g_normed = _group_mean(dy_normed_sum * scale, groups, count)
+  dx = (dy * scale - _per_channel(mean_g, c)
+        - normed * _per_channel(mean_g_normed, c)) * _per_channel(inv_std, c)
+  return dx.reshape(shape), jnp.sum(dy_normed_sum, axis=0), jnp.sum(dy_sum, axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray,
+               groups: int = GN_GROUPS, eps: float = GN_EPSILON) -> jnp.ndarray:
+  """GroupNorm of float32 NHWC `x`: mean and variance (from the deviations) over
+  each sample's (H, W, C / groups) block, then `* scale + bias` per channel."""
+  return _group_norm_forward(x, scale, bias, groups, eps)[0]
+
+
+group_norm.defvjp(_group_norm_forward, _group_norm_backward)
+
+
 class GroupNorm(nn.Module):
   """BiT's GroupNorm: statistics in float32, variance from the deviations."""
   num_groups: int = GN_GROUPS
@@ -164,11 +221,8 @@ class GroupNorm(nn.Module):
     channels = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
-    grouped = x.astype(jnp.float32).reshape(
-        x.shape[:-1] + (self.num_groups, channels // self.num_groups))
-    spatial_and_group = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
-    y = standardize(grouped, spatial_and_group, self.epsilon).reshape(x.shape)
-    return (y * scale + bias).astype(self.dtype)
+    y = group_norm(x.astype(jnp.float32), scale, bias, self.num_groups, self.epsilon)
+    return y.astype(self.dtype)
 
 
 class _Projection(nn.Module):
@@ -274,11 +328,10 @@ class RootBlock(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     x = StdConv(self.features, 7, 2, self.standardize_weights, self.dtype,
                 self.conv_impl, name="standardized_conv2d")(x)
-    if self.pool_padding == "neg_inf":
-      # flax pads a max-pool with -inf, the identity of max.
-      return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+    # -inf (the identity of max, what flax pads a max-pool with) or zeros.
+    border = -jnp.inf if self.pool_padding == "neg_inf" else 0
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=border)
+    return pool.max_pool(x, 3, 2)
 
 
 class Head(nn.Module):
