@@ -1,5 +1,7 @@
 """funmatch.models.conv: the matmul forms compute the native conv, values and gradients,
 for every conv pattern the models use; the models give the same function either way."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,22 +20,28 @@ def native(x, kernel, stride, padding, groups=1):
                                       feature_group_count=groups)
 
 
-def assert_same_function(x, kernel, stride, padding, groups=1, rtol=1e-5):
-  """conv2d(impl='matmul') equals lax.conv: values and gradients w.r.t. x and kernel."""
-  expected = native(x, kernel, stride, padding, groups)
-  got = conv.conv2d(x, kernel, stride, padding, groups, impl="matmul")
-  assert got.shape == expected.shape and got.dtype == expected.dtype
-  scale = float(jnp.max(jnp.abs(expected)))
-  np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol * scale)
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _both_forms(x, kernel, stride, padding, groups):
+  """(native, matmul form) outputs and their gradients w.r.t. x and kernel, in one
+  program: op by op, every slice and reshape of the matmul form compiles its own."""
 
   def loss(fn):  # a non-linear loss, so every output position gets its own cotangent
     return lambda x, kernel: jnp.sum(jnp.sin(fn(x, kernel)))
 
-  expected_grads = jax.grad(loss(lambda x, k: native(x, k, stride, padding, groups)),
-                            argnums=(0, 1))(x, kernel)
-  got_grads = jax.grad(loss(lambda x, k: conv.conv2d(x, k, stride, padding, groups,
-                                                     impl="matmul")),
-                       argnums=(0, 1))(x, kernel)
+  forms = (lambda x, k: native(x, k, stride, padding, groups),
+           lambda x, k: conv.conv2d(x, k, stride, padding, groups, impl="matmul"))
+  return tuple((fn(x, kernel), jax.grad(loss(fn), argnums=(0, 1))(x, kernel))
+               for fn in forms)
+
+
+def assert_same_function(x, kernel, stride, padding, groups=1, rtol=1e-5):
+  """conv2d(impl='matmul') equals lax.conv: values and gradients w.r.t. x and kernel."""
+  padding = padding if isinstance(padding, str) else tuple(map(tuple, padding))
+  (expected, expected_grads), (got, got_grads) = _both_forms(x, kernel, stride, padding,
+                                                             groups)
+  assert got.shape == expected.shape and got.dtype == expected.dtype
+  scale = float(jnp.max(jnp.abs(expected)))
+  np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol * scale)
   for got_grad, expected_grad in zip(got_grads, expected_grads):
     scale = float(jnp.max(jnp.abs(expected_grad)))
     np.testing.assert_allclose(got_grad, expected_grad, rtol=10 * rtol, atol=rtol * scale)

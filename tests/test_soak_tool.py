@@ -114,11 +114,12 @@ def test_windows_and_slope_helpers():
 
 
 def test_a_short_real_run(teacher_workdir, tmp_path):
-  """About 40 s: the tool samples a live run, stops it with SIGTERM (which
-  saves a checkpoint) and writes its report; the verdicts need a longer run."""
+  """About 25 s: the tool samples a live run (6 s of training, a sample a second),
+  stops it with SIGTERM (which saves a checkpoint) and writes its report; the
+  verdicts need a longer run."""
   output = tmp_path / "soak.json"
   code = soak.main([
-      "--minutes", "0.3", "--warmup_minutes", "0.1", "--sample_seconds", "2",
+      "--minutes", "0.1", "--warmup_minutes", "0.05", "--sample_seconds", "1",
       "--teacher", teacher_workdir, "--workdir", str(tmp_path / "runs"),
       "--checkpoint_every", "5", "--keep", "2", "--keep_every", "20",
       "--eval_every", "10", "--log_every", "2",
