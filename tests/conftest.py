@@ -92,6 +92,21 @@ def teacher_workdir(tmp_path_factory):
   return workdir
 
 
+@pytest.fixture(scope="session")
+def vit_teacher_workdir(tmp_path_factory):
+  """A tiny ViT teacher (configs/digits_vit_teacher.py) trained on digits labels
+  (the teacher of the TinyMIM, ViTKD and OFA-KD tests)."""
+  from funmatch.train import cli
+  workdir = str(tmp_path_factory.mktemp("runs") / "vit_teacher")
+  code = cli.train_main(["funmatch-train", "--config",
+                         repo_path("configs", "digits_vit_teacher.py") +
+                         ":steps=30,batch_size=64,res=16",
+                         "--workdir", workdir, "--config.lr=0.003",
+                         "--config.schedule.warmup_steps=5", *TINY_OVERRIDES])
+  assert code == 0
+  return workdir
+
+
 def free_port() -> int:
   """A TCP port nobody listens on now (a coordinator's, in multi-process tests)."""
   import socket

@@ -40,10 +40,10 @@ def _output_shapes(model, res, batch=4):
 
 
 def _random_like(shapes, seed):
-  leaves, tree = jax.tree.flatten(shapes)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree.unflatten(tree, [jax.random.normal(k, x.shape, x.dtype)
-                                   for k, x in zip(keys, leaves)])
+  """Normal samples in the shapes' tree (numpy: one jax.random program per shape
+  would compile)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), shapes)
 
 
 @pytest.mark.parametrize("student,teacher,branch", [
@@ -58,11 +58,13 @@ def test_ofa_branches_on_the_new_families(student, teacher, branch):
   stages = ("stage1", "stage2", "stage3")
   assert objective.stage_names(student_shapes[1]) == stages  # 'auto'
   assert {type(objective.branch(s, student_shapes)).__name__ for s in stages} == {branch}
-  aux = objective.init_aux(jax.random.PRNGKey(3), student_shapes,
-                           {"teacher": teacher_shapes})
+  # Jitted init and shapes from eval_shape: op-by-op, each branch layer compiles alone.
+  aux = jax.jit(objective.init_aux)(jax.random.PRNGKey(3), student_shapes,
+                                    {"teacher": teacher_shapes})
   student_out = _random_like(student_shapes, 1)
   teacher_out = _random_like(teacher_shapes, 2)
-  assert {k: v.shape for k, v in objective.branch_logits(aux, student_out).items()} == {
+  assert {k: v.shape for k, v in
+          jax.eval_shape(objective.branch_logits, aux, student_out).items()} == {
       s: (4, 10) for s in stages}
   batch = {"label_probs": jax.nn.one_hot(jnp.arange(4) % 10, 10), "label": jnp.arange(4)}
 
@@ -97,8 +99,10 @@ def test_vit_token_objectives_refuse_a_swin_teacher_in_one_line(objective, says)
 # ---------------------------------------------------------------------------
 # Tiny cross-family digits runs: each teacher at its own resolution (32px).
 
-OVERRIDES = ["--config.log_every_steps=5", "--config.eval_every_steps=0",
-             "--config.checkpoint_every_steps=10"]
+# 4 steps of 16 images: what is checked (the objective's metrics, a checkpoint, the
+# export) does not need more, and each step of these 32px models costs.
+OVERRIDES = ["--config.log_every_steps=2", "--config.eval_every_steps=0",
+             "--config.checkpoint_every_steps=4"]
 RECIPE = repo_path("configs", "digits_family.py")
 
 
@@ -124,13 +128,13 @@ def teacher_files(tmp_path_factory):
 def _run(teacher_files, tmp_path, capsys, arg):
   family = arg.split("family=")[1].split(",")[0]
   workdir = str(tmp_path / "run")
-  args = ["--config", f"{RECIPE}:{arg},teacher={teacher_files[family]},steps=10,"
-          "batch_size=32", "--workdir", workdir, *OVERRIDES]
+  args = ["--config", f"{RECIPE}:{arg},teacher={teacher_files[family]},steps=4,"
+          "batch_size=16", "--workdir", workdir, *OVERRIDES]
   code, _, err = run_cli(cli.distill_main, args, capsys)
   assert code == 0, err
   rows = [r for r in metrics_io.read_metrics(workdir) if "train/loss" in r]
   assert len(rows) == 2 and all(np.isfinite(r["train/loss"]) for r in rows)
-  assert checkpoint.saved_steps(workdir) == [10]
+  assert checkpoint.saved_steps(workdir) == [4]
   return args, workdir, rows
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TINY_OVERRIDES, TINY_TEACHER_ARG, repo_path, run_cli
+from conftest import repo_path, run_cli
 from funmatch import config_util
 from funmatch.distill.objectives import make_objective
 from funmatch.distill.objectives import ofakd as ofakd_lib
@@ -235,10 +235,10 @@ def _output_shapes(model, batch=4):
 
 
 def _random_like(shapes, seed):
-  leaves, tree = jax.tree.flatten(shapes)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree.unflatten(tree, [jax.random.normal(k, x.shape, x.dtype)
-                                   for k, x in zip(keys, leaves)])
+  """Normal samples in the shapes' tree (numpy: one jax.random program per shape
+  would compile)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), shapes)
 
 
 @pytest.mark.parametrize("student_name,stages,teacher_name", [
@@ -284,20 +284,23 @@ def test_ofa_uses_the_label_class_under_mixup_and_a_gamma_per_stage():
   teacher_shapes = _output_shapes(_tiny("vit"))
   gammas = (1.2, 1.4, 1.6, 2.0)
   objective = make_objective(_config("ofakd", gamma=gammas))
-  aux = objective.init_aux(jax.random.PRNGKey(3), student_shapes, {"teacher": teacher_shapes})
+  aux = jax.jit(objective.init_aux)(jax.random.PRNGKey(3), student_shapes,
+                                    {"teacher": teacher_shapes})
   student_out = _random_like(student_shapes, 1)
   teacher_out = _random_like(teacher_shapes, 2)
   labels = np.array([1, 4, 7, 2])
   partners = np.roll(labels, 1)
   mixed = 0.7 * np.eye(10)[labels] + 0.3 * np.eye(10)[partners]
   batch = {"label_probs": jnp.asarray(mixed, jnp.float32), "label": jnp.asarray(labels)}
-  loss, metrics = objective(aux, student_out, {"teacher": teacher_out}, batch, None)
+  # One program for the loss and the branch logits (op by op, each op compiles alone).
+  (loss, metrics), branches = jax.jit(lambda a, out: (
+      objective(a, out, {"teacher": teacher_out}, batch, None),
+      objective.branch_logits(a, out)))(aux, student_out)
 
   student_logits = np.asarray(student_out[0], np.float64)
   teacher_logits = np.asarray(teacher_out[0], np.float64)
   ce = -np.mean(np.sum(mixed * np.array([_log_softmax(r) for r in student_logits]), -1))
   expected = ce + _ofa_reference(student_logits, teacher_logits, labels, gammas[-1])
-  branches = objective.branch_logits(aux, student_out)
   for (stage, logits), gamma in zip(branches.items(), gammas[:-1]):
     stage_loss = _ofa_reference(np.asarray(logits, np.float64), teacher_logits, labels, gamma)
     assert float(metrics[f"ofa_{stage}"]) == pytest.approx(stage_loss, rel=1e-4)
@@ -377,18 +380,6 @@ def seed_args(teacher_workdir, workdir, *extra, queue_size=256):
 def ofa_args(teacher_workdir, workdir, *extra):
   return ["--config", repo_path("configs", "digits_ofakd.py") + f":{TINY},teacher={teacher_workdir}",
           "--workdir", workdir, *OVERRIDES, *extra]
-
-
-@pytest.fixture(scope="module")
-def vit_teacher_workdir(tmp_path_factory):
-  """A tiny ViT teacher (configs/digits_vit_teacher.py) trained with funmatch-train."""
-  workdir = str(tmp_path_factory.mktemp("vit") / "teacher")
-  code = cli.train_main(["funmatch-train", "--config",
-                         repo_path("configs", "digits_vit_teacher.py") + ":" + TINY_TEACHER_ARG,
-                         "--workdir", workdir, "--config.schedule.warmup_steps=10",
-                         *TINY_OVERRIDES])
-  assert code == 0
-  return workdir
 
 
 def _objective_state(workdir, step):

@@ -161,7 +161,7 @@ def test_tinymim_is_zero_for_equal_relations_and_trains_the_student_only():
     return objective({}, (jnp.zeros((2, 4)), student_taps), {"t": (None, teacher_taps)},
                      {}, None)[0]
   other = {n: t + 0.5 for n, t in taps.items()}
-  student_grad, teacher_grad = jax.grad(loss_of, argnums=(0, 1))(other, taps)
+  student_grad, teacher_grad = jax.jit(jax.grad(loss_of, argnums=(0, 1)))(other, taps)
   assert all(float(jnp.abs(g).sum()) > 0 for g in student_grad.values())
   assert all(float(jnp.abs(g).sum()) == 0 for g in teacher_grad.values())
 
@@ -383,8 +383,8 @@ def test_vitkd_aux_params_get_gradients_and_nkd_adds_on(vitkd_case):
   def loss_fn(aux, taps):
     return objective(aux, (logits, taps), {"teacher": (logits + 1.0, teacher)}, batch, rng)
 
-  (loss, metrics), (aux_grad, taps_grad) = jax.value_and_grad(
-      loss_fn, argnums=(0, 1), has_aux=True)(params, student)
+  (loss, metrics), (aux_grad, taps_grad) = jax.jit(jax.value_and_grad(
+      loss_fn, argnums=(0, 1), has_aux=True))(params, student)
   for path, grad in jax.tree_util.tree_leaves_with_path(aux_grad):
     assert float(jnp.abs(grad).sum()) > 0, path
   assert all(float(jnp.abs(g).sum()) > 0 for g in taps_grad.values())
@@ -425,20 +425,7 @@ def test_bad_objective_args_are_user_errors(name, args):
 # End to end: each digits recipe distils, lowers its loss, checkpoints, exports.
 # ---------------------------------------------------------------------------
 
-TINY_VIT_TEACHER_ARG = "steps=30,batch_size=64,res=16"
 TINY_ARG = "steps=20,batch_size=64,res=16"
-
-
-@pytest.fixture(scope="session")
-def vit_teacher_workdir(tmp_path_factory):
-  """A tiny ViT teacher (configs/digits_vit_teacher.py) trained on digits labels."""
-  workdir = str(tmp_path_factory.mktemp("runs") / "vit_teacher")
-  code = cli.train_main(["funmatch-train", "--config",
-                         repo_path("configs", "digits_vit_teacher.py") + ":" + TINY_VIT_TEACHER_ARG,
-                         "--workdir", workdir, "--config.lr=0.003",
-                         "--config.schedule.warmup_steps=5", *TINY_OVERRIDES])
-  assert code == 0
-  return workdir
 
 
 def recipe_args(recipe, arg, workdir, *extra):

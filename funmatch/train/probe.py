@@ -103,8 +103,10 @@ def _solve(features, targets, l2, iterations):
 
 
 def accuracy(params, features, labels) -> float:
-  logits = jnp.asarray(features, jnp.float32) @ params["w"] + params["b"]
-  return float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(labels)))
+  # numpy: as eager jax ops, each of these would compile per features shape.
+  w, b = (np.asarray(params[k], np.float32) for k in ("w", "b"))
+  logits = np.asarray(features, np.float32) @ w + b
+  return float(np.mean(np.argmax(logits, -1) == np.asarray(labels)))
 
 
 def probe(train: tuple[np.ndarray, np.ndarray],
